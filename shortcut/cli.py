@@ -1,0 +1,166 @@
+"""The `shortcut` command: a thin front end that takes the sub-command and hands the rest to Hydra.
+
+This is the only module that knows about Hydra. Every command gets a typed, validated config object; problems the
+user can fix end in one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from pathlib import Path
+
+USAGE = """usage: shortcut COMMAND [hydra overrides...]
+
+commands:
+  prepare   build a token corpus:        shortcut prepare domain=text domain.source=files domain.files='books/*.txt'
+  train     train a model:               shortcut train domain=text model=shortcut train=smoke
+  eval      test NLL of a trained run:   shortcut eval run_dir=runs/...
+
+Overrides are Hydra's: -m sweeps (seed=0,1), --cfg job prints the config, `shortcut COMMAND --help` lists groups."""
+
+COMMANDS = ("prepare", "train", "eval")
+# Hydra flags that print or inspect instead of running: no pre-flight validation for them.
+_INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion",
+                  "-sc", "--resolve", "-p", "--package"}
+# Lines of OmegaConf/Hydra messages that describe internals rather than the user's mistake.
+_NOISE = ("full_key:", "object_type", "reference_type", "Set the env", "provider=", "invalid literal")
+_failures: list[str] = []
+log = logging.getLogger("shortcut")
+
+
+def config_dir() -> Path:
+    """conf/ beside the package in a source checkout (editable install), shortcut/conf inside a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise RuntimeError(f"shortcut's Hydra configs are missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
+
+
+def one_line(exc: BaseException) -> str:
+    """A user-facing one-line description of a config or input error, naming the key where one is known."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    parts: list[str] = []
+    seen: set[str] = set()
+    e: BaseException | None = exc
+    while e is not None:
+        text = str(getattr(e, "msg", None) or e).strip()
+        # OmegaConf appends "full_key: ..., object_type=..." lines; keep only the message and name the key.
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        lines = [ln for ln in lines if not ln.startswith(_NOISE) and "$VALUE" not in ln]
+        if "Config search path:" in lines:
+            lines = lines[: lines.index("Config search path:")]
+        for ln in lines:
+            if ln not in seen:
+                seen.add(ln)
+                parts.append(ln)
+        key = getattr(e, "full_key", None)
+        if isinstance(e, OmegaConfBaseException) and key and f"'{key}'" not in " ".join(parts) and key not in " ".join(parts):
+            parts.append(f"(key: {key})")
+        e = e.__cause__ or e.__context__
+    return " ".join(parts) or type(exc).__name__
+
+
+def _fail(message: str) -> None:
+    print(f"shortcut: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def compose(command: str, overrides: list[str]):
+    """Compose and validate one command's config with Hydra's compose API; returns the typed job object."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from shortcut.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
+        cfg = hydra_compose(config_name=command, overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def _preflight(command: str, args: list[str]) -> None:
+    """Compose every job a command line would run and stop at the first bad one, in one line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if not a.startswith("-")]
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    choices: list[list[str]] = []
+    try:
+        for o in OverridesParser.create().parse_overrides(overrides):
+            if o.key_or_group.startswith("hydra"):
+                continue
+            if o.is_sweep_override() and multirun:
+                choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+            else:
+                choices.append([o.input_line])
+        for combo in itertools.islice(itertools.product(*choices), 256):
+            compose(command, list(combo))
+    except Exception as exc:  # noqa: BLE001 - every composition failure is the user's to fix
+        _fail(one_line(exc))
+
+
+def _task(cfg) -> None:
+    """What Hydra runs, once per job: convert to the typed config and run the command."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from shortcut.config import UserError
+
+    hc = HydraConfig.get()
+    command = hc.job.name
+    try:
+        job = OmegaConf.to_object(cfg)  # runs the schemas' __post_init__ checks
+        if command == "prepare":
+            from shortcut.prepare import prepare
+
+            prepare(job)
+        elif command == "train":
+            from shortcut.train import train
+
+            train(job, Path(hc.runtime.output_dir), resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+        elif command == "eval":
+            from shortcut.evaluate import evaluate
+
+            evaluate(job)
+    except (UserError, OmegaConfBaseException) as exc:
+        message = one_line(exc)
+        if hc.mode == RunMode.MULTIRUN:  # report and carry on with the other jobs
+            log.error("job %s (%s) failed: %s", hc.job.num, " ".join(hc.overrides.task), message)
+            _failures.append(f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {message}")
+            return
+        _fail(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        _fail(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
+    if not _INSPECT_FLAGS.intersection(a.split("=")[0] for a in args):
+        _preflight(command, args)
+
+    import hydra
+
+    from shortcut.config import register_schemas
+
+    register_schemas()
+    _failures.clear()
+    sys.argv = [f"shortcut {command}", *args]
+    hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(_task)()
+    if _failures:
+        print(f"shortcut: {len(_failures)} job(s) failed:\n  " + "\n  ".join(_failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Typed, validated configuration for every command.
+
+Hydra composes YAML from conf/ onto these dataclasses (its structured-config schemas), so a wrong type, an unknown
+key or a bad choice fails at composition; cross-field checks live in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, missing data); reported in one line, without a traceback."""
+
+
+class Arch(enum.StrEnum):
+    baseline = "baseline"
+    shortcut = "shortcut"
+
+
+class FeatureMap(enum.StrEnum):
+    mlp = "mlp"  # h + W2·gelu(W1·LN(h)), W2 zero-initialised
+    linear = "linear"  # h + W·h, W zero-initialised
+    none = "none"  # h
+
+
+class MatchBy(enum.StrEnum):
+    width = "width"
+    depth = "depth"
+
+
+class TextSource(enum.StrEnum):
+    text8 = "text8"
+    wikitext103 = "wikitext103"
+    files = "files"
+
+
+class TextTokenizer(enum.StrEnum):
+    char = "char"
+    byte = "byte"
+
+
+class WandbMode(enum.StrEnum):
+    off = "off"
+    offline = "offline"
+    online = "online"
+
+
+class Device(enum.StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(enum.StrEnum):
+    auto = "auto"  # bfloat16 autocast on CUDA, float32 on CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {why}")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # where prepared corpora live: <root>/<domain>/<source>/
+
+
+@dataclass
+class TextDomain:
+    name: str = "text"
+    source: TextSource = TextSource.files
+    files: Optional[str] = None  # source=files: a glob (or several, comma-separated) of UTF-8 text files
+    path: Optional[str] = None  # text8: text8.zip or text8; wikitext103: folder with wiki.{train,valid,test}.raw
+    tokenizer: TextTokenizer = TextTokenizer.char
+    val_frac: float = 0.05  # source=files: fraction of the characters held out for validation (taken after train)
+    test_frac: float = 0.05  # source=files: fraction held out for test (the end of the text)
+
+    def __post_init__(self) -> None:
+        _check(self.name == "text", "domain.name", "must be 'text' for the text domain")
+        _check(0 < self.val_frac < 1 and 0 < self.test_frac < 1, "domain.val_frac/test_frac", "must be in (0, 1)")
+        _check(self.val_frac + self.test_frac < 0.5, "domain.val_frac + domain.test_frac", "must stay below 0.5")
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = Arch.baseline
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256  # context length T
+    vocab_size: Optional[int] = None  # None: taken from the prepared corpus
+    dropout: float = 0.0
+    bias: bool = True
+    mlp_hidden: Optional[int] = None  # None: 4 * n_embd (parameter matching sets it)
+    # --- shortcut only (Verma & Pilanci 2024) ---
+    taps: Any = "all"  # layers the final block attends to: "all", "every_K" (every K-th, counting down from L-1), or [l, ...]
+    feature_map: FeatureMap = FeatureMap.mlp
+    feature_hidden: Optional[int] = None  # hidden width of the mlp feature map; None: n_embd // 2
+    depth_embedding: bool = True  # learned e_l added to each tap's features
+    # --- parameter matching: grow this model until its parameter count matches another arch's ---
+    match_params: Optional[Arch] = None  # e.g. arch=baseline match_params=shortcut
+    match_by: MatchBy = MatchBy.width
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            _check(getattr(self, key) >= 1, f"model.{key}", "must be at least 1")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd",
+               f"{self.n_embd} is not divisible by model.n_head={self.n_head}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(self.vocab_size is None or self.vocab_size >= 2, "model.vocab_size", "must be at least 2")
+        _check(self.mlp_hidden is None or self.mlp_hidden >= 1, "model.mlp_hidden", "must be at least 1")
+        _check(self.feature_hidden is None or self.feature_hidden >= 1, "model.feature_hidden", "must be at least 1")
+        _check(self.match_params != self.arch, "model.match_params", "must name the other arch")
+        self.tap_layers()  # validates taps
+
+    @property
+    def d_mlp(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
+
+    @property
+    def d_feature(self) -> int:
+        return self.feature_hidden or max(1, self.n_embd // 2)
+
+    def tap_layers(self) -> list[int]:
+        """The layers l (0 = embeddings, l = output of block l) whose outputs the final block attends to."""
+        L, taps = self.n_layer, self.taps
+        if isinstance(taps, str) and taps == "all":
+            return list(range(L))
+        if isinstance(taps, str) and taps.startswith("every_") and taps[6:].isdigit() and int(taps[6:]) >= 1:
+            return sorted(range(L - 1, -1, -int(taps[6:])))
+        if isinstance(taps, (list, tuple)):
+            layers = list(taps)
+            _check(len(layers) > 0, "model.taps", "the list is empty")
+            _check(all(isinstance(l, int) and 0 <= l < L for l in layers), "model.taps",
+                   f"{layers} must hold layer indices in 0..{L - 1} (0 = embeddings)")
+            _check(len(set(layers)) == len(layers), "model.taps", f"{layers} repeats a layer")
+            return sorted(layers)
+        raise ValueError(f"model.taps: {taps!r} is not 'all', 'every_K' (K >= 1) or a list like [0,2,3]")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # the cosine ends here
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on weights with dim >= 2 only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    log_every: int = 10
+    eval_every: int = 200
+    eval_windows: int = 32  # fixed validation windows of block_size tokens, the same for every run
+    ckpt_every: int = 200
+    keep_ckpts: int = 2  # latest checkpoints kept in ckpt/
+    resume: Optional[bool] = None  # None: resume when the run dir has a checkpoint
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    compile: bool = False  # torch.compile (CUDA only)
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_windows",
+                    "ckpt_every", "keep_ckpts"):
+            _check(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(0 <= self.min_lr <= self.lr, "train.min_lr", f"must be in [0, train.lr={self.lr}]")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.offline  # offline writes under <run dir>/wandb; `wandb sync` uploads later
+    project: str = "shortcut"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    max_tokens: Optional[int] = None  # None: the whole split
+    batch_size: int = 16
+    device: Device = Device.auto
+
+    def __post_init__(self) -> None:
+        _check(self.split in ("train", "val", "test"), "eval.split", "must be train, val or test")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "eval.max_tokens", "must be at least 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be at least 1")
+
+
+# --- one schema per command; conf/<command>.yaml fills them ---
+
+@dataclass
+class PrepareJob:
+    domain: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class TrainJob:
+    seed: int = 0
+    domain: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", "must be >= 0")
+
+
+@dataclass
+class EvalJob:
+    run_dir: str = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_schemas() -> None:
+    """Make the schemas visible to Hydra's defaults lists (conf/*.yaml name them)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="prepare_schema", node=PrepareJob)
+    cs.store(name="train_schema", node=TrainJob)
+    cs.store(name="eval_schema", node=EvalJob)
+    cs.store(group="domain", name="text_schema", node=TextDomain)

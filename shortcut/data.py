@@ -1,0 +1,49 @@
+"""Batches from a prepared corpus: random training windows chosen by (seed, step) alone, fixed validation windows.
+
+Because a batch depends only on (seed, step, micro-step), a resumed run sees exactly the batches an uninterrupted
+one would, and two runs with the same seed see the same data (which is what makes paired tests over seeds valid).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shortcut import corpus
+from shortcut.config import UserError
+
+
+class TokenData:
+    def __init__(self, path: Path, block_size: int):
+        self.path = Path(path)
+        self.meta = corpus.read_meta(self.path)
+        self.block_size = block_size
+        self.splits = {s: corpus.load_split(self.path, s, self.meta) for s in corpus.SPLITS}
+        for split, arr in self.splits.items():
+            if len(arr) < block_size + 1:
+                raise UserError(
+                    f"model.block_size={block_size} is larger than the data allows: the {split} split of {self.path} "
+                    f"has {len(arr)} tokens; use model.block_size={max(1, len(arr) - 1)} or less, or more data")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def windows(self, split: str, starts, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets for windows starting at starts: two (B, T) int64 tensors."""
+        T = length or self.block_size
+        data = self.splits[split]
+        xy = torch.from_numpy(np.stack([np.asarray(data[s:s + T + 1], dtype=np.int64) for s in starts]))
+        return xy[:, :-1], xy[:, 1:]
+
+    def train_batch(self, seed: int, step: int, micro: int, batch_size: int):
+        rng = np.random.default_rng([seed, step, micro])
+        starts = rng.integers(0, len(self.splits["train"]) - self.block_size, size=batch_size)
+        return self.windows("train", starts)
+
+    def fixed_starts(self, split: str, n: int) -> np.ndarray:
+        """n window starts spread evenly over the split: the same for every run, so losses compare."""
+        last = len(self.splits[split]) - self.block_size - 1
+        return np.unique(np.linspace(0, last, n).round().astype(np.int64))

@@ -1,0 +1,93 @@
+"""`shortcut eval run_dir=DIR`: test NLL, perplexity and bits of a trained run, written to DIR/eval.json.
+
+The whole split is covered by non-overlapping windows of block_size tokens (the last one shorter), so every token
+is predicted once, from up to block_size - 1 tokens of context.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from shortcut import corpus
+from shortcut.config import EvalJob, ModelConfig, Precision, UserError
+from shortcut.data import TokenData
+from shortcut.model import GPT, flops_per_token
+from shortcut.train import autocast, load_latest_checkpoint, pick_device, write_json
+
+log = logging.getLogger(__name__)
+
+
+def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, TokenData, dict]:
+    """The trained model (eval mode), its corpus and the checkpoint it came from."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run_dir={str(run_dir)!r} is not a directory")
+    state = load_latest_checkpoint(run_dir / "ckpt")
+    if state is None:
+        raise UserError(f"{run_dir} has no usable checkpoint in ckpt/ (train it first: shortcut train ...)")
+    mcfg = ModelConfig(**state["model_config"])
+    job = state["config"]
+    data = TokenData(corpus.corpus_dir(job["data"]["root"], job["domain"]["name"], job["domain"]["source"]),
+                     mcfg.block_size)
+    model = GPT(mcfg)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), data, state
+
+
+def nll_windows(n_tokens: int, block_size: int, max_tokens: int | None) -> list[tuple[int, int]]:
+    """(start, length) of non-overlapping windows predicting tokens 1..n-1 (at most max_tokens of them)."""
+    targets = n_tokens - 1 if max_tokens is None else min(n_tokens - 1, max_tokens)
+    return [(s, min(block_size, targets - s)) for s in range(0, targets, block_size)]
+
+
+@torch.no_grad()
+def split_nll(model: GPT, data: TokenData, split: str, max_tokens: int | None, batch_size: int, ctx) -> tuple[float, int]:
+    """Summed next-token NLL (nats) over a split and the number of tokens it covers."""
+    windows = nll_windows(len(data.splits[split]), data.block_size, max_tokens)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    by_length: dict[int, list[int]] = {}
+    for start, length in windows:
+        by_length.setdefault(length, []).append(start)
+    for length, starts in by_length.items():
+        for i in range(0, len(starts), batch_size):
+            x, y = data.windows(split, starts[i:i + batch_size], length)
+            with ctx:
+                logits, _, _ = model(x.to(device))
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+            count += y.numel()
+    return total, count
+
+
+def evaluate(job: EvalJob) -> dict:
+    cfg = job.eval
+    device = pick_device(cfg.device)
+    model, data, state = load_run(Path(job.run_dir), device)
+    trained_on = state["data_hash"]
+    if trained_on != data.meta["content_hash"]:
+        raise UserError(f"the corpus at {data.path} changed since this run was trained (hash {trained_on} then, "
+                        f"{data.meta['content_hash']} now); prepare the original corpus again")
+    total, n = split_nll(model, data, cfg.split, cfg.max_tokens, cfg.batch_size, autocast(device, Precision.auto))
+    nll = total / n
+    result = {
+        "split": cfg.split, f"{cfg.split}_nll": nll, f"{cfg.split}_ppl": math.exp(nll),
+        "bits_per_token": nll / math.log(2), "n_tokens": n, "flops_per_token": flops_per_token(model.cfg)["forward"],
+        "step": int(state["step"]), "checkpoint": state["path"], "data_hash": data.meta["content_hash"],
+        "domain": data.meta["domain"], "source": data.meta["source"], "tokenizer": data.meta["tokenizer"],
+    }
+    chars = data.meta.get("chars", {}).get(cfg.split)
+    if chars:  # character- and byte-level text: bits per character of the text covered
+        tokens_per_char = data.meta["tokens"][cfg.split] / chars
+        result["bits_per_char"] = result["bits_per_token"] * tokens_per_char
+    write_json(Path(job.run_dir) / "eval.json", result)
+    log.info("%s NLL %.4f nats/token, ppl %.3f, %.4f bits/token%s over %s tokens -> %s", cfg.split, nll,
+             math.exp(nll), result["bits_per_token"],
+             f", {result['bits_per_char']:.4f} bits/char" if "bits_per_char" in result else "", f"{n:,}",
+             Path(job.run_dir) / "eval.json")
+    return result
+

@@ -1,0 +1,275 @@
+"""The baseline GPT and the layerwise-attention-shortcut GPT, side by side, with parameter and FLOP counts.
+
+Baseline: GPT-2 (pre-LayerNorm, learned positions, tied head). Shortcut (Verma & Pilanci 2024, arXiv 2409.10870):
+the final block's self-attention is replaced by attention over (layer, position) pairs, so each token chooses how
+deep a representation it reads. Everything else is shared code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from shortcut.config import Arch, FeatureMap, MatchBy, ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int, bias: bool, dropout: float = 0.0):
+        super().__init__()
+        self.c_fc = nn.Linear(d_in, d_hidden, bias=bias)
+        self.c_proj = nn.Linear(d_hidden, d_in, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (baseline)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v stacked
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def heads(self, x):  # (B, T, C) -> (B, nh, T, hs)
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (self.heads(t) for t in self.c_attn(x).split(C, dim=2))  # 3 x (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class DepthContextAttention(CausalSelfAttention):
+    """The paper's final-layer attention: queries from positions, keys/values from (tap, position) pairs.
+
+    Same parameters as the baseline's attention (c_attn holds W_q, W_k, W_v; K/V projections are shared across
+    taps), so a shortcut model with a single tap l = L-1 and identity feature maps *is* the baseline.
+    """
+
+    def forward(self, x, z, need_weights: bool = False):
+        # x: (B, T, C) normalised h_{L-1};  z: (B, K, T, C) normalised f_l(h_l) + e_l for the K taps
+        B, K, T, C = z.shape
+        w_q, w_kv = self.c_attn.weight.split([C, 2 * C], dim=0)
+        b_q, b_kv = self.c_attn.bias.split([C, 2 * C]) if self.c_attn.bias is not None else (None, None)
+        q = self.heads(F.linear(x, w_q, b_q))  # (B, nh, T, hs)
+        k, v = F.linear(z, w_kv, b_kv).view(B, K * T, 2 * C).split(C, dim=2)  # 2 x (B, K*T, C), tap-major
+        k, v = self.heads(k), self.heads(v)  # (B, nh, K*T, hs)
+        # Causal in position, every tap visible: query t sees key (l, s) iff s <= t.
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        mask = causal.repeat(1, K)  # (T, K*T)
+        probs = None
+        if need_weights:  # explicit softmax so the probabilities can be audited
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, K*T)
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            probs = att.mean(dim=1).view(B, T, K, T)  # (B, T queries, K taps, T keys), head-averaged
+            y = F.dropout(att, self.dropout, self.training) @ v  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y)), probs
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn: type[CausalSelfAttention] = CausalSelfAttention):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = attn(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg.n_embd, cfg.d_mlp, cfg.bias, cfg.dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ShortcutBlock(Block):
+    """Final block of the shortcut model: depth-and-context attention, then the usual MLP sub-layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, attn=DepthContextAttention)
+
+    def forward(self, x, z, need_weights: bool = False):
+        # x: (B, T, C) = h_{L-1};  z: (B, K, T, C) = f_l(h_l) + e_l.  One LayerNorm for queries and keys, as in
+        # the baseline block, which keeps the degenerate single-tap model identical to the baseline.
+        a, probs = self.attn(self.ln_1(x), self.ln_1(z), need_weights)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), probs
+
+
+class FeatureMapMLP(nn.Module):
+    """f_l(h) = h + W2·gelu(W1·LN(h)); W2 starts at zero, so f_l starts as the identity."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg.n_embd, cfg.d_feature, cfg.bias)
+        nn.init.zeros_(self.mlp.c_proj.weight)
+        self.mlp.c_proj.is_zero_init = True
+
+    def forward(self, h):
+        return h + self.mlp(self.ln(h))
+
+
+class FeatureMapLinear(nn.Module):
+    """f_l(h) = h + W·h, W zero-initialised (identity at the start; weight decay pulls back towards identity)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        nn.init.zeros_(self.proj.weight)
+        self.proj.is_zero_init = True
+
+    def forward(self, h):
+        return h + self.proj(h)
+
+
+FEATURE_MAPS = {FeatureMap.mlp: FeatureMapMLP, FeatureMap.linear: FeatureMapLinear, FeatureMap.none: None}
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (it is read from the corpus)")
+        self.cfg = cfg
+        self.shortcut = cfg.arch == Arch.shortcut
+        L = cfg.n_layer
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(L - 1 if self.shortcut else L)])
+        if self.shortcut:
+            self.taps = cfg.tap_layers()  # layers l in 0..L-1
+            self.blocks.append(ShortcutBlock(cfg))
+            fmap = FEATURE_MAPS[cfg.feature_map]
+            self.feature_maps = nn.ModuleList([fmap(cfg) for _ in self.taps]) if fmap else None
+            self.depth_emb = nn.Parameter(torch.zeros(len(self.taps), cfg.n_embd)) if cfg.depth_embedding else None
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight") and "feature_maps" not in name:
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * L))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            if not getattr(m, "is_zero_init", False):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, return_attn: bool = False):
+        """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None, attention probs (B, T, K, T) or None)."""
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # h_0: (B, T, C)
+        probs = None
+        if not self.shortcut:
+            for block in self.blocks:
+                x = block(x)
+        else:
+            hs = [x]  # h_0 .. h_{L-1}
+            for block in self.blocks[:-1]:
+                x = block(x)
+                hs.append(x)
+            feats = [hs[l] if self.feature_maps is None else f(hs[l]) for l, f in
+                     zip(self.taps, self.feature_maps or [None] * len(self.taps))]
+            z = torch.stack(feats, dim=1)  # (B, K, T, C)
+            if self.depth_emb is not None:
+                z = z + self.depth_emb[None, :, None, :].to(z.dtype)
+            x, probs = self.blocks[-1](x, z, need_weights=return_attn)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss, probs
+
+    def hidden_states(self, idx) -> list[torch.Tensor]:
+        """h_0 .. h_L, each (B, T, C): the residual stream after the embeddings and after every block."""
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        states = [x]
+        for block in self.blocks[: len(self.blocks) - int(self.shortcut)]:
+            x = block(x)
+            states.append(x)
+        return states
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting: parameters, FLOPs (matmul FLOPs, 2 per multiply-add, as torch.utils.flop_counter counts them).
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Total parameters (tied head counted once) and non-embedding parameters (without token/position tables)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    return {"params": total, "non_embedding_params": total - model.wte.weight.numel() - model.wpe.weight.numel()}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, int]:
+    """Analytic forward and training (3x forward) FLOPs per token at context length seq_len (default block_size).
+
+    Attention is counted over the full T x T score matrix (what a dense kernel computes), like torchtitan's
+    6N + 12·L·H·d_head·T. The shortcut's final layer attends over |taps|·T keys and runs its K/V projections and
+    feature maps on every tap.
+    """
+    C, T, V, L, H = cfg.n_embd, seq_len or cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.d_mlp
+    block_dense = 2 * (3 * C * C + C * C + 2 * C * H)  # qkv, out proj, mlp
+    attn = 2 * 2 * T * C  # q·k and p·v over T keys
+    head = 2 * C * V
+    if cfg.arch == Arch.baseline:
+        fwd = L * (block_dense + attn) + head
+    else:
+        K = len(cfg.tap_layers())
+        fmap = {FeatureMap.mlp: 2 * 2 * C * cfg.d_feature, FeatureMap.linear: 2 * C * C, FeatureMap.none: 0}
+        final = 2 * (C * C + 2 * C * C * K + C * C + 2 * C * H) + 2 * 2 * K * T * C + K * fmap[cfg.feature_map]
+        fwd = (L - 1) * (block_dense + attn) + final + head
+    return {"forward": fwd, "train": 3 * fwd}
+
+
+def match_params(cfg: ModelConfig) -> ModelConfig:
+    """Grow cfg (a baseline, say) until its parameter count matches cfg.match_params' arch with the same sizes.
+
+    width: the largest n_embd (a multiple of n_head) that stays under the target; depth: the largest n_layer that
+    does. Then the MLP hidden width takes up the rest, which is fine-grained enough to land within 0.1%.
+    """
+    if cfg.match_params is None:
+        return cfg
+    target = param_counts(replace(cfg, arch=cfg.match_params, match_params=None))["params"]
+    base = replace(cfg, match_params=None)
+    count = lambda c: param_counts(c)["params"]  # noqa: E731
+    if count(base) > target:
+        raise ValueError(f"model.match_params: this {cfg.arch} model already has more parameters "
+                         f"({count(base):,}) than the {cfg.match_params} target ({target:,})")
+    grow = "n_embd" if cfg.match_by == MatchBy.width else "n_layer"
+    step = cfg.n_head if grow == "n_embd" else 1
+    while True:
+        bigger = replace(base, **{grow: getattr(base, grow) + step})
+        if grow == "n_embd":  # keep the MLP ratio while widening
+            bigger = replace(bigger, mlp_hidden=None if cfg.mlp_hidden is None else
+                             cfg.mlp_hidden * bigger.n_embd // cfg.n_embd)
+        if count(bigger) > target:
+            break
+        base = bigger
+    # Parameters are linear in the MLP hidden width: solve for it.
+    per_unit = count(replace(base, mlp_hidden=base.d_mlp + 1)) - count(base)
+    hidden = base.d_mlp + (target - count(base)) // per_unit
+    return replace(base, mlp_hidden=hidden)

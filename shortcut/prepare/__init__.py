@@ -1,0 +1,16 @@
+"""`shortcut prepare`: turn a domain's raw source into a token corpus (see shortcut.corpus for the format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shortcut.config import PrepareJob, TextDomain
+
+
+def prepare(job: PrepareJob) -> Path:
+    root = Path(job.data.root)
+    if isinstance(job.domain, TextDomain):
+        from shortcut.prepare.text import prepare_text
+
+        return prepare_text(job.domain, root)
+    raise ValueError(f"domain {job.domain.name!r} has no prepare step")

@@ -1,0 +1,92 @@
+"""Where metrics go: metrics.jsonl in the run dir, and Weights & Biases (offline by default).
+
+The training loop talks to a Tracker and never asks whether logging is on: `wandb=off` gives one that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import secrets
+from pathlib import Path
+
+from shortcut.config import UserError, WandbConfig, WandbMode
+from shortcut.download import require_network
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl. On resume, lines past the checkpoint's step are dropped so the file matches an
+    uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = Path(path)
+        lines = []
+        if resume_step and self.path.is_file():
+            lines = [ln for ln in self.path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln)["step"] <= resume_step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        tmp.replace(self.path)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+class Tracker:
+    """Does nothing: what `wandb=off` gives."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self, failed: bool = False) -> None:
+        pass
+
+
+class WandbTracker(Tracker):
+    def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict):
+        import wandb
+
+        id_file = run_dir / "wandb_id"  # the same W&B run continues across resumes
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        self.run = wandb.init(mode=str(cfg.mode), dir=str(run_dir), project=cfg.project, entity=cfg.entity,
+                              group=cfg.group, tags=list(cfg.tags) or None, name=name, id=run_id, resume="allow",
+                              config=config, settings=wandb.Settings(quiet=True))
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def summary(self, values: dict) -> None:
+        self.run.summary.update(values)
+
+    def finish(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def open_tracker(cfg: WandbConfig, run_dir: Path, name: str, config: dict) -> Tracker:
+    if cfg.mode == WandbMode.off:
+        return Tracker()
+    if cfg.mode == WandbMode.online:
+        if not _has_wandb_key():
+            raise UserError("wandb=online needs an API key: run `wandb login` or set WANDB_API_KEY "
+                            "(or use wandb=offline and `wandb sync` later)")
+        require_network("https://api.wandb.ai", "to W&B", "Use wandb=offline and `wandb sync` the run later.")
+    return WandbTracker(cfg, Path(run_dir), name, config)
