@@ -60,7 +60,7 @@ def one_line(exc: BaseException) -> str:
         key = getattr(e, "full_key", None)
         if isinstance(e, OmegaConfBaseException) and key and f"'{key}'" not in " ".join(parts) and key not in " ".join(parts):
             parts.append(f"(key: {key})")
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return " ".join(parts) or type(exc).__name__
 
 

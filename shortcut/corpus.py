@@ -68,17 +68,21 @@ def write_corpus(path: Path, splits: dict[str, np.ndarray], meta: dict, extra_fi
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    content = hashlib.sha256()
-    for name in SPLITS:
-        data = np.ascontiguousarray(splits[name], dtype=dtype)
-        data.tofile(tmp / f"{name}.bin")
-        content.update(data.tobytes())
-    for name, blob in (extra_files or {}).items():
-        (tmp / name).write_bytes(blob)
-        content.update(blob)
-    meta = {**meta, "dtype": dtype.name, "tokens": {s: int(splits[s].size) for s in SPLITS},
-            "content_hash": content.hexdigest()[:16], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (tmp / META).write_text(json.dumps(meta, indent=2))
+    try:
+        content = hashlib.sha256()
+        for name in SPLITS:
+            data = np.ascontiguousarray(splits[name], dtype=dtype)
+            data.tofile(tmp / f"{name}.bin")
+            content.update(data.tobytes())
+        for name, blob in (extra_files or {}).items():
+            (tmp / name).write_bytes(blob)
+            content.update(blob)
+        meta = {**meta, "dtype": dtype.name, "tokens": {s: int(splits[s].size) for s in SPLITS},
+                "content_hash": content.hexdigest()[:16], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         path.rename(old)

@@ -21,11 +21,11 @@ class TokenData:
         self.meta = corpus.read_meta(self.path)
         self.block_size = block_size
         self.splits = {s: corpus.load_split(self.path, s, self.meta) for s in corpus.SPLITS}
-        for split, arr in self.splits.items():
-            if len(arr) < block_size + 1:
-                raise UserError(
-                    f"model.block_size={block_size} is larger than the data allows: the {split} split of {self.path} "
-                    f"has {len(arr)} tokens; use model.block_size={max(1, len(arr) - 1)} or less, or more data")
+        split, arr = min(self.splits.items(), key=lambda kv: len(kv[1]))
+        if len(arr) < block_size + 1:
+            raise UserError(
+                f"model.block_size={block_size} is larger than the data allows: the {split} split of {self.path} "
+                f"has {len(arr)} tokens; use model.block_size={max(1, len(arr) - 1)} or less, or more data")
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,55 @@
+"""Shared fixtures: offline environment, a small English-like corpus the tests write themselves, tiny configs."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / "shortcut-tests-hf"))
+
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
+         "an they you were her she there been one all we their has would when if so no will can more out up into "
+         "do any your what some time could other than then now only its over also after first two may these "
+         "new people such our most should very well way just because good those how even back through much "
+         "before where right must make great being down little own old see same little world long thing").split()
+
+# A model small enough for a CPU step in a few milliseconds.
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "wandb=off"]
+
+
+def english_like(n_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    sentences, words = [], 0
+    while words < n_words:
+        k = rng.randint(4, 14)
+        s = " ".join(rng.choice(WORDS) for _ in range(k))
+        sentences.append(s[0].upper() + s[1:] + rng.choice([".", ".", "?", "!"]))
+        words += k
+    return "\n".join(" ".join(sentences[i:i + 5]) for i in range(0, len(sentences), 5)) + "\n"
+
+
+@pytest.fixture
+def text_files(tmp_path: Path) -> Path:
+    """Three UTF-8 text files (~60k characters) in tmp_path/texts."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text(english_like(4000, seed=i), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def prepared(tmp_path: Path, text_files: Path) -> list[str]:
+    """Overrides pointing train at a prepared char-level corpus under tmp_path/data."""
+    from shortcut.cli import compose
+    from shortcut.prepare import prepare
+
+    base = [f"data.root={tmp_path / 'data'}", "domain=text", "domain.source=files"]
+    prepare(compose("prepare", base + [f"domain.files={text_files}/*.txt"]))
+    return base

@@ -1,0 +1,91 @@
+"""The command line: every config composes, bad input ends in one clear line, Hydra's flags and multirun work."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY
+from shortcut.cli import compose, config_dir
+
+
+def shortcut(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "shortcut.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_every_command_and_group_option_composes():
+    conf = config_dir()
+    for cmd in ("prepare", "eval"):
+        compose(cmd, ["run_dir=x"] if cmd == "eval" else [])
+    for group in ("model", "train", "wandb", "domain", "experiment"):
+        for option in sorted((conf / group).glob("*.yaml")):
+            job = compose("train", [f"{group}={option.stem}"])
+            assert job.model.n_embd % job.model.n_head == 0
+
+
+def test_model_options():
+    assert compose("train", ["model=shortcut"]).model.tap_layers() == [0, 1, 2, 3]
+    matched = compose("train", ["model=baseline_matched"]).model
+    assert matched.arch == "baseline" and matched.match_params == "shortcut"
+    assert compose("train", ["model=shortcut", "model.taps=[0,3]"]).model.tap_layers() == [0, 3]
+
+
+@pytest.mark.parametrize("args,key", [
+    (["model.n_embd=100", "model.n_head=3"], "model.n_embd"),
+    (["model.n_layer=abc"], "model.n_layer"),
+    (["model.nlayer=4"], "nlayer"),
+    (["model=transformer"], "model"),
+    (["domain=video"], "domain"),
+    (["domain.source=books"], "domain.source"),
+    (["domain.tokenizer=bpe"], "domain.tokenizer"),
+    (["model.taps=[0,9]"], "model.taps"),
+    (["model.taps=deep"], "model.taps"),
+    (["model.feature_map=conv"], "model.feature_map"),
+    (["train.lr=-1"], "train.lr"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["train.max_steps=1.5"], "train.max_steps"),
+    (["wandb=maybe"], "wandb"),
+    (["seed=0,1"], "seed"),
+    (["model.dropout=2"], "model.dropout"),
+])
+def test_bad_overrides_end_in_one_line(args, key):
+    r = shortcut("train", *args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shortcut: error:"), r.stderr
+    assert key in lines[0] and "Traceback" not in r.stderr
+
+
+def test_data_dependent_errors_are_one_line_too(tmp_path, prepared):
+    r = shortcut("train", *prepared, *TINY, "model.block_size=100000", f"hydra.run.dir={tmp_path / 'r'}")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("shortcut: error: model.block_size=100000 is larger")
+    r = shortcut("eval", f"run_dir={tmp_path / 'missing'}")
+    assert r.returncode != 0 and r.stderr.strip() == f"shortcut: error: run_dir='{tmp_path / 'missing'}' is not a directory"
+    r = shortcut("frobnicate")
+    assert r.returncode != 0 and "unknown command" in r.stderr
+
+
+def test_hydra_flags_still_work():
+    r = shortcut("train", "model=shortcut", "--cfg", "job")
+    assert r.returncode == 0 and "arch: shortcut" in r.stdout
+    r = shortcut("train", "--help")
+    assert r.returncode == 0 and "model: baseline, baseline_matched, shortcut" in r.stdout
+    r = shortcut("--help")
+    assert r.returncode == 0 and "prepare" in r.stdout
+
+
+def test_multirun_runs_every_job_and_reports_failures(tmp_path, prepared):
+    sweep = tmp_path / "sweep"
+    r = shortcut("train", "-m", *prepared, *TINY, "model=baseline,shortcut", "train.max_steps=5",
+                 f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    archs = sorted(json.loads((sweep / str(i) / "summary.json").read_text())["arch"] for i in range(2))
+    assert archs == ["baseline", "shortcut"]
+    # A job that fails at run time is reported; the others still run; the exit status says something failed.
+    r = shortcut("train", "-m", *prepared, *TINY, "model.block_size=100000,16", "train.max_steps=5",
+                 f"hydra.sweep.dir={tmp_path / 'sweep2'}")
+    assert r.returncode == 1
+    assert "1 job(s) failed" in r.stderr and "block_size=100000" in r.stderr
+    assert (tmp_path / "sweep2" / "1" / "summary.json").is_file()

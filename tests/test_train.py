@@ -1,0 +1,179 @@
+"""Training: learning happens, resume is exact (also after kill -9), failures are clean, eval covers the split."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from shortcut.cli import compose
+from shortcut.config import UserError
+from shortcut.evaluate import evaluate, nll_windows
+from shortcut.tracking import MetricsLog
+from shortcut.train import lr_at, train
+
+
+def job(prepared, *extra):
+    return compose("train", prepared + TINY + list(extra))
+
+
+def test_lr_schedule_is_a_pure_function_of_step():
+    cfg = compose("train", ["train.warmup_steps=10", "train.max_steps=100", "train.lr=1e-3", "train.min_lr=1e-4"]).train
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-4) and lr_at(55, cfg) == pytest.approx(5.5e-4)
+
+
+@pytest.mark.parametrize("arch", ["baseline", "shortcut"])
+def test_loss_decreases_and_run_dir_is_complete(tmp_path, prepared, arch):
+    run = tmp_path / "run"
+    summary = train(job(prepared, f"model={arch}", "train.max_steps=200", "train.eval_every=100",
+                        "train.log_every=50", "train.ckpt_every=50", "train.batch_size=16", "train.lr=3e-3", "train.warmup_steps=10"), run,
+                    resolved_yaml="x: 1\n")
+    rows = MetricsLog.read(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [50, 100, 150, 200]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # Below the characters' unigram entropy: the model uses context, it does not just count letters.
+    counts = np.bincount(np.fromfile(tmp_path / "data/text/files/train.bin", dtype=np.uint16)).astype(float)
+    p = counts[counts > 0] / counts.sum()
+    assert summary["final_val_loss"] < -(p * np.log(p)).sum() - 0.2
+    saved = json.loads((run / "summary.json").read_text())
+    for key in ("params", "non_embedding_params", "flops_per_token", "final_val_loss", "best_val_loss",
+                "wall_time_s", "git_commit", "seed", "data_hash"):
+        assert key in saved
+    assert rows[-1]["train_flops"] == 200 * 16 * 32 * saved["train_flops_per_token"]
+    assert (run / "config.yaml").is_file() and len(list((run / "ckpt").glob("step_*.pt"))) == 2
+
+
+def test_resume_continues_exactly(tmp_path, prepared):
+    full = train(job(prepared, "model=shortcut", "train.max_steps=30", "train.ckpt_every=10"), tmp_path / "full")
+    part = job(prepared, "model=shortcut", "train.max_steps=30", "train.ckpt_every=10")
+    # A run that stopped after step 20: keep only its step-20 checkpoint and the metrics up to then.
+    train(part, tmp_path / "part")
+    ckpts = sorted((tmp_path / "part" / "ckpt").glob("step_*.pt"))
+    ckpts[-1].unlink()  # step 30 never happened
+    summary = train(part, tmp_path / "part")
+    assert summary["final_val_loss"] == full["final_val_loss"]
+    a = MetricsLog.read(tmp_path / "full" / "metrics.jsonl")
+    b = MetricsLog.read(tmp_path / "part" / "metrics.jsonl")
+    assert [(r["step"], r["train_loss"], r["val_loss"]) for r in a] == [(r["step"], r["train_loss"], r["val_loss"]) for r in b]
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, prepared, caplog):
+    cfg = job(prepared, "train.max_steps=20", "train.ckpt_every=10")
+    full = train(cfg, tmp_path / "a")
+    ckpts = sorted((tmp_path / "a" / "ckpt").glob("step_*.pt"))
+    ckpts[-1].write_bytes(b"not a checkpoint")
+    summary = train(cfg, tmp_path / "a")  # resumes from step 10, redoes 11..20
+    assert "unreadable" in caplog.text
+    assert summary["final_val_loss"] == full["final_val_loss"]
+
+
+def test_resume_refuses_other_settings(tmp_path, prepared):
+    train(job(prepared, "train.max_steps=10"), tmp_path / "a")
+    with pytest.raises(UserError, match="model.n_layer"):
+        train(job(prepared, "train.max_steps=10", "model.n_layer=3"), tmp_path / "a")
+    train(job(prepared, "train.max_steps=10", "model.n_layer=3", "train.resume=false"), tmp_path / "a")
+    with pytest.raises(UserError, match="no usable checkpoint"):
+        train(job(prepared, "train.resume=true"), tmp_path / "fresh")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, prepared, monkeypatch):
+    from shortcut import model as model_mod
+
+    real = model_mod.GPT.forward
+    calls = []
+
+    def poisoned(self, idx, targets=None, return_attn=False):
+        logits, loss, probs = real(self, idx, targets, return_attn)
+        if self.training:
+            calls.append(1)
+            if len(calls) > 12:
+                loss = loss * float("nan")
+        return logits, loss, probs
+
+    monkeypatch.setattr(model_mod.GPT, "forward", poisoned)
+    with pytest.raises(UserError, match="nan at step 13.*step_00000010.pt"):
+        train(job(prepared, "train.max_steps=30", "train.ckpt_every=5", "train.keep_ckpts=3"), tmp_path / "r")
+    names = sorted(p.name for p in (tmp_path / "r" / "ckpt").glob("*.pt"))
+    assert names[-1] == "step_00000010.pt"
+    torch.load(tmp_path / "r" / "ckpt" / names[-1], weights_only=True)
+
+
+def test_block_size_larger_than_the_data(tmp_path, prepared):
+    with pytest.raises(UserError, match="model.block_size=100000 is larger than the data allows"):
+        train(job(prepared, "model.block_size=100000"), tmp_path / "r")
+
+
+def test_missing_corpus_is_explained(tmp_path):
+    with pytest.raises(UserError, match="shortcut prepare"):
+        train(compose("train", [f"data.root={tmp_path}"] + TINY), tmp_path / "r")
+
+
+def test_nll_windows_cover_every_token_once():
+    windows = nll_windows(101, 32, None)
+    assert windows == [(0, 32), (32, 32), (64, 32), (96, 4)]
+    assert sum(n for _, n in windows) == 100
+    assert sum(n for _, n in nll_windows(101, 32, 40)) == 40
+
+
+def test_eval_writes_the_documented_keys(tmp_path, prepared):
+    train(job(prepared, "model=shortcut", "train.max_steps=10"), tmp_path / "r")
+    result = evaluate(compose("eval", [f"run_dir={tmp_path / 'r'}"]))
+    saved = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert saved == result
+    assert result["n_tokens"] == json.loads((tmp_path / "data/text/files/meta.json").read_text())["tokens"]["test"] - 1
+    assert result["test_ppl"] == pytest.approx(math.exp(result["test_nll"]))
+    assert result["bits_per_token"] == pytest.approx(result["test_nll"] / math.log(2))
+    assert result["bits_per_char"] == pytest.approx(result["bits_per_token"])  # char-level: one token per char
+    assert result["flops_per_token"] > 0
+    limited = evaluate(compose("eval", [f"run_dir={tmp_path / 'r'}", "eval.max_tokens=50"]))
+    assert limited["n_tokens"] == 50
+    with pytest.raises(UserError, match="no usable checkpoint"):
+        evaluate(compose("eval", [f"run_dir={tmp_path}"]))
+
+
+def test_wandb_offline_writes_under_the_run_dir(tmp_path, prepared, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(job(prepared, "train.max_steps=5", "wandb=offline"), tmp_path / "r")
+    assert list((tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_wandb_online_without_a_key_fails_at_once(tmp_path, prepared, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    t = time.time()
+    with pytest.raises(UserError, match="wandb=online needs an API key"):
+        train(job(prepared, "train.max_steps=5", "wandb=online"), tmp_path / "r")
+    assert time.time() - t < 10
+
+
+def test_kill_9_and_resume_matches_an_uninterrupted_run(tmp_path, prepared):
+    """The real thing: a training process killed with SIGKILL mid-run, then resumed from the command line."""
+    args = [sys.executable, "-m", "shortcut.cli", "train", *prepared, *TINY, "model=shortcut",
+            "train.max_steps=400", "train.ckpt_every=25", "train.eval_every=100", "train.log_every=25"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(args + [f"hydra.run.dir={tmp_path / 'twin'}"], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(args + [f"hydra.run.dir={tmp_path / 'killed'}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(ckpt.glob("step_00000050.pt")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists(), "the run finished before it could be killed"
+    subprocess.run(args + [f"hydra.run.dir={tmp_path / 'killed'}"], check=True, env=env, capture_output=True)
+    twin = json.loads((tmp_path / "twin" / "summary.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert resumed["final_val_loss"] == twin["final_val_loss"]
+    losses = lambda p: [(r["step"], r["train_loss"]) for r in MetricsLog.read(p / "metrics.jsonl")]  # noqa: E731
+    assert losses(tmp_path / "killed") == losses(tmp_path / "twin")
