@@ -44,6 +44,19 @@ class TextTokenizer(enum.StrEnum):
     byte = "byte"
 
 
+class MusicSource(enum.StrEnum):
+    music21 = "music21"  # the corpus inside the music21 wheel (offline)
+    maestro = "maestro"
+    files = "files"
+
+
+class MusicTokenizer(enum.StrEnum):
+    REMI = "REMI"
+    TSD = "TSD"
+    MIDILike = "MIDILike"
+    Structured = "Structured"
+
+
 class WandbMode(enum.StrEnum):
     off = "off"
     offline = "offline"
@@ -86,6 +99,43 @@ class TextDomain:
         _check(self.name == "text", "domain.name", "must be 'text' for the text domain")
         _check(0 < self.val_frac < 1 and 0 < self.test_frac < 1, "domain.val_frac/test_frac", "must be in (0, 1)")
         _check(self.val_frac + self.test_frac < 0.5, "domain.val_frac + domain.test_frac", "must stay below 0.5")
+
+
+@dataclass
+class MusicDomain:
+    name: str = "music"
+    source: MusicSource = MusicSource.music21
+    collection: str = "bach"  # source=music21: "bach" (the ~370 chorales), "essenFolksong", or another corpus folder
+    max_pieces: Optional[int] = None  # use at most this many pieces (the first by name); None: all
+    files: Optional[str] = None  # source=files: a glob or folder of .mid/.midi files
+    path: Optional[str] = None  # source=maestro: the MIDI-only zip or its extracted folder (default: download)
+    tokenizer: MusicTokenizer = MusicTokenizer.REMI
+    bpe_vocab: Optional[int] = None  # BPE to this vocabulary size, learned on the training split only
+    val_frac: float = 0.1  # music21/files: share of pieces for validation (pieces are never cut)
+    test_frac: float = 0.1
+    pitch_range: List[int] = field(default_factory=lambda: [21, 109])  # [low, high) MIDI pitches
+    beat_res: int = 8  # positions per beat for notes up to 4 beats long (half that up to 12 beats)
+    use_velocities: bool = True
+    num_velocities: int = 32
+    use_tempos: bool = True
+    num_tempos: int = 32
+    use_rests: bool = False
+    use_time_signatures: bool = True
+    use_sustain_pedals: bool = False
+    use_programs: bool = True  # one token stream for all tracks, Program tokens name the instrument
+
+    def __post_init__(self) -> None:
+        _check(self.name == "music", "domain.name", "must be 'music' for the music domain")
+        _check(0 < self.val_frac < 1 and 0 < self.test_frac < 1, "domain.val_frac/test_frac", "must be in (0, 1)")
+        _check(self.val_frac + self.test_frac < 0.5, "domain.val_frac + domain.test_frac", "must stay below 0.5")
+        _check(self.max_pieces is None or self.max_pieces >= 3, "domain.max_pieces", "must be at least 3")
+        _check(len(self.pitch_range) == 2 and 0 <= self.pitch_range[0] < self.pitch_range[1] <= 128,
+               "domain.pitch_range", "must be [low, high) with 0 <= low < high <= 128")
+        _check(self.beat_res >= 1 and self.beat_res & (self.beat_res - 1) == 0, "domain.beat_res",
+               "must be a power of two (1, 2, 4, 8, ...)")
+        _check(self.num_velocities >= 1 and self.num_tempos >= 1, "domain.num_velocities/num_tempos",
+               "must be at least 1")
+        _check(self.bpe_vocab is None or self.bpe_vocab >= 1, "domain.bpe_vocab", "must be positive")
 
 
 @dataclass
@@ -237,3 +287,4 @@ def register_schemas() -> None:
     cs.store(name="train_schema", node=TrainJob)
     cs.store(name="eval_schema", node=EvalJob)
     cs.store(group="domain", name="text_schema", node=TextDomain)
+    cs.store(group="domain", name="music_schema", node=MusicDomain)

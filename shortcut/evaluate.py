@@ -80,14 +80,18 @@ def evaluate(job: EvalJob) -> dict:
         "step": int(state["step"]), "checkpoint": state["path"], "data_hash": data.meta["content_hash"],
         "domain": data.meta["domain"], "source": data.meta["source"], "tokenizer": data.meta["tokenizer"],
     }
-    chars = data.meta.get("chars", {}).get(cfg.split)
-    if chars:  # character- and byte-level text: bits per character of the text covered
-        tokens_per_char = data.meta["tokens"][cfg.split] / chars
-        result["bits_per_char"] = result["bits_per_token"] * tokens_per_char
+    # Per unit of the domain (character of text, note of music, second of audio): the split's tokens per unit
+    # times the per-token figure, which is exact for the whole split and an estimate under eval.max_tokens.
+    for unit, counts in data.meta.get("units", {}).items():
+        if counts.get(cfg.split):
+            tokens_per_unit = data.meta["tokens"][cfg.split] / counts[cfg.split]
+            result[f"nll_per_{unit}"] = nll * tokens_per_unit
+            result[f"bits_per_{unit}"] = result["bits_per_token"] * tokens_per_unit
     write_json(Path(job.run_dir) / "eval.json", result)
     log.info("%s NLL %.4f nats/token, ppl %.3f, %.4f bits/token%s over %s tokens -> %s", cfg.split, nll,
              math.exp(nll), result["bits_per_token"],
-             f", {result['bits_per_char']:.4f} bits/char" if "bits_per_char" in result else "", f"{n:,}",
+             "".join(f", {v:.4f} {k.replace('_per_', '/')}" for k, v in result.items() if k.startswith("bits_per_")
+                     and k != "bits_per_token"), f"{n:,}",
              Path(job.run_dir) / "eval.json")
     return result
 

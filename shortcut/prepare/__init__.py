@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shortcut.config import PrepareJob, TextDomain
+from shortcut.config import MusicDomain, PrepareJob, TextDomain
 
 
 def prepare(job: PrepareJob) -> Path:
@@ -13,4 +13,8 @@ def prepare(job: PrepareJob) -> Path:
         from shortcut.prepare.text import prepare_text
 
         return prepare_text(job.domain, root)
+    if isinstance(job.domain, MusicDomain):
+        from shortcut.prepare.music import prepare_music
+
+        return prepare_music(job.domain, root)
     raise ValueError(f"domain {job.domain.name!r} has no prepare step")

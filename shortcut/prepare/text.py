@@ -205,6 +205,7 @@ def prepare_text(cfg: TextDomain, root: Path) -> Path:
         "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer), "vocab_size": tok.vocab_size,
         "chars": {s: len(t) for s, t in texts.items()},
         "bytes": {s: len(t.encode("utf-8")) for s, t in texts.items()},
+        "units": {"char": {s: len(t) for s, t in texts.items()}},  # eval reports bits per character
         "unknown_chars": unknown, "inputs": [str(p) for p in inputs[:100]], "n_inputs": len(inputs),
         "input_hash": input_hash,
     }

@@ -1,0 +1,268 @@
+"""Symbolic music corpora: the music21 corpus (offline), MAESTRO v3 and local MIDI files, tokenized by miditok.
+
+Splits are by piece, never inside one. Each piece becomes BOS, its tokens, EOS. The fitted tokenizer is saved as
+tokenizer.json beside the corpus, so tokens decode back to MIDI and eval can report NLL per note.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from shortcut import corpus
+from shortcut.config import MusicDomain, MusicSource, UserError
+from shortcut.download import download
+
+log = logging.getLogger(__name__)
+
+MAESTRO_URL = "https://storage.googleapis.com/magentadata/datasets/maestro/v3.0.0/maestro-v3.0.0-midi.zip"
+MAESTRO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
+MIDI_SUFFIXES = (".mid", ".midi")
+
+
+# --- tokenizer ---
+
+def make_tokenizer(cfg: MusicDomain):
+    import miditok
+
+    low, high = cfg.pitch_range
+    config = miditok.TokenizerConfig(
+        pitch_range=(low, high), beat_res={(0, 4): cfg.beat_res, (4, 12): max(1, cfg.beat_res // 2)},
+        use_velocities=cfg.use_velocities, num_velocities=cfg.num_velocities, use_tempos=cfg.use_tempos,
+        num_tempos=cfg.num_tempos, use_rests=cfg.use_rests, use_time_signatures=cfg.use_time_signatures,
+        use_sustain_pedals=cfg.use_sustain_pedals, use_programs=cfg.use_programs,
+        one_token_stream_for_programs=cfg.use_programs, special_tokens=["PAD", "BOS", "EOS"])
+    return getattr(miditok, str(cfg.tokenizer))(config)
+
+
+def load_tokenizer(corpus_path: Path):
+    """The tokenizer a music corpus was made with (its class is recorded in tokenizer.json)."""
+    import miditok
+
+    params = Path(corpus_path) / "tokenizer.json"
+    name = json.loads(params.read_text())["tokenization"]
+    return getattr(miditok, name)(params=params)
+
+
+def encode_piece(tok, score) -> list[int]:
+    seq = tok.encode(score)
+    seqs = seq if isinstance(seq, list) else [seq]  # one sequence per track without programs
+    ids = [i for s in seqs for i in s.ids]
+    return [tok["BOS_None"], *ids, tok["EOS_None"]]
+
+
+def count_notes(score, cfg: MusicDomain) -> int:
+    """Notes the tokenizer can represent: inside the pitch range (drums always)."""
+    low, high = cfg.pitch_range
+    return sum(len(t.notes) if t.is_drum else sum(low <= n.pitch < high for n in t.notes) for t in score.tracks)
+
+
+# --- sources: each gives {split: [midi paths]} ---
+
+def split_by_piece(paths: list[Path], val_frac: float, test_frac: float) -> dict[str, list[Path]]:
+    """Deterministic split by file: ordered by a hash of the file name, so it does not depend on listing order
+    and a piece keeps its split when others are added. At least one piece each for val and test."""
+    ordered = sorted(paths, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())
+    if len(ordered) < 3:
+        raise UserError(f"only {len(ordered)} usable piece(s); need at least 3 to split into train/val/test")
+    n_test = max(1, round(len(ordered) * test_frac))
+    n_val = max(1, round(len(ordered) * val_frac))
+    return {"test": sorted(ordered[:n_test]), "val": sorted(ordered[n_test:n_test + n_val]),
+            "train": sorted(ordered[n_test + n_val:])}
+
+
+def _convert_music21(item: tuple[str, str]) -> list[str] | str:
+    """Worker: one music21 corpus work to MIDI file(s) (an opus gives several). Returns the files or an error."""
+    from music21 import corpus as m21corpus, stream
+
+    work, out = item
+    try:
+        parsed = m21corpus.parse(work)
+        scores = list(parsed.scores) if isinstance(parsed, stream.Opus) else [parsed]
+        written = []
+        for i, score in enumerate(scores):
+            dest = f"{out}-{i}.mid" if len(scores) > 1 else f"{out}.mid"
+            tmp = dest + ".tmp"
+            score.write("midi", fp=tmp)
+            os.replace(tmp, dest)
+            written.append(dest)
+        return written
+    except Exception as exc:  # noqa: BLE001 - reported per work, the rest go on
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def music21_works(collection: str) -> list[str]:
+    from music21 import corpus as m21corpus
+
+    if collection == "bach":  # the chorales (Riemenschneider), not all of Bach
+        from music21.corpus import chorales
+
+        return sorted(set(chorales.Iterator(returnType="filename")))
+    works = sorted(str(p) for p in m21corpus.getComposer(collection))
+    if not works:
+        folders = sorted({Path(p).parent.name for p in m21corpus.getPaths()})
+        raise UserError(f"domain.collection={collection!r} is not in the music21 corpus; try bach, essenFolksong, "
+                        f"or one of: {', '.join(folders[:30])}")
+    return works
+
+
+def _music21_source(cfg: MusicDomain, root: Path):
+    """Convert the collection's scores to MIDI once, cached under <root>/downloads/music21/<collection>/."""
+    works = music21_works(cfg.collection)
+    if cfg.max_pieces:
+        works = works[: cfg.max_pieces]
+    cache = root / "downloads" / "music21" / cfg.collection
+    cache.mkdir(parents=True, exist_ok=True)
+    index_file = cache / "index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    todo = [(w, str(cache / Path(w).name.replace(".", "_"))) for w in works if w not in index]
+    if todo:
+        workers = min(len(todo), os.cpu_count() or 1)
+        with ProcessPoolExecutor(workers) as pool:
+            results = pool.map(_convert_music21, todo, chunksize=4)
+            for (work, _), result in tqdm(zip(todo, results), total=len(todo), desc=f"music21 {cfg.collection} -> MIDI"):
+                index[work] = result
+        tmp = index_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        tmp.replace(index_file)
+    failed = {w: index[w] for w in works if isinstance(index[w], str)}
+    paths = [Path(p) for w in works if not isinstance(index[w], str) for p in index[w]]
+    return split_by_piece(paths, cfg.val_frac, cfg.test_frac), failed
+
+
+def _files_source(cfg: MusicDomain, root: Path):
+    if not cfg.files:
+        raise UserError("domain.source=files needs domain.files, a glob or folder of MIDI files, e.g. "
+                        "domain.files='midi/**/*.mid'")
+    import glob
+
+    found: set[Path] = set()
+    for part in (p.strip() for p in cfg.files.split(",")):
+        part = os.path.expanduser(part)
+        if os.path.isdir(part):
+            found.update(p for p in Path(part).rglob("*") if p.suffix.lower() in MIDI_SUFFIXES)
+        else:
+            found.update(Path(p) for p in glob.glob(part, recursive=True) if os.path.isfile(p))
+    if not found:
+        raise UserError(f"domain.files={cfg.files!r} matches no files")
+    paths = sorted(found)
+    if cfg.max_pieces:
+        paths = paths[: cfg.max_pieces]
+    return split_by_piece(paths, cfg.val_frac, cfg.test_frac), {}
+
+
+def _maestro_source(cfg: MusicDomain, root: Path):
+    alternative = ("Give a local copy with domain.path=/path/to/maestro-v3.0.0-midi.zip (or its extracted folder), "
+                   "or use domain.source=music21 (offline) or domain.source=files domain.files='midi/*.mid'.")
+    if cfg.path:
+        src = Path(os.path.expanduser(cfg.path))
+        if not src.exists():
+            raise UserError(f"domain.path={cfg.path!r} does not exist (expected the MAESTRO zip or its folder)")
+    else:
+        src = download(MAESTRO_URL, root / "downloads" / "maestro-v3.0.0-midi.zip", "MAESTRO v3", alternative)
+    if src.is_file():  # extract once next to the cache
+        folder = root / "downloads" / "maestro-v3.0.0"
+        if not (folder / ".complete").is_file():
+            tmp = folder.with_name(folder.name + ".tmp")
+            with zipfile.ZipFile(src) as z:
+                z.extractall(tmp)
+            inner = [p for p in tmp.iterdir() if p.is_dir()]
+            tmp_root = inner[0] if len(inner) == 1 and not list(tmp.glob("*.csv")) else tmp
+            (tmp_root / ".complete").write_text("")
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)
+            tmp_root.rename(folder)
+        src = folder
+    csvs = sorted(src.glob("maestro-v*.csv")) or sorted(src.glob("*/maestro-v*.csv"))
+    if not csvs:
+        raise UserError(f"{src} has no maestro-v*.csv metadata file; is it the MAESTRO MIDI archive?")
+    base = csvs[0].parent
+    splits: dict[str, list[Path]] = {"train": [], "val": [], "test": []}
+    with open(csvs[0], newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            splits[MAESTRO_SPLITS[row["split"]]].append(base / row["midi_filename"])
+    if cfg.max_pieces:
+        splits = {s: p[: max(1, cfg.max_pieces // 3)] for s, p in splits.items()}
+    return splits, {}
+
+
+SOURCES = {MusicSource.music21: _music21_source, MusicSource.files: _files_source, MusicSource.maestro: _maestro_source}
+
+
+def _settings(cfg: MusicDomain) -> str:
+    keep = {k: v for k, v in vars(cfg).items() if k not in ("files", "path")}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def _read_score(path: Path):
+    import symusic
+
+    score = symusic.Score(str(path))
+    if score.note_num() == 0:
+        raise ValueError("no notes")
+    return score
+
+
+def prepare_music(cfg: MusicDomain, root: Path) -> Path:
+    out = corpus.corpus_dir(root, cfg.name, cfg.source)
+    splits, failed = SOURCES[cfg.source](cfg, root)
+    input_hash = corpus.hash_files([p for s in corpus.SPLITS for p in splits[s]], _settings(cfg))
+    if corpus.up_to_date(out, input_hash):
+        log.info("%s is up to date (inputs unchanged); nothing to do", out)
+        return out
+    tok = make_tokenizer(cfg)
+    scores: dict[str, list[tuple[Path, object]]] = {}
+    skipped: dict[str, str] = {str(k): v for k, v in failed.items()}
+    for split in corpus.SPLITS:
+        scores[split] = []
+        for path in tqdm(splits[split], desc=f"read {split} MIDI", disable=len(splits[split]) < 20):
+            try:
+                scores[split].append((path, _read_score(path)))
+            except Exception as exc:  # noqa: BLE001 - unreadable files are skipped and named
+                skipped[str(path)] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    empty = [s for s in corpus.SPLITS if not scores[s]]
+    if empty:
+        raise UserError(f"no usable MIDI left for the {'/'.join(empty)} split(s) "
+                        f"({len(skipped)} file(s) skipped: {', '.join(list(skipped)[:5])})")
+    if cfg.bpe_vocab:
+        if cfg.bpe_vocab <= len(tok):
+            raise UserError(f"domain.bpe_vocab={cfg.bpe_vocab} must exceed the base vocabulary ({len(tok)})")
+        tok.train(vocab_size=cfg.bpe_vocab, model="BPE", files_paths=[p for p, _ in scores["train"]])
+    tokens, notes, pieces = {}, {}, {}
+    for split in corpus.SPLITS:
+        ids: list[int] = []
+        for path, score in tqdm(scores[split], desc=f"tokenize {split}", disable=len(scores[split]) < 20):
+            ids.extend(encode_piece(tok, score))
+        tokens[split] = np.asarray(ids, dtype=np.int64)
+        notes[split] = sum(count_notes(s, cfg) for _, s in scores[split])
+        pieces[split] = len(scores[split])
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tok.save(tmp_dir)
+        blob = (Path(tmp_dir) / "tokenizer.json").read_bytes()
+    meta = {
+        "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer), "bpe_vocab": cfg.bpe_vocab,
+        "vocab_size": len(tok), "pieces": pieces, "notes": notes, "units": {"note": notes},
+        "skipped": skipped, "n_skipped": len(skipped), "settings": json.loads(_settings(cfg)),
+        "input_hash": input_hash,
+    }
+    meta = corpus.write_corpus(out, tokens, meta, extra_files={"tokenizer.json": blob})
+    log.info("wrote %s: %s tokenizer%s, vocab %d; pieces %s, notes %s, tokens %s", out, cfg.tokenizer,
+             f" + BPE {cfg.bpe_vocab}" if cfg.bpe_vocab else "", len(tok),
+             "/".join(str(pieces[s]) for s in corpus.SPLITS), "/".join(f"{notes[s]:,}" for s in corpus.SPLITS),
+             "/".join(f"{meta['tokens'][s]:,}" for s in corpus.SPLITS))
+    if skipped:
+        log.warning("skipped %d file(s) that could not be used:\n  %s", len(skipped),
+                    "\n  ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return out
