@@ -55,6 +55,10 @@ def load_tokenizer(corpus_path: Path):
 
 
 def encode_piece(tok, score) -> list[int]:
+    """BOS, the piece's tokens, EOS. Tracks go in the order decoding gives them (drums, then by program), so
+    notes struck together are listed the same way after a trip through MIDI."""
+    score = score.copy()
+    score.tracks = sorted(score.tracks, key=lambda t: -1 if t.is_drum else t.program)
     seq = tok.encode(score)
     seqs = seq if isinstance(seq, list) else [seq]  # one sequence per track without programs
     ids = [i for s in seqs for i in s.ids]
@@ -67,14 +71,16 @@ def count_notes(score, cfg: MusicDomain) -> int:
     return sum(len(t.notes) if t.is_drum else sum(low <= n.pitch < high for n in t.notes) for t in score.tracks)
 
 
-# --- sources: each gives {split: [midi paths]} ---
+# --- sources: each gives the MIDI paths (split later, by piece, once unusable files are out) or, for a dataset
+# with an official split, {split: [paths]}; and the works that failed before reaching MIDI ---
 
 def split_by_piece(paths: list[Path], val_frac: float, test_frac: float) -> dict[str, list[Path]]:
     """Deterministic split by file: ordered by a hash of the file name, so it does not depend on listing order
     and a piece keeps its split when others are added. At least one piece each for val and test."""
     ordered = sorted(paths, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())
     if len(ordered) < 3:
-        raise UserError(f"only {len(ordered)} usable piece(s); need at least 3 to split into train/val/test")
+        raise UserError(f"no usable MIDI left for a train/val/test split: {len(ordered)} usable piece(s), "
+                        f"need at least 3")
     n_test = max(1, round(len(ordered) * test_frac))
     n_val = max(1, round(len(ordered) * val_frac))
     return {"test": sorted(ordered[:n_test]), "val": sorted(ordered[n_test:n_test + n_val]),
@@ -137,7 +143,7 @@ def _music21_source(cfg: MusicDomain, root: Path):
         tmp.replace(index_file)
     failed = {w: index[w] for w in works if isinstance(index[w], str)}
     paths = [Path(p) for w in works if not isinstance(index[w], str) for p in index[w]]
-    return split_by_piece(paths, cfg.val_frac, cfg.test_frac), failed
+    return paths, failed
 
 
 def _files_source(cfg: MusicDomain, root: Path):
@@ -158,7 +164,7 @@ def _files_source(cfg: MusicDomain, root: Path):
     paths = sorted(found)
     if cfg.max_pieces:
         paths = paths[: cfg.max_pieces]
-    return split_by_piece(paths, cfg.val_frac, cfg.test_frac), {}
+    return paths, {}
 
 
 def _maestro_source(cfg: MusicDomain, root: Path):
@@ -217,21 +223,25 @@ def _read_score(path: Path):
 
 def prepare_music(cfg: MusicDomain, root: Path) -> Path:
     out = corpus.corpus_dir(root, cfg.name, cfg.source)
-    splits, failed = SOURCES[cfg.source](cfg, root)
-    input_hash = corpus.hash_files([p for s in corpus.SPLITS for p in splits[s]], _settings(cfg))
+    found, failed = SOURCES[cfg.source](cfg, root)
+    inputs = found if isinstance(found, list) else [p for s in corpus.SPLITS for p in found[s]]
+    input_hash = corpus.hash_files(inputs, _settings(cfg))
     if corpus.up_to_date(out, input_hash):
         log.info("%s is up to date (inputs unchanged); nothing to do", out)
         return out
     tok = make_tokenizer(cfg)
-    scores: dict[str, list[tuple[Path, object]]] = {}
     skipped: dict[str, str] = {str(k): v for k, v in failed.items()}
-    for split in corpus.SPLITS:
-        scores[split] = []
-        for path in tqdm(splits[split], desc=f"read {split} MIDI", disable=len(splits[split]) < 20):
-            try:
-                scores[split].append((path, _read_score(path)))
-            except Exception as exc:  # noqa: BLE001 - unreadable files are skipped and named
-                skipped[str(path)] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    readable = {}
+    for path in tqdm(inputs, desc="read MIDI", disable=len(inputs) < 20):
+        try:
+            readable[path] = _read_score(path)
+        except Exception as exc:  # noqa: BLE001 - unreadable files are skipped and named
+            skipped[str(path)] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    if isinstance(found, list):
+        splits = split_by_piece(list(readable), cfg.val_frac, cfg.test_frac)
+    else:
+        splits = {s: [p for p in found[s] if p in readable] for s in corpus.SPLITS}
+    scores = {s: [(p, readable[p]) for p in splits[s]] for s in corpus.SPLITS}
     empty = [s for s in corpus.SPLITS if not scores[s]]
     if empty:
         raise UserError(f"no usable MIDI left for the {'/'.join(empty)} split(s) "
