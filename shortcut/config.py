@@ -244,8 +244,16 @@ class EvalConfig:
     max_tokens: Optional[int] = None  # None: the whole split
     batch_size: int = 16
     device: Device = Device.auto
+    audit: bool = True  # depth audit (shortcut) and logit lens (both) under <run dir>/audit/
+    audit_sequences: int = 32  # fixed validation windows the audit measures
+    audit_seq_len: Optional[int] = None  # tokens per audit window; None: block_size
+    audit_plots: int = 3  # windows drawn in depth_profile.png
+    audit_plot_tokens: int = 64  # tokens per drawn window
 
     def __post_init__(self) -> None:
+        for key in ("audit_sequences", "audit_plots", "audit_plot_tokens"):
+            _check(getattr(self, key) >= 1, f"eval.{key}", "must be at least 1")
+        _check(self.audit_seq_len is None or self.audit_seq_len >= 2, "eval.audit_seq_len", "must be at least 2")
         _check(self.split in ("train", "val", "test"), "eval.split", "must be train, val or test")
         _check(self.max_tokens is None or self.max_tokens >= 1, "eval.max_tokens", "must be at least 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be at least 1")

@@ -87,6 +87,12 @@ def evaluate(job: EvalJob) -> dict:
             tokens_per_unit = data.meta["tokens"][cfg.split] / counts[cfg.split]
             result[f"nll_per_{unit}"] = nll * tokens_per_unit
             result[f"bits_per_{unit}"] = result["bits_per_token"] * tokens_per_unit
+    if cfg.audit:
+        from shortcut.audit import audit
+
+        depth = audit(model, data, Path(job.run_dir) / "audit", cfg)
+        result["audit"] = {k: depth[k] for k in ("mean_profile", "mean_depth", "spearman_depth_vs_loss", "pictures",
+                                                 "logit_lens_nll") if k in depth}
     write_json(Path(job.run_dir) / "eval.json", result)
     log.info("%s NLL %.4f nats/token, ppl %.3f, %.4f bits/token%s over %s tokens -> %s", cfg.split, nll,
              math.exp(nll), result["bits_per_token"],

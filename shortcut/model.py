@@ -72,7 +72,7 @@ class DepthContextAttention(CausalSelfAttention):
         if need_weights:  # explicit softmax so the probabilities can be audited
             att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, K*T)
             att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            probs = att.mean(dim=1).view(B, T, K, T)  # (B, T queries, K taps, T keys), head-averaged
+            probs = att.view(B, self.n_head, T, K, T)  # (B, nh, T queries, K taps, T keys)
             y = F.dropout(att, self.dropout, self.training) @ v  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -174,8 +174,11 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, return_attn: bool = False):
-        """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None, attention probs (B, T, K, T) or None)."""
+    def forward(self, idx, targets=None, return_attn: bool = False, per_head: bool = False):
+        """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None, attention probabilities or None).
+
+        With return_attn (shortcut only) the probabilities of the final layer over (tap, key position) come back
+        head-averaged, (B, T queries, K taps, T keys), or per head with per_head, (B, nh, T, K, T)."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
@@ -195,7 +198,9 @@ class GPT(nn.Module):
             z = torch.stack(feats, dim=1)  # (B, K, T, C)
             if self.depth_emb is not None:
                 z = z + self.depth_emb[None, :, None, :].to(z.dtype)
-            x, probs = self.blocks[-1](x, z, need_weights=return_attn)
+            x, probs = self.blocks[-1](x, z, need_weights=return_attn or per_head)
+            if probs is not None and not per_head:
+                probs = probs.mean(dim=1)  # (B, T, K, T)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
