@@ -17,10 +17,11 @@ commands:
   prepare   build a token corpus:        shortcut prepare domain=text domain.source=files domain.files='books/*.txt'
   train     train a model:               shortcut train domain=text model=shortcut train=smoke
   eval      test NLL of a trained run:   shortcut eval run_dir=runs/...
+  compare   runs side by side:           shortcut compare baseline vs shortcut   (or runs='runs/sweep/**')
 
 Overrides are Hydra's: -m sweeps (seed=0,1), --cfg job prints the config, `shortcut COMMAND --help` lists groups."""
 
-COMMANDS = ("prepare", "train", "eval")
+COMMANDS = ("prepare", "train", "eval", "compare")
 # Hydra flags that print or inspect instead of running: no pre-flight validation for them.
 _INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion",
                   "-sc", "--resolve", "-p", "--package"}
@@ -123,11 +124,17 @@ def _task(cfg) -> None:
         elif command == "train":
             from shortcut.train import train
 
-            train(job, Path(hc.runtime.output_dir), resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+            labels = {"model_choice": hc.runtime.choices.get("model"), "train_choice": hc.runtime.choices.get("train"),
+                      "experiment": hc.runtime.choices.get("experiment"), "overrides": list(hc.overrides.task)}
+            train(job, Path(hc.runtime.output_dir), resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True), labels=labels)
         elif command == "eval":
             from shortcut.evaluate import evaluate
 
             evaluate(job)
+        elif command == "compare":
+            from shortcut.compare import compare
+
+            compare(job)
     except (UserError, OmegaConfBaseException) as exc:
         message = one_line(exc)
         if hc.mode == RunMode.MULTIRUN:  # report and carry on with the other jobs
@@ -135,6 +142,15 @@ def _task(cfg) -> None:
             _failures.append(f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {message}")
             return
         _fail(message)
+
+
+def _variants_as_override(args: list[str]) -> list[str]:
+    """`shortcut compare baseline vs shortcut [vs ...]` -> variants=[baseline,shortcut] (the rest stays Hydra's)."""
+    words = [a for a in args if "=" not in a and not a.startswith("-") and a != "vs"]
+    if not words:
+        return args
+    rest = [a for a in args if "=" in a or a.startswith("-")]
+    return [*rest, f"variants=[{','.join(words)}]", "baseline=" + words[0]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
+    if command == "compare":
+        args = _variants_as_override(args)
     if not _INSPECT_FLAGS.intersection(a.split("=")[0] for a in args):
         _preflight(command, args)
 

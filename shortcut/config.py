@@ -57,6 +57,18 @@ class MusicTokenizer(enum.StrEnum):
     Structured = "Structured"
 
 
+class AudioSource(enum.StrEnum):
+    espeak = "espeak"  # speech synthesised offline with eSpeak NG
+    librispeech = "librispeech"
+    files = "files"
+
+
+class AudioTokenizer(enum.StrEnum):
+    mulaw = "mulaw"  # 8-bit mu-law samples
+    kmeans = "kmeans"  # log-mel frames quantised by a k-means codebook
+    encodec = "encodec"  # EnCodec 24 kHz codes (needs transformers and the hub weights)
+
+
 class WandbMode(enum.StrEnum):
     off = "off"
     offline = "offline"
@@ -136,6 +148,54 @@ class MusicDomain:
         _check(self.num_velocities >= 1 and self.num_tempos >= 1, "domain.num_velocities/num_tempos",
                "must be at least 1")
         _check(self.bpe_vocab is None or self.bpe_vocab >= 1, "domain.bpe_vocab", "must be positive")
+
+
+@dataclass
+class AudioDomain:
+    name: str = "audio"
+    source: AudioSource = AudioSource.espeak
+    files: Optional[str] = None  # source=files: a glob or folder of wav/flac/ogg
+    path: Optional[str] = None  # source=librispeech: a local LibriSpeech/ folder (default: download the subsets)
+    train_subset: str = "train-clean-100"
+    val_subset: str = "dev-clean"
+    test_subset: str = "test-clean"
+    by_speaker: bool = False  # source=files: split by speaker (SPEAKER-CHAPTER-UTT names, else the parent folder)
+    max_files: Optional[int] = None  # use at most this many files (the first by name); None: all
+    val_frac: float = 0.1  # files/espeak: share of files (or speakers) for validation
+    test_frac: float = 0.1
+    text: Optional[str] = None  # source=espeak: a glob of text files to speak; None: built-in sentences
+    voices: List[str] = field(default_factory=lambda: ["en-us", "en-gb-x-rp", "en+f3", "en-us+m2", "en+f4"])
+    rates: List[int] = field(default_factory=lambda: [140, 175, 210])  # words per minute
+    utterances: int = 400  # source=espeak: how many utterances to synthesise
+    seed: int = 0  # source=espeak: which voice and rate speak which sentence
+    tokenizer: AudioTokenizer = AudioTokenizer.kmeans
+    sample_rate: Optional[int] = None  # None: the tokenizer's (mulaw 8000, kmeans 16000, encodec 24000)
+    n_mels: int = 80
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    codebook_size: int = 512
+    kmeans_iters: int = 30
+    kmeans_max_frames: int = 200_000  # frames sampled from train to fit the codebook
+    collapse_repeats: bool = False  # kmeans: merge runs of the same code into one token
+    encodec_codebooks: int = 2  # encodec: codebooks per frame (2 = 1.5 kbps), flattened frame by frame
+
+    def __post_init__(self) -> None:
+        _check(self.name == "audio", "domain.name", "must be 'audio' for the audio domain")
+        _check(0 < self.val_frac < 1 and 0 < self.test_frac < 1, "domain.val_frac/test_frac", "must be in (0, 1)")
+        _check(self.val_frac + self.test_frac < 0.5, "domain.val_frac + domain.test_frac", "must stay below 0.5")
+        _check(self.sample_rate is None or self.sample_rate >= 1000, "domain.sample_rate", "must be at least 1000 Hz")
+        _check(self.codebook_size >= 2, "domain.codebook_size", "must be at least 2")
+        _check(self.n_mels >= 1 and self.win_ms > 0 and 0 < self.hop_ms <= self.win_ms, "domain.n_mels/win_ms/hop_ms",
+               "need n_mels >= 1 and 0 < hop_ms <= win_ms")
+        _check(self.utterances >= 3, "domain.utterances", "must be at least 3")
+        _check(len(self.voices) > 0 and len(self.rates) > 0, "domain.voices/rates", "must not be empty")
+        _check(self.encodec_codebooks in (2, 4, 8, 16, 32), "domain.encodec_codebooks", "must be 2, 4, 8, 16 or 32")
+        _check(self.max_files is None or self.max_files >= 3, "domain.max_files", "must be at least 3")
+
+    @property
+    def rate(self) -> int:
+        return self.sample_rate or {AudioTokenizer.mulaw: 8000, AudioTokenizer.kmeans: 16000,
+                                    AudioTokenizer.encodec: 24000}[self.tokenizer]
 
 
 @dataclass
@@ -286,6 +346,15 @@ class EvalJob:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass
+class CompareJob:
+    runs: str = "runs/**"  # comma-separated globs of run dirs (or of folders above them, e.g. a sweep dir)
+    variants: List[str] = field(default_factory=list)  # only these variants (model choice names); [] = all
+    baseline: str = "baseline"  # the reference row's variant
+    name: str = "compare"  # results go to <results_root>/<name>/
+    results_root: str = "results"
+
+
 def register_schemas() -> None:
     """Make the schemas visible to Hydra's defaults lists (conf/*.yaml name them)."""
     from hydra.core.config_store import ConfigStore
@@ -294,5 +363,7 @@ def register_schemas() -> None:
     cs.store(name="prepare_schema", node=PrepareJob)
     cs.store(name="train_schema", node=TrainJob)
     cs.store(name="eval_schema", node=EvalJob)
+    cs.store(name="compare_schema", node=CompareJob)
     cs.store(group="domain", name="text_schema", node=TextDomain)
     cs.store(group="domain", name="music_schema", node=MusicDomain)
+    cs.store(group="domain", name="audio_schema", node=AudioDomain)

@@ -140,7 +140,9 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None) -> dict:
+def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, labels: dict | None = None) -> dict:
+    """Train (or resume, or skip a finished run) in run_dir. labels (the CLI's config choices and overrides) go
+    into summary.json so `shortcut compare` can name the variant."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = job.train
@@ -195,7 +197,8 @@ def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None) -> dic
         "arch": str(mcfg.arch), "model": json.loads(json.dumps(asdict(mcfg), default=str)), **counts,
         "flops_per_token": flops["forward"], "train_flops_per_token": flops["train"], "seed": job.seed,
         "data_hash": data.meta["content_hash"], "data_dir": str(data_dir), "git_commit": git_commit(),
-        "device": str(device), "max_steps": cfg.max_steps,
+        "device": str(device), "max_steps": cfg.max_steps, "model_choice": str(job.model.arch), "overrides": [],
+        **(labels or {}),
     }
     log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, taps %s", mcfg.arch, f"{counts['params']:,}",
              f"{counts['non_embedding_params']:,}", flops["forward"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shortcut.config import MusicDomain, PrepareJob, TextDomain
+from shortcut.config import AudioDomain, MusicDomain, PrepareJob, TextDomain
 
 
 def prepare(job: PrepareJob) -> Path:
@@ -17,4 +17,8 @@ def prepare(job: PrepareJob) -> Path:
         from shortcut.prepare.music import prepare_music
 
         return prepare_music(job.domain, root)
+    if isinstance(job.domain, AudioDomain):
+        from shortcut.prepare.audio import prepare_audio
+
+        return prepare_audio(job.domain, root)
     raise ValueError(f"domain {job.domain.name!r} has no prepare step")
