@@ -1,8 +1,13 @@
 # shortcut: common jobs. `make help` lists them.
 PY ?= python3
 
-.PHONY: help install test test-all demo
+TEXT ?= /usr/share/common-licenses/*
+
+.PHONY: help install test test-all demo reproduce-paper reproduce-paper-cpu bench
 help:
+	@echo "make reproduce-paper      the paper's table on one GPU (downloads text8, WikiText-103, MAESTRO, LibriSpeech)"
+	@echo "make reproduce-paper-cpu  the same table at CPU scale on offline data, under 30 min (TEXT='books/*.txt')"
+	@echo "make bench     speed benchmarks (tokenization real-time factor, training throughput)"
 	@echo "make demo      offline demo: Bach chorales, baseline vs shortcut, eval, comparison table (~5 min on CPU)"
 	@echo "make install   install shortcut and its test dependencies (editable)"
 	@echo "make test      the default test suite (what CI runs)"
@@ -24,3 +29,21 @@ demo:
 	shortcut eval run_dir=runs/demo/baseline/seed0
 	shortcut eval run_dir=runs/demo/shortcut/seed0
 	shortcut compare runs=runs/demo name=demo
+
+# prepare -> train (multirun) -> eval -> compare. Re-running resumes: finished runs are skipped, evaluated runs too.
+# A failed training job does not stop the others ("-"): compare then lists what is missing.
+reproduce-paper:
+	shortcut prepare -m dataset=text8,wikitext103,maestro,librispeech
+	-shortcut train -m experiment=paper
+	shortcut eval run_dir=runs/paper
+	shortcut compare runs=runs/paper name=paper
+
+reproduce-paper-cpu:
+	shortcut prepare -m dataset=chorales,speech,text_local "domain.files='$(TEXT)'"
+	-shortcut train -m experiment=paper_cpu
+	shortcut eval run_dir=runs/paper_cpu eval.audit_sequences=16
+	shortcut compare runs=runs/paper_cpu name=paper_cpu
+
+bench:
+	$(PY) benchmarks/tokenize_audio.py
+	$(PY) benchmarks/train_step.py

@@ -6,8 +6,10 @@ is predicted once, from up to block_size - 1 tokens of context.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -65,6 +67,26 @@ def split_nll(model: GPT, data: TokenData, split: str, max_tokens: int | None, b
 
 
 def evaluate(job: EvalJob) -> dict:
+    """Evaluate run_dir; if it is not a run but a folder of runs (a sweep), every finished run under it, skipping
+    those whose eval.json already belongs to their latest checkpoint. Returns the result (or {run dir: result})."""
+    root = Path(job.run_dir)
+    if root.is_dir() and not (root / "ckpt").is_dir():
+        runs = sorted(p.parent for p in root.glob("**/summary.json") if (p.parent / "ckpt").is_dir())
+        if not runs:
+            raise UserError(f"{root} is neither a run dir (no ckpt/) nor a folder of finished runs")
+        results = {}
+        for run in runs:
+            done = run / "eval.json"
+            summary = json.loads((run / "summary.json").read_text())
+            if done.is_file() and json.loads(done.read_text()).get("step") == summary.get("step"):
+                log.info("%s: eval.json is up to date", run)
+                continue
+            results[str(run)] = evaluate_run(replace(job, run_dir=str(run)))
+        return results
+    return evaluate_run(job)
+
+
+def evaluate_run(job: EvalJob) -> dict:
     cfg = job.eval
     device = pick_device(cfg.device)
     model, data, state = load_run(Path(job.run_dir), device)

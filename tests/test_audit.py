@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY
-from shortcut.audit import audit, measure, summarise
+from shortcut.audit import audit, measure
 from shortcut.cli import compose
 from shortcut.data import TokenData
 from shortcut.evaluate import evaluate, load_run

@@ -18,10 +18,23 @@ def test_every_command_and_group_option_composes():
     conf = config_dir()
     for cmd in ("prepare", "eval"):
         compose(cmd, ["run_dir=x"] if cmd == "eval" else [])
-    for group in ("model", "train", "wandb", "domain", "experiment"):
+    for group in ("model", "train", "wandb", "domain", "dataset", "experiment"):
         for option in sorted((conf / group).glob("*.yaml")):
             job = compose("train", [f"{group}={option.stem}"])
             assert job.model.n_embd % job.model.n_head == 0
+            if group in ("domain", "dataset"):
+                compose("prepare", [f"{group}={option.stem}"])
+
+
+@pytest.mark.parametrize("experiment,datasets", [("paper", ["text8", "wikitext103", "maestro", "librispeech"]),
+                                                 ("paper_cpu", ["chorales", "speech", "text_local"])])
+def test_paper_experiments_compose_for_every_dataset_and_model(experiment, datasets):
+    for dataset in datasets:
+        for model in ("baseline", "shortcut", "baseline_matched"):
+            job = compose("train", [f"experiment={experiment}", f"dataset={dataset}", f"model={model}"])
+            assert job.seed == 0 and job.train.max_steps > 0
+    sweep = (config_dir() / "experiment" / f"{experiment}.yaml").read_text()
+    assert f"dataset: {','.join(datasets)}" in sweep and "seed: 0,1,2" in sweep
 
 
 def test_model_options():

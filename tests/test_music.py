@@ -13,7 +13,8 @@ from shortcut.cli import compose
 from shortcut.config import UserError
 from shortcut.evaluate import evaluate
 from shortcut.prepare import prepare
-from shortcut.prepare.music import encode_piece, load_tokenizer, split_by_piece
+from shortcut.prepare.common import split_whole
+from shortcut.prepare.music import encode_piece, load_tokenizer
 from shortcut.train import train
 
 
@@ -94,11 +95,11 @@ def test_tokenizers_split_by_piece_and_skip_bad_files(tmp_path, midi_folder, tok
 
 def test_split_is_by_file_and_deterministic(tmp_path):
     paths = [tmp_path / f"p{i}.mid" for i in range(20)]
-    a = split_by_piece(paths, 0.1, 0.1)
-    b = split_by_piece(list(reversed(paths)), 0.1, 0.1)
+    a = split_whole(paths, 0.1, 0.1)
+    b = split_whole(list(reversed(paths)), 0.1, 0.1)
     assert a == b and len(a["val"]) == 2 and len(a["test"]) == 2
     assert not set(a["train"]) & set(a["val"]) and not set(a["val"]) & set(a["test"])
-    c = split_by_piece(paths + [tmp_path / "new.mid"], 0.1, 0.1)  # adding a piece moves at most a few
+    c = split_whole(paths + [tmp_path / "new.mid"], 0.1, 0.1)  # adding a piece moves at most a few
     assert len(set(a["train"]) - set(c["train"])) <= 1
 
 
@@ -133,7 +134,7 @@ def test_nothing_usable_fails(tmp_path):
     (tmp_path / "bad").mkdir()
     for i in range(4):
         (tmp_path / "bad" / f"x{i}.mid").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="no usable MIDI"):
+    with pytest.raises(UserError, match="no usable data left"):
         prep(tmp_path, "domain.source=files", f"domain.files={tmp_path / 'bad'}")
     with pytest.raises(UserError, match="matches no files"):
         prep(tmp_path, "domain.source=files", f"domain.files={tmp_path / 'none'}/*.mid")
@@ -142,7 +143,6 @@ def test_nothing_usable_fails(tmp_path):
 def test_maestro_from_a_local_archive(tmp_path):
     import zipfile
 
-    root = tmp_path / "maestro-v3.0.0"
     rows = ["canonical_composer,canonical_title,split,year,midi_filename,audio_filename,duration"]
     for i, split in enumerate(["train"] * 4 + ["validation", "test"]):
         write_piece(tmp_path / f"p{i}.mid", seed=i, tracks=1)

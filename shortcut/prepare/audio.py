@@ -8,7 +8,6 @@ by utterance (or speaker), never inside one. Each utterance is a run of tokens; 
 from __future__ import annotations
 
 import ctypes
-import glob
 import hashlib
 import io
 import json
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from shortcut import corpus
 from shortcut.config import AudioDomain, AudioSource, AudioTokenizer, UserError
 from shortcut.download import download, require_network
+from shortcut.prepare.common import find_files, split_whole
 
 log = logging.getLogger(__name__)
 
@@ -224,35 +224,14 @@ def speaker_of(path: Path) -> str:
 
 
 def split_files(paths: list[Path], val_frac: float, test_frac: float, by_speaker: bool) -> dict[str, list[Path]]:
-    """Deterministic split by file (or by speaker): ordered by a hash of the name; at least one each in val/test."""
-    key = speaker_of if by_speaker else (lambda p: p.name)
-    groups = sorted({key(p) for p in paths}, key=lambda g: hashlib.sha1(g.encode()).hexdigest())
-    if len(groups) < 3:
-        raise UserError(f"only {len(groups)} usable {'speaker' if by_speaker else 'file'}(s); need at least 3 to "
-                        f"split into train/val/test")
-    n_test, n_val = max(1, round(len(groups) * test_frac)), max(1, round(len(groups) * val_frac))
-    where = {g: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, g in enumerate(groups)}
-    return {s: sorted(p for p in paths if where[key(p)] == s) for s in corpus.SPLITS}
-
-
-def _glob_audio(pattern: str) -> list[Path]:
-    found: set[Path] = set()
-    for part in (p.strip() for p in pattern.split(",")):
-        part = os.path.expanduser(part)
-        if os.path.isdir(part):
-            found.update(p for p in Path(part).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-        else:
-            found.update(Path(p) for p in glob.glob(part, recursive=True) if os.path.isfile(p))
-    if not found:
-        raise UserError(f"domain.files={pattern!r} matches no files")
-    return sorted(found)
+    """By file, or by speaker so that no voice is heard in two splits."""
+    if by_speaker:
+        return split_whole(paths, val_frac, test_frac, key=speaker_of, unit="speaker")
+    return split_whole(paths, val_frac, test_frac, unit="file")
 
 
 def _files_source(cfg: AudioDomain, root: Path):
-    if not cfg.files:
-        raise UserError("domain.source=files needs domain.files, a glob or folder of audio, e.g. "
-                        "domain.files='speech/**/*.wav'")
-    paths = _glob_audio(cfg.files)
+    paths = find_files(cfg.files, "speech/**/*.wav", AUDIO_SUFFIXES)
     return paths[: cfg.max_files] if cfg.max_files else paths
 
 
@@ -364,9 +343,9 @@ def _espeak_source(cfg: AudioDomain, root: Path):
     import soundfile as sf
 
     if cfg.text:
-        from shortcut.prepare.text import _glob_files, _read_utf8
+        from shortcut.prepare.text import read_utf8
 
-        text = " ".join(_read_utf8(p) for p in _glob_files(cfg.text))
+        text = " ".join(read_utf8(p) for p in find_files(cfg.text, "books/*.txt"))
         sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.strip().split()) >= 3]
         if not sentences:
             raise UserError(f"domain.text={cfg.text!r} holds no sentences to speak")

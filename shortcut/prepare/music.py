@@ -7,7 +7,6 @@ tokenizer.json beside the corpus, so tokens decode back to MIDI and eval can rep
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from shortcut import corpus
 from shortcut.config import MusicDomain, MusicSource, UserError
 from shortcut.download import download
+from shortcut.prepare.common import find_files, split_whole
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +73,6 @@ def count_notes(score, cfg: MusicDomain) -> int:
 
 # --- sources: each gives the MIDI paths (split later, by piece, once unusable files are out) or, for a dataset
 # with an official split, {split: [paths]}; and the works that failed before reaching MIDI ---
-
-def split_by_piece(paths: list[Path], val_frac: float, test_frac: float) -> dict[str, list[Path]]:
-    """Deterministic split by file: ordered by a hash of the file name, so it does not depend on listing order
-    and a piece keeps its split when others are added. At least one piece each for val and test."""
-    ordered = sorted(paths, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())
-    if len(ordered) < 3:
-        raise UserError(f"no usable MIDI left for a train/val/test split: {len(ordered)} usable piece(s), "
-                        f"need at least 3")
-    n_test = max(1, round(len(ordered) * test_frac))
-    n_val = max(1, round(len(ordered) * val_frac))
-    return {"test": sorted(ordered[:n_test]), "val": sorted(ordered[n_test:n_test + n_val]),
-            "train": sorted(ordered[n_test + n_val:])}
-
 
 def _convert_music21(item: tuple[str, str]) -> list[str] | str:
     """Worker: one music21 corpus work to MIDI file(s) (an opus gives several). Returns the files or an error."""
@@ -147,24 +134,8 @@ def _music21_source(cfg: MusicDomain, root: Path):
 
 
 def _files_source(cfg: MusicDomain, root: Path):
-    if not cfg.files:
-        raise UserError("domain.source=files needs domain.files, a glob or folder of MIDI files, e.g. "
-                        "domain.files='midi/**/*.mid'")
-    import glob
-
-    found: set[Path] = set()
-    for part in (p.strip() for p in cfg.files.split(",")):
-        part = os.path.expanduser(part)
-        if os.path.isdir(part):
-            found.update(p for p in Path(part).rglob("*") if p.suffix.lower() in MIDI_SUFFIXES)
-        else:
-            found.update(Path(p) for p in glob.glob(part, recursive=True) if os.path.isfile(p))
-    if not found:
-        raise UserError(f"domain.files={cfg.files!r} matches no files")
-    paths = sorted(found)
-    if cfg.max_pieces:
-        paths = paths[: cfg.max_pieces]
-    return paths, {}
+    paths = find_files(cfg.files, "midi/**/*.mid", MIDI_SUFFIXES)
+    return (paths[: cfg.max_pieces] if cfg.max_pieces else paths), {}
 
 
 def _maestro_source(cfg: MusicDomain, root: Path):
@@ -238,7 +209,7 @@ def prepare_music(cfg: MusicDomain, root: Path) -> Path:
         except Exception as exc:  # noqa: BLE001 - unreadable files are skipped and named
             skipped[str(path)] = f"{type(exc).__name__}: {str(exc)[:120]}"
     if isinstance(found, list):
-        splits = split_by_piece(list(readable), cfg.val_frac, cfg.test_frac)
+        splits = split_whole(list(readable), cfg.val_frac, cfg.test_frac)
     else:
         splits = {s: [p for p in found[s] if p in readable] for s in corpus.SPLITS}
     scores = {s: [(p, readable[p]) for p in splits[s]] for s in corpus.SPLITS}

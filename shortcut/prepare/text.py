@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import zipfile
@@ -14,6 +13,7 @@ from tqdm import tqdm
 from shortcut import corpus
 from shortcut.config import TextDomain, TextSource, TextTokenizer, UserError
 from shortcut.download import download, require_network
+from shortcut.prepare.common import find_files
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _split_by_fractions(text: str, val_frac: float, test_frac: float) -> dict[st
     return {"train": text[:n_train], "val": text[n_train:n_train + n_val], "test": text[n_train + n_val:]}
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -105,29 +105,13 @@ def _read_utf8(path: Path) -> str:
                         f"of domain.files") from None
 
 
-def _glob_files(pattern: str) -> list[Path]:
-    found: set[Path] = set()
-    for part in (p.strip() for p in pattern.split(",")):
-        part = os.path.expanduser(part)
-        if os.path.isdir(part):
-            found.update(p for p in Path(part).rglob("*") if p.is_file())
-        else:
-            found.update(Path(p) for p in glob.glob(part, recursive=True) if os.path.isfile(p))
-    if not found:
-        raise UserError(f"domain.files={pattern!r} matches no files")
-    return sorted(found)
-
-
 # --- sources: each returns (inputs to hash, a loader of the three split texts) ---
 
 def _files_source(cfg: TextDomain, root: Path):
-    if not cfg.files:
-        raise UserError("domain.source=files needs domain.files, a glob of UTF-8 text files, e.g. "
-                        "domain.files='books/*.txt'")
-    paths = _glob_files(cfg.files)
+    paths = find_files(cfg.files, "books/*.txt")
 
     def load():
-        text = "\n".join(_read_utf8(p) for p in tqdm(paths, desc="read files", disable=len(paths) < 50))
+        text = "\n".join(read_utf8(p) for p in tqdm(paths, desc="read files", disable=len(paths) < 50))
         if len(text) < 100:
             raise UserError(f"domain.files={cfg.files!r} holds only {len(text)} characters; give more text")
         return _split_by_fractions(text, cfg.val_frac, cfg.test_frac)
@@ -153,7 +137,7 @@ def _text8_source(cfg: TextDomain, root: Path):
                     raise UserError(f"{path} is an empty zip archive")
                 text = z.read("text8" if "text8" in names else names[0]).decode("utf-8")
         else:
-            text = _read_utf8(path)
+            text = read_utf8(path)
         # The standard split: first 90M characters train, next 5M validation, last 5M test (90/5/5 in general).
         return _split_by_fractions(text, 0.05, 0.05)
 
@@ -166,7 +150,7 @@ def _wikitext_source(cfg: TextDomain, root: Path):
         for candidate in (folder, folder / "wikitext-103-raw"):
             if all((candidate / f).is_file() for f in WIKITEXT_FILES.values()):
                 files = {s: candidate / f for s, f in WIKITEXT_FILES.items()}
-                return list(files.values()), "wikitext103", lambda: {s: _read_utf8(p) for s, p in files.items()}
+                return list(files.values()), "wikitext103", lambda: {s: read_utf8(p) for s, p in files.items()}
         raise UserError(f"domain.path={cfg.path!r} must be a folder holding {', '.join(WIKITEXT_FILES.values())}")
 
     def load():

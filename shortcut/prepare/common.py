@@ -1,0 +1,43 @@
+"""What the domains' prepare steps share: finding input files and splitting them whole (by piece, file, speaker)."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+from shortcut import corpus
+from shortcut.config import UserError
+
+
+def find_files(pattern: str | None, example: str, suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """Files matched by comma-separated globs (recursive with **) or folders (searched for `suffixes`), sorted."""
+    if not pattern:
+        raise UserError(f"domain.source=files needs domain.files, e.g. domain.files='{example}'")
+    found: set[Path] = set()
+    for part in (p.strip() for p in pattern.split(",")):
+        part = os.path.expanduser(part)
+        if os.path.isdir(part):
+            found.update(p for p in Path(part).rglob("*")
+                         if p.is_file() and (suffixes is None or p.suffix.lower() in suffixes))
+        else:
+            found.update(Path(p) for p in glob.glob(part, recursive=True) if os.path.isfile(p))
+    if not found:
+        raise UserError(f"domain.files={pattern!r} matches no files")
+    return sorted(found)
+
+
+def split_whole(paths: list[Path], val_frac: float, test_frac: float,
+                key: Callable[[Path], str] = lambda p: p.name, unit: str = "piece") -> dict[str, list[Path]]:
+    """Deterministic split that never cuts a group (a piece, an utterance, a speaker's files): groups are ordered
+    by a hash of their key, so the split does not depend on listing order and a group keeps its split when others
+    are added. At least one group each goes to val and test."""
+    groups = sorted({key(p) for p in paths}, key=lambda g: hashlib.sha1(g.encode()).hexdigest())
+    if len(groups) < 3:
+        raise UserError(f"no usable data left for a train/val/test split: {len(groups)} usable {unit}(s), "
+                        f"need at least 3")
+    n_test, n_val = max(1, round(len(groups) * test_frac)), max(1, round(len(groups) * val_frac))
+    where = {g: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, g in enumerate(groups)}
+    return {s: sorted(p for p in paths if where[key(p)] == s) for s in corpus.SPLITS}
