@@ -26,7 +26,7 @@ from tqdm import tqdm
 from shortcut import corpus
 from shortcut.config import AudioDomain, AudioSource, AudioTokenizer, UserError
 from shortcut.download import download, require_network
-from shortcut.prepare.common import find_files, split_whole
+from shortcut.prepare.common import find_files, read_and_split, report_skipped, settings_json, split_whole
 
 log = logging.getLogger(__name__)
 
@@ -394,34 +394,18 @@ def load_tokenizer(corpus_path: Path, cfg: AudioDomain):
     return tok
 
 
-def _settings(cfg: AudioDomain) -> str:
-    keep = {k: v for k, v in vars(cfg).items() if k not in ("files", "path")}
-    return json.dumps(keep, sort_keys=True, default=str)
-
-
 def prepare_audio(cfg: AudioDomain, root: Path) -> Path:
     out = corpus.corpus_dir(root, cfg.name, cfg.source)
     found = SOURCES[cfg.source](cfg, root)
     inputs = found if isinstance(found, list) else [p for s in corpus.SPLITS for p in found[s]]
-    input_hash = corpus.hash_files(inputs, _settings(cfg))
+    input_hash = corpus.hash_files(inputs, settings_json(cfg))
     if corpus.up_to_date(out, input_hash):
         log.info("%s is up to date (inputs unchanged); nothing to do", out)
         return out
     tok = make_tokenizer(cfg)
-    wavs, skipped = {}, {}
-    for path in tqdm(inputs, desc="read audio", disable=len(inputs) < 20):
-        try:
-            wavs[path] = load_audio(path, tok.rate)
-        except Exception as exc:  # noqa: BLE001 - unreadable files are skipped and named
-            skipped[str(path)] = f"{type(exc).__name__}: {str(exc)[:120]}"
-    if isinstance(found, list):
-        splits = split_files(list(wavs), cfg.val_frac, cfg.test_frac, cfg.by_speaker)
-    else:
-        splits = {s: [p for p in found[s] if p in wavs] for s in corpus.SPLITS}
-    empty = [s for s in corpus.SPLITS if not splits[s]]
-    if empty:
-        raise UserError(f"no usable audio left for the {'/'.join(empty)} split(s) "
-                        f"({len(skipped)} file(s) skipped: {', '.join(list(skipped)[:5])})")
+    skipped: dict[str, str] = {}
+    splits, wavs = read_and_split(found, lambda p: load_audio(p, tok.rate), skipped,
+                                  lambda paths: split_files(paths, cfg.val_frac, cfg.test_frac, cfg.by_speaker), "audio")
     if isinstance(tok, KMeansCodes):
         tok.fit([wavs[p] for p in splits["train"]])  # the training split only
     tokens, seconds, files, rtf = {}, {}, {}, {}
@@ -446,7 +430,7 @@ def prepare_audio(cfg: AudioDomain, root: Path) -> Path:
         "tokens_per_second": {s: len(tokens[s]) / seconds[s] for s in corpus.SPLITS},
         "seconds_per_token": seconds["val"] / max(1, len(tokens["val"])),
         "token_classes": tok.token_classes(), "realtime_factor": rtf, "skipped": skipped,
-        "n_skipped": len(skipped), "n_transcripts": len(transcripts), "settings": json.loads(_settings(cfg)),
+        "n_skipped": len(skipped), "n_transcripts": len(transcripts), "settings": json.loads(settings_json(cfg)),
         "input_hash": input_hash,
     }
     meta = corpus.write_corpus(out, tokens, meta, extra_files=extra)
@@ -455,7 +439,5 @@ def prepare_audio(cfg: AudioDomain, root: Path) -> Path:
              "/".join(f"{seconds[s] / 3600:.3f}" for s in corpus.SPLITS),
              "/".join(f"{meta['tokens'][s]:,}" for s in corpus.SPLITS),
              "/".join(f"{v:.0f}" if v else "-" for v in rtf.values()))
-    if skipped:
-        log.warning("skipped %d file(s) that could not be used:\n  %s", len(skipped),
-                    "\n  ".join(f"{k}: {v}" for k, v in skipped.items()))
+    report_skipped(skipped)
     return out

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
+import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from tqdm import tqdm
 
 from shortcut import corpus
 from shortcut.config import UserError
+
+log = logging.getLogger(__name__)
 
 
 def find_files(pattern: str | None, example: str, suffixes: tuple[str, ...] | None = None) -> list[Path]:
@@ -41,3 +47,34 @@ def split_whole(paths: list[Path], val_frac: float, test_frac: float,
     n_test, n_val = max(1, round(len(groups) * test_frac)), max(1, round(len(groups) * val_frac))
     where = {g: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, g in enumerate(groups)}
     return {s: sorted(p for p in paths if where[key(p)] == s) for s in corpus.SPLITS}
+
+
+def settings_json(cfg) -> str:
+    """The domain settings that shape a corpus (not where its inputs live), for the corpus's input hash."""
+    return json.dumps({k: v for k, v in vars(cfg).items() if k not in ("files", "path")}, sort_keys=True, default=str)
+
+
+def read_and_split(found: list[Path] | dict[str, list[Path]], read: Callable[[Path], Any], skipped: dict[str, str],
+                   split: Callable[[list[Path]], dict[str, list[Path]]], what: str) -> tuple[dict, dict]:
+    """Read every input with `read`, skipping (and naming in `skipped`) the ones it cannot use, then split the
+    rest: a flat list with `split`, an official split (a dict) as given. Returns ({split: [paths]}, {path: data})."""
+    inputs = found if isinstance(found, list) else [p for s in corpus.SPLITS for p in found[s]]
+    data = {}
+    for path in tqdm(inputs, desc=f"read {what}", disable=len(inputs) < 20):
+        try:
+            data[path] = read(path)
+        except Exception as exc:  # noqa: BLE001 - unreadable files are skipped and named
+            skipped[str(path)] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    splits = split(list(data)) if isinstance(found, list) else {s: [p for p in found[s] if p in data]
+                                                                  for s in corpus.SPLITS}
+    empty = [s for s in corpus.SPLITS if not splits[s]]
+    if empty:
+        raise UserError(f"no usable {what} left for the {'/'.join(empty)} split(s) "
+                        f"({len(skipped)} file(s) skipped: {', '.join(list(skipped)[:5])})")
+    return splits, data
+
+
+def report_skipped(skipped: dict[str, str]) -> None:
+    if skipped:
+        log.warning("skipped %d file(s) that could not be used:\n  %s", len(skipped),
+                    "\n  ".join(f"{k}: {v}" for k, v in skipped.items()))

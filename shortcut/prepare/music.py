@@ -21,7 +21,7 @@ from tqdm import tqdm
 from shortcut import corpus
 from shortcut.config import MusicDomain, MusicSource, UserError
 from shortcut.download import download
-from shortcut.prepare.common import find_files, split_whole
+from shortcut.prepare.common import find_files, read_and_split, report_skipped, settings_json, split_whole
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +178,6 @@ def _maestro_source(cfg: MusicDomain, root: Path):
 SOURCES = {MusicSource.music21: _music21_source, MusicSource.files: _files_source, MusicSource.maestro: _maestro_source}
 
 
-def _settings(cfg: MusicDomain) -> str:
-    keep = {k: v for k, v in vars(cfg).items() if k not in ("files", "path")}
-    return json.dumps(keep, sort_keys=True, default=str)
-
-
 def _read_score(path: Path):
     import symusic
 
@@ -196,27 +191,15 @@ def prepare_music(cfg: MusicDomain, root: Path) -> Path:
     out = corpus.corpus_dir(root, cfg.name, cfg.source)
     found, failed = SOURCES[cfg.source](cfg, root)
     inputs = found if isinstance(found, list) else [p for s in corpus.SPLITS for p in found[s]]
-    input_hash = corpus.hash_files(inputs, _settings(cfg))
+    input_hash = corpus.hash_files(inputs, settings_json(cfg))
     if corpus.up_to_date(out, input_hash):
         log.info("%s is up to date (inputs unchanged); nothing to do", out)
         return out
     tok = make_tokenizer(cfg)
     skipped: dict[str, str] = {str(k): v for k, v in failed.items()}
-    readable = {}
-    for path in tqdm(inputs, desc="read MIDI", disable=len(inputs) < 20):
-        try:
-            readable[path] = _read_score(path)
-        except Exception as exc:  # noqa: BLE001 - unreadable files are skipped and named
-            skipped[str(path)] = f"{type(exc).__name__}: {str(exc)[:120]}"
-    if isinstance(found, list):
-        splits = split_whole(list(readable), cfg.val_frac, cfg.test_frac)
-    else:
-        splits = {s: [p for p in found[s] if p in readable] for s in corpus.SPLITS}
+    splits, readable = read_and_split(found, _read_score, skipped,
+                                      lambda paths: split_whole(paths, cfg.val_frac, cfg.test_frac), "MIDI")
     scores = {s: [(p, readable[p]) for p in splits[s]] for s in corpus.SPLITS}
-    empty = [s for s in corpus.SPLITS if not scores[s]]
-    if empty:
-        raise UserError(f"no usable MIDI left for the {'/'.join(empty)} split(s) "
-                        f"({len(skipped)} file(s) skipped: {', '.join(list(skipped)[:5])})")
     if cfg.bpe_vocab:
         if cfg.bpe_vocab <= len(tok):
             raise UserError(f"domain.bpe_vocab={cfg.bpe_vocab} must exceed the base vocabulary ({len(tok)})")
@@ -235,7 +218,7 @@ def prepare_music(cfg: MusicDomain, root: Path) -> Path:
     meta = {
         "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer), "bpe_vocab": cfg.bpe_vocab,
         "vocab_size": len(tok), "pieces": pieces, "notes": notes, "units": {"note": notes},
-        "skipped": skipped, "n_skipped": len(skipped), "settings": json.loads(_settings(cfg)),
+        "skipped": skipped, "n_skipped": len(skipped), "settings": json.loads(settings_json(cfg)),
         "input_hash": input_hash,
     }
     meta = corpus.write_corpus(out, tokens, meta, extra_files={"tokenizer.json": blob})
@@ -243,7 +226,5 @@ def prepare_music(cfg: MusicDomain, root: Path) -> Path:
              f" + BPE {cfg.bpe_vocab}" if cfg.bpe_vocab else "", len(tok),
              "/".join(str(pieces[s]) for s in corpus.SPLITS), "/".join(f"{notes[s]:,}" for s in corpus.SPLITS),
              "/".join(f"{meta['tokens'][s]:,}" for s in corpus.SPLITS))
-    if skipped:
-        log.warning("skipped %d file(s) that could not be used:\n  %s", len(skipped),
-                    "\n  ".join(f"{k}: {v}" for k, v in skipped.items()))
+    report_skipped(skipped)
     return out
