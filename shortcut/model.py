@@ -193,8 +193,9 @@ class GPT(nn.Module):
             for block in self.blocks[:-1]:
                 x = block(x)
                 hs.append(x)
-            feats = [hs[l] if self.feature_maps is None else f(hs[l]) for l, f in
-                     zip(self.taps, self.feature_maps or [None] * len(self.taps))]
+            feats = [hs[l] for l in self.taps]  # K x (B, T, C)
+            if self.feature_maps is not None:
+                feats = [f(h) for f, h in zip(self.feature_maps, feats)]  # f_l(h_l)
             z = torch.stack(feats, dim=1)  # (B, K, T, C)
             if self.depth_emb is not None:
                 z = z + self.depth_emb[None, :, None, :].to(z.dtype)

@@ -164,7 +164,11 @@ def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, labels
     if state is not None:
         saved = state["config"]
         mine = json.loads(json.dumps(asdict(job), default=str))
-        differ = sorted(_diff(saved, mine, ignore={"train.resume", "wandb"}))
+        # Where the inputs came from does not matter once prepared; the corpus itself must be the same.
+        differ = sorted(_diff(saved, mine, ignore={"train.resume", "wandb", "domain.files", "domain.path"}))
+        if state["data_hash"] != data.meta["content_hash"]:
+            differ.append(f"the corpus at {data_dir} (data hash {state['data_hash']} then, "
+                          f"{data.meta['content_hash']} now)")
         if differ:
             raise UserError(f"{run_dir} holds a run with other settings ({', '.join(differ[:5])}); choose another "
                             f"hydra.run.dir or train.resume=false to start over there")

@@ -80,6 +80,7 @@ def test_resume_refuses_other_settings(tmp_path, prepared):
     with pytest.raises(UserError, match="model.n_layer"):
         train(job(prepared, "train.max_steps=10", "model.n_layer=3"), tmp_path / "a")
     train(job(prepared, "train.max_steps=10", "model.n_layer=3", "train.resume=false"), tmp_path / "a")
+    train(job(prepared, "train.max_steps=10", "model.n_layer=3", "domain.files=elsewhere/*.txt"), tmp_path / "a")
     with pytest.raises(UserError, match="no usable checkpoint"):
         train(job(prepared, "train.resume=true"), tmp_path / "fresh")
 
