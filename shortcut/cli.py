@@ -59,7 +59,7 @@ def one_line(exc: BaseException) -> str:
                 seen.add(ln)
                 parts.append(ln)
         key = getattr(e, "full_key", None)
-        if isinstance(e, OmegaConfBaseException) and key and f"'{key}'" not in " ".join(parts) and key not in " ".join(parts):
+        if isinstance(e, OmegaConfBaseException) and key and key not in " ".join(parts):
             parts.append(f"(key: {key})")
         e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return " ".join(parts) or type(exc).__name__
@@ -139,6 +139,10 @@ def _task(cfg) -> None:
         message = one_line(exc)
         if hc.mode == RunMode.MULTIRUN:  # report and carry on with the other jobs
             log.error("job %s (%s) failed: %s", hc.job.num, " ".join(hc.overrides.task), message)
+            if command == "train":  # so that `shortcut compare` can say which runs are missing and why
+                out = Path(hc.runtime.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "failed.txt").write_text(message + "\n")
             _failures.append(f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {message}")
             return
         _fail(message)

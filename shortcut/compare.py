@@ -95,6 +95,8 @@ def find_runs(patterns: str) -> tuple[list[Run], list[str]]:
                                     json.loads(dj.read_text()) if dj.is_file() else None))
                     if not s.get("finished", True):
                         incomplete.append(f"{d} (stopped at step {s.get('step')} of {s.get('max_steps')})")
+                elif (d / "failed.txt").is_file():
+                    incomplete.append(f"{d} (failed: {(d / 'failed.txt').read_text().strip()})")
                 elif (d / "ckpt").is_dir() or (d / "metrics.jsonl").is_file():
                     incomplete.append(f"{d} (no summary.json: still running, failed or killed)")
     return runs, incomplete
@@ -211,7 +213,7 @@ def compare(job: CompareJob) -> dict:
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     print(md)
     for r in table:
-        for p in {r2.path / "audit" / "depth_profile.png" for r2 in rows[(r["dataset"], r["variant"])].runs}:
+        for p in sorted(r2.path / "audit" / "depth_profile.png" for r2 in rows[(r["dataset"], r["variant"])].runs):
             if p.is_file():
                 print(f"depth audit picture ({r['dataset']}, {r['variant']}): {p}")
                 break

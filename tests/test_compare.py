@@ -115,3 +115,20 @@ def test_baseline_vs_shortcut_as_written(runs):
     assert r.returncode == 0, r.stderr
     assert "| baseline |" in r.stdout and "| shortcut |" in r.stdout and "baseline_matched" not in r.stdout
     assert "text/files/char" in r.stdout
+
+
+def test_two_dataset_multirun_with_a_failing_job_then_compare(tmp_path, prepared):
+    """text and music train; audio was never prepared, so its job fails; the others finish and compare says so."""
+    data = prepared[0].split("=", 1)[1]
+    from shortcut.prepare import prepare
+
+    prepare(compose("prepare", [f"data.root={data}", "domain=music", "domain.max_pieces=4"]))
+    sweep = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "train", "-m", f"data.root={data}",
+                        "domain=text,music,audio", "model=baseline,shortcut", "model.n_layer=2", "model.n_head=2",
+                        "model.n_embd=32", "model.block_size=32", "train.max_steps=5", "wandb=off",
+                        f"hydra.sweep.dir={sweep}"], capture_output=True, text=True)
+    assert r.returncode == 1 and "2 job(s) failed" in r.stderr and "no prepared corpus" in r.stderr
+    summary = compare(compose("compare", [f"runs={sweep}", f"results_root={tmp_path / 'results'}"]))
+    assert {row["dataset"].split("/")[0] for row in summary["rows"]} == {"text", "music"}
+    assert sum("failed: no prepared corpus" in i for i in summary["incomplete"]) == 2

@@ -127,9 +127,11 @@ class LogMel:
 
 
 def kmeans_fit(x: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tensor:
-    """k-means with k-means++ initialisation (Arthur & Vassilvitskii 2007), in torch. x: (N, D) -> (k, D)."""
+    """k-means with k-means++ initialisation (Arthur & Vassilvitskii 2007), in torch. x: (N, D) -> (k, D).
+
+    Distances in float32 (the costly part), centroid sums in float64."""
     g = torch.Generator().manual_seed(seed)
-    x = x.double()
+    x = x.float()
     k = min(k, len(x))
     centres = [x[torch.randint(len(x), (1,), generator=g)].squeeze(0)]
     d2 = ((x - centres[0]) ** 2).sum(1)
@@ -139,15 +141,16 @@ def kmeans_fit(x: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tens
         centres.append(c)
         d2 = torch.minimum(d2, ((x - c) ** 2).sum(1))
     c = torch.stack(centres)
+    x64 = x.double()
     for _ in range(iters):
         assign = torch.cdist(x, c).argmin(1)
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        sums = torch.zeros(c.shape, dtype=torch.float64).index_add_(0, assign, x64)
         counts = torch.bincount(assign, minlength=len(c)).unsqueeze(1)
-        moved = torch.where(counts > 0, sums / counts.clamp_min(1), c)  # empty clusters keep their centre
-        if torch.allclose(moved, c):
+        moved = torch.where(counts > 0, sums / counts.clamp_min(1), c.double()).float()  # empty: keep the centre
+        if torch.equal(moved, c):
             break
         c = moved
-    return c.float()
+    return c
 
 
 class KMeansCodes:
