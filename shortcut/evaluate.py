@@ -78,7 +78,9 @@ def evaluate(job: EvalJob) -> dict:
         for run in runs:
             done = run / "eval.json"
             summary = json.loads((run / "summary.json").read_text())
-            if done.is_file() and json.loads(done.read_text()).get("step") == summary.get("step"):
+            previous = json.loads(done.read_text()) if done.is_file() else {}
+            if [previous.get(k) for k in ("step", "split", "max_tokens")] == [summary.get("step"), job.eval.split,
+                                                                              job.eval.max_tokens]:
                 log.info("%s: eval.json is up to date", run)
                 continue
             results[str(run)] = evaluate_run(replace(job, run_dir=str(run)))
@@ -99,7 +101,8 @@ def evaluate_run(job: EvalJob) -> dict:
     result = {
         "split": cfg.split, f"{cfg.split}_nll": nll, f"{cfg.split}_ppl": math.exp(nll),
         "bits_per_token": nll / math.log(2), "n_tokens": n, "flops_per_token": flops_per_token(model.cfg)["forward"],
-        "step": int(state["step"]), "checkpoint": state["path"], "data_hash": data.meta["content_hash"],
+        "step": int(state["step"]), "max_tokens": cfg.max_tokens, "checkpoint": state["path"],
+        "data_hash": data.meta["content_hash"],
         "domain": data.meta["domain"], "source": data.meta["source"], "tokenizer": data.meta["tokenizer"],
     }
     # Per unit of the domain (character of text, note of music, second of audio): the split's tokens per unit

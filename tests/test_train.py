@@ -136,8 +136,12 @@ def test_eval_writes_the_documented_keys(tmp_path, prepared):
     assert result["flops_per_token"] > 0
     limited = evaluate(compose("eval", [f"run_dir={tmp_path / 'r'}", "eval.max_tokens=50"]))
     assert limited["n_tokens"] == 50
-    with pytest.raises(UserError, match="no usable checkpoint"):
-        evaluate(compose("eval", [f"run_dir={tmp_path}"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a run dir"):
+        evaluate(compose("eval", [f"run_dir={tmp_path / 'empty'}"]))
+    # a folder of runs (a sweep): each run is evaluated, and not again while its eval.json is current
+    assert list(evaluate(compose("eval", [f"run_dir={tmp_path}"]))) == [str(tmp_path / "r")]  # last was partial
+    assert evaluate(compose("eval", [f"run_dir={tmp_path}"])) == {}
 
 
 def test_wandb_offline_writes_under_the_run_dir(tmp_path, prepared, monkeypatch):
