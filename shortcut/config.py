@@ -118,7 +118,8 @@ class MusicDomain:
     name: str = "music"
     source: MusicSource = MusicSource.music21
     collection: str = "bach"  # source=music21: "bach" (the ~370 chorales), "essenFolksong", or another corpus folder
-    max_pieces: Optional[int] = None  # use at most this many pieces (the first by name); None: all
+    max_pieces: Optional[int] = None  # at most this many pieces (first by name; music21: of the first this many
+    # corpus files, which for an opus like an Essen .abc file hold hundreds of songs); None: all
     files: Optional[str] = None  # source=files: a glob or folder of .mid/.midi files
     path: Optional[str] = None  # source=maestro: the MIDI-only zip or its extracted folder (default: download)
     tokenizer: MusicTokenizer = MusicTokenizer.REMI

@@ -161,8 +161,11 @@ def test_music21_chorales_train_and_eval(tmp_path):
     out = prep(tmp_path, "domain.max_pieces=5")
     meta = corpus.read_meta(out)
     assert sum(meta["pieces"].values()) == 5 and meta["source"] == "music21"
-    index = json.loads((tmp_path / "data/downloads/music21/bach/index.json").read_text())
-    assert len(index) == 5  # converted once, cached
+    index_file = tmp_path / "data/downloads/music21/bach/index-v2.json"
+    assert 5 <= len(json.loads(index_file.read_text())) < 20  # only as many works as needed were converted
+    stamp = index_file.stat().st_mtime_ns
+    prep(tmp_path, "domain.max_pieces=5")
+    assert index_file.stat().st_mtime_ns == stamp  # converted once, cached
     base = [f"data.root={tmp_path / 'data'}", "domain=music", "domain.max_pieces=5", *TINY]
     train(compose("train", base + ["model=shortcut", "train.max_steps=10"]), tmp_path / "run")
     result = evaluate(compose("eval", [f"run_dir={tmp_path / 'run'}"]))

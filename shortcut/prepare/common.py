@@ -76,5 +76,7 @@ def read_and_split(found: list[Path] | dict[str, list[Path]], read: Callable[[Pa
 
 def report_skipped(skipped: dict[str, str]) -> None:
     if skipped:
-        log.warning("skipped %d file(s) that could not be used:\n  %s", len(skipped),
-                    "\n  ".join(f"{k}: {v}" for k, v in skipped.items()))
+        shown = [f"{k}: {v}" for k, v in list(skipped.items())[:10]]
+        more = f"\n  ... and {len(skipped) - 10} more (all are listed under 'skipped' in meta.json)" \
+            if len(skipped) > 10 else ""
+        log.warning("skipped %d input(s) that could not be used:\n  %s%s", len(skipped), "\n  ".join(shown), more)

@@ -74,24 +74,27 @@ def count_notes(score, cfg: MusicDomain) -> int:
 # --- sources: each gives the MIDI paths (split later, by piece, once unusable files are out) or, for a dataset
 # with an official split, {split: [paths]}; and the works that failed before reaching MIDI ---
 
-def _convert_music21(item: tuple[str, str]) -> list[str] | str:
-    """Worker: one music21 corpus work to MIDI file(s) (an opus gives several). Returns the files or an error."""
+def _convert_music21(item: tuple[str, str]) -> dict:
+    """Worker: one music21 corpus work to MIDI file(s) (an opus, like an Essen .abc file, gives one per song).
+    Returns {"files": [written], "errors": {name: error}}: a song that fails is named, the others are kept."""
     from music21 import corpus as m21corpus, stream
 
     work, out = item
+    written, errors = [], {}
     try:
         parsed = m21corpus.parse(work)
-        scores = list(parsed.scores) if isinstance(parsed, stream.Opus) else [parsed]
-        written = []
-        for i, score in enumerate(scores):
-            dest = f"{out}-{i}.mid" if len(scores) > 1 else f"{out}.mid"
-            tmp = dest + ".tmp"
-            score.write("midi", fp=tmp)
-            os.replace(tmp, dest)
-            written.append(dest)
-        return written
     except Exception as exc:  # noqa: BLE001 - reported per work, the rest go on
-        return f"{type(exc).__name__}: {str(exc)[:200]}"
+        return {"files": [], "errors": {work: f"{type(exc).__name__}: {str(exc)[:200]}"}}
+    scores = list(parsed.scores) if isinstance(parsed, stream.Opus) else [parsed]
+    for i, score in enumerate(scores):
+        dest = f"{out}-{i}.mid" if len(scores) > 1 else f"{out}.mid"
+        try:
+            score.write("midi", fp=dest + ".tmp")
+            os.replace(dest + ".tmp", dest)
+            written.append(dest)
+        except Exception as exc:  # noqa: BLE001 - music21 cannot write some scores; name them and go on
+            errors[f"{work}#{i}" if len(scores) > 1 else work] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return {"files": written, "errors": errors}
 
 
 def music21_works(collection: str) -> list[str]:
@@ -112,25 +115,31 @@ def music21_works(collection: str) -> list[str]:
 def _music21_source(cfg: MusicDomain, root: Path):
     """Convert the collection's scores to MIDI once, cached under <root>/downloads/music21/<collection>/."""
     works = music21_works(cfg.collection)
-    if cfg.max_pieces:
-        works = works[: cfg.max_pieces]
     cache = root / "downloads" / "music21" / cfg.collection
     cache.mkdir(parents=True, exist_ok=True)
-    index_file = cache / "index.json"
+    index_file = cache / "index-v2.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    todo = [(w, str(cache / Path(w).name.replace(".", "_"))) for w in works if w not in index]
-    if todo:
-        workers = min(len(todo), os.cpu_count() or 1)
-        with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(_convert_music21, todo, chunksize=4)
-            for (work, _), result in tqdm(zip(todo, results), total=len(todo), desc=f"music21 {cfg.collection} -> MIDI"):
+    workers = os.cpu_count() or 1
+    # Convert in batches, in order, and stop once max_pieces pieces exist (an opus holds hundreds of songs).
+    needed = []
+    with ProcessPoolExecutor(workers) as pool, tqdm(total=len(works), desc=f"music21 {cfg.collection} -> MIDI") as bar:
+        for start in range(0, len(works), 2 * workers):
+            if cfg.max_pieces and sum(len(index[w]["files"]) for w in needed) >= cfg.max_pieces:
+                break
+            batch = works[start:start + 2 * workers]
+            todo = [(w, str(cache / Path(w).name.replace(".", "_"))) for w in batch if w not in index]
+            for (work, _), result in zip(todo, pool.map(_convert_music21, todo)):
                 index[work] = result
-        tmp = index_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=1))
-        tmp.replace(index_file)
-    failed = {w: index[w] for w in works if isinstance(index[w], str)}
-    paths = [Path(p) for w in works if not isinstance(index[w], str) for p in index[w]]
-    return paths, failed
+            needed += batch
+            bar.update(len(batch))
+            if todo:
+                tmp = index_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(index, indent=1))
+                tmp.replace(index_file)
+    works = needed
+    failed = {name: err for w in works for name, err in index[w]["errors"].items()}
+    paths = [Path(p) for w in works for p in index[w]["files"]]
+    return (paths[: cfg.max_pieces] if cfg.max_pieces else paths), failed
 
 
 def _files_source(cfg: MusicDomain, root: Path):
