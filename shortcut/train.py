@@ -14,7 +14,7 @@ import os
 import subprocess
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -78,8 +78,6 @@ def write_json(path: Path, obj: dict) -> None:
 
 def resolve_model(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
     """Fill in what depends on the data (vocab size) and apply parameter matching."""
-    from dataclasses import replace
-
     if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
         raise UserError(f"model.vocab_size={cfg.vocab_size} is smaller than the corpus vocabulary ({vocab_size})")
     return match_params(replace(cfg, vocab_size=cfg.vocab_size or vocab_size))
