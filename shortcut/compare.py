@@ -25,10 +25,9 @@ log = logging.getLogger(__name__)
 
 # What each domain reports per unit of the data, in order of preference (keys of eval.json).
 UNIT_METRIC = {"text": ("bits_per_char",), "music": ("bits_per_note",), "audio": ("nll_per_second",)}
-# Overrides that do not define a variant (they name data, seeds, paths or logging).
-NOT_VARIANT = ("seed", "hydra", "data.", "domain", "wandb", "train.resume", "+dataset", "dataset", "experiment",
-               "train.device", "train.compile", "train.precision", "train.log_every", "train.ckpt_every",
-               "train.keep_ckpts")
+# train.* overrides that change how a run is executed or logged, not what it learns.
+NOT_VARIANT = ("train.resume", "train.device", "train.compile", "train.precision", "train.log_every",
+               "train.ckpt_every", "train.keep_ckpts")
 
 
 @dataclass
@@ -41,13 +40,20 @@ class Run:
 
     @property
     def dataset(self) -> str:
+        """domain/source/tokenizer, plus the training setup when it is not the default (runs trained differently,
+        e.g. train=smoke against experiment=demo, are never pooled)."""
         s = self.summary
-        return f"{s['domain']}/{s['source']}/{s.get('tokenizer', '?')}"
+        setup = [f"experiment={s['experiment']}"] if s.get("experiment") else []
+        if s.get("train_choice") not in (None, "default"):
+            setup.append(f"train={s['train_choice']}")
+        setup += sorted(o for o in s.get("overrides", []) if o.startswith("train.") and not o.startswith(NOT_VARIANT))
+        return f"{s['domain']}/{s['source']}/{s.get('tokenizer', '?')}" + (f" [{' '.join(setup)}]" if setup else "")
 
     @property
     def variant(self) -> str:
+        """The model choice (baseline, shortcut, baseline_matched) plus any model.* overrides."""
         s = self.summary
-        extra = sorted(o for o in s.get("overrides", []) if not o.startswith(NOT_VARIANT) and not o.startswith("model="))
+        extra = sorted(o.lstrip("+") for o in s.get("overrides", []) if o.lstrip("+").startswith("model."))
         return " ".join([s.get("model_choice") or s["arch"], *extra])
 
     @property
@@ -176,7 +182,7 @@ def compare(job: CompareJob) -> dict:
         budget = min(budgets) if budgets and min(budgets) > 0 else None
         all_test = all(r.eval and r.eval.get("test_nll") is not None for row in ds_rows for r in row.runs)
         metric = "test_nll" if all_test else "final_val_loss"
-        domain = ds.split("/")[0]
+        domain = ds.split("/")[0]  # the setup suffix follows the tokenizer
         unit_key = next((k for k in UNIT_METRIC.get(domain, ()) if all(
             r.eval and k in r.eval for row in ds_rows for r in row.runs)), None)
         seed_sets = {row.variant: sorted(r.seed for r in row.runs) for row in ds_rows}

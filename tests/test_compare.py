@@ -108,6 +108,18 @@ def test_variants_get_their_own_rows(runs, tmp_path):
     assert rows == {"baseline", "shortcut", "baseline model.match_params=shortcut"}
 
 
+def test_training_setups_are_not_pooled(runs, tmp_path):
+    fake_run(tmp_path / "runs", "smoke0", "baseline", 0, 2.5, overrides=["train=smoke"])
+    summary_path = tmp_path / "runs" / "smoke0" / "summary.json"
+    s = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**s, "train_choice": "smoke"}))
+    fake_run(tmp_path / "runs", "lr", "shortcut", 0, 2.5, overrides=["train.lr=0.1", "train.log_every=5"])
+    rows = compare(job(runs))["rows"]
+    assert {(r["dataset"], r["variant"], r["n"]) for r in rows} == {
+        ("text/files/char", "baseline", 3), ("text/files/char", "shortcut", 3),
+        ("text/files/char [train=smoke]", "baseline", 1), ("text/files/char [train.lr=0.1]", "shortcut", 1)}
+
+
 def test_baseline_vs_shortcut_as_written(runs):
     fake_run(runs / "runs", "other", "baseline_matched", 0, 1.4)
     r = subprocess.run([sys.executable, "-m", "shortcut.cli", "compare", "baseline", "vs", "shortcut",

@@ -242,8 +242,11 @@ def librispeech_subset(folder: Path, subset: str) -> list[Path]:
     """Utterance files of one subset in LibriSpeech's own layout: SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac."""
     base = folder / subset
     if not base.is_dir():
-        raise UserError(f"{folder} has no {subset}/ subset folder (LibriSpeech layout: LibriSpeech/{subset}/"
-                        f"SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac)")
+        have = sorted(p.name for p in folder.iterdir() if p.is_dir() and list(p.glob("*/*/*.flac"))[:1])
+        raise UserError(f"{folder} has no {subset}/ subset folder (LibriSpeech layout: LibriSpeech/{subset}/SPEAKER/"
+                        f"CHAPTER/SPEAKER-CHAPTER-UTT.flac); it has {', '.join(have) or 'no subsets'}: choose with "
+                        f"domain.train_subset=, domain.val_subset=, domain.test_subset=, or use domain.source=files "
+                        f"domain.by_speaker=true to split what you have")
     paths = sorted(base.glob("*/*/*.flac"))
     if not paths:
         raise UserError(f"{base} holds no SPEAKER/CHAPTER/*.flac utterances")
