@@ -44,3 +44,14 @@ def download(url: str, dest: Path, what: str, alternative: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise UserError(f"downloading {what} from {url} failed ({exc}). {alternative}") from None
     return dest
+
+
+def local_or_download(path: str | None, url: str, cache: Path, what: str, expected: str, alternative: str,
+                      want_file: bool = True) -> Path:
+    """The user's local copy (domain.path) when given, else the cached download."""
+    if path:
+        local = Path(os.path.expanduser(path))
+        if not (local.is_file() if want_file else local.exists()):
+            raise UserError(f"domain.path={path!r} is not {'a file' if want_file else 'there'} (expected {expected})")
+        return local
+    return download(url, cache, what, alternative)

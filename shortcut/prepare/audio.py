@@ -26,7 +26,8 @@ from tqdm import tqdm
 from shortcut import corpus
 from shortcut.config import AudioDomain, AudioSource, AudioTokenizer, UserError
 from shortcut.download import download, require_network
-from shortcut.prepare.common import find_files, read_and_split, report_skipped, settings_json, split_whole
+from shortcut.prepare.common import (check_inputs, find_files, inputs_of, read_and_split, report_skipped,
+                                     settings_json, split_whole)
 
 log = logging.getLogger(__name__)
 
@@ -403,10 +404,8 @@ def load_tokenizer(corpus_path: Path, cfg: AudioDomain):
 def prepare_audio(cfg: AudioDomain, root: Path) -> Path:
     out = corpus.corpus_dir(root, cfg.name, cfg.source)
     found = SOURCES[cfg.source](cfg, root)
-    inputs = found if isinstance(found, list) else [p for s in corpus.SPLITS for p in found[s]]
-    input_hash = corpus.hash_files(inputs, settings_json(cfg))
-    if corpus.up_to_date(out, input_hash):
-        log.info("%s is up to date (inputs unchanged); nothing to do", out)
+    input_hash, done = check_inputs(out, inputs_of(found), settings_json(cfg))
+    if done:
         return out
     tok = make_tokenizer(cfg)
     skipped: dict[str, str] = {}
@@ -428,7 +427,7 @@ def prepare_audio(cfg: AudioDomain, root: Path) -> Path:
         buf = io.BytesIO()
         np.save(buf, tok.codebook.numpy())
         extra["codebook.npy"] = buf.getvalue()
-    transcripts = read_transcripts(inputs) if cfg.source != AudioSource.espeak else {}
+    transcripts = read_transcripts(inputs_of(found)) if cfg.source != AudioSource.espeak else {}
     meta = {
         "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer), "vocab_size": tok.vocab_size,
         "sample_rate": tok.rate, "files": files, "seconds": seconds, "hours": {s: v / 3600 for s, v in seconds.items()},

@@ -49,6 +49,19 @@ def split_whole(paths: list[Path], val_frac: float, test_frac: float,
     return {s: sorted(p for p in paths if where[key(p)] == s) for s in corpus.SPLITS}
 
 
+def inputs_of(found: list[Path] | dict[str, list[Path]]) -> list[Path]:
+    return found if isinstance(found, list) else [p for s in corpus.SPLITS for p in found[s]]
+
+
+def check_inputs(out: Path, inputs: list[Path], settings: str) -> tuple[str, bool]:
+    """The inputs' hash, and whether out already holds the corpus they make (then prepare is a no-op)."""
+    input_hash = corpus.hash_files(inputs, settings)
+    done = corpus.up_to_date(out, input_hash)
+    if done:
+        log.info("%s is up to date (inputs unchanged); nothing to do", out)
+    return input_hash, done
+
+
 def settings_json(cfg) -> str:
     """The domain settings that shape a corpus (not where its inputs live), for the corpus's input hash."""
     return json.dumps({k: v for k, v in vars(cfg).items() if k not in ("files", "path")}, sort_keys=True, default=str)
@@ -58,7 +71,7 @@ def read_and_split(found: list[Path] | dict[str, list[Path]], read: Callable[[Pa
                    split: Callable[[list[Path]], dict[str, list[Path]]], what: str) -> tuple[dict, dict]:
     """Read every input with `read`, skipping (and naming in `skipped`) the ones it cannot use, then split the
     rest: a flat list with `split`, an official split (a dict) as given. Returns ({split: [paths]}, {path: data})."""
-    inputs = found if isinstance(found, list) else [p for s in corpus.SPLITS for p in found[s]]
+    inputs = inputs_of(found)
     data = {}
     for path in tqdm(inputs, desc=f"read {what}", disable=len(inputs) < 20):
         try:

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from shortcut import corpus
 from shortcut.config import MusicDomain, MusicSource, UserError
-from shortcut.download import download
-from shortcut.prepare.common import find_files, read_and_split, report_skipped, settings_json, split_whole
+from shortcut.download import local_or_download
+from shortcut.prepare.common import (check_inputs, find_files, inputs_of, read_and_split, report_skipped,
+                                     settings_json, split_whole)
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +151,8 @@ def _files_source(cfg: MusicDomain, root: Path):
 def _maestro_source(cfg: MusicDomain, root: Path):
     alternative = ("Give a local copy with domain.path=/path/to/maestro-v3.0.0-midi.zip (or its extracted folder), "
                    "or use domain.source=music21 (offline) or domain.source=files domain.files='midi/*.mid'.")
-    if cfg.path:
-        src = Path(os.path.expanduser(cfg.path))
-        if not src.exists():
-            raise UserError(f"domain.path={cfg.path!r} does not exist (expected the MAESTRO zip or its folder)")
-    else:
-        src = download(MAESTRO_URL, root / "downloads" / "maestro-v3.0.0-midi.zip", "MAESTRO v3", alternative)
+    src = local_or_download(cfg.path, MAESTRO_URL, root / "downloads" / "maestro-v3.0.0-midi.zip", "MAESTRO v3",
+                            "the MAESTRO zip or its folder", alternative, want_file=False)
     if src.is_file():  # extract once next to the cache
         folder = root / "downloads" / "maestro-v3.0.0"
         if not (folder / ".complete").is_file():
@@ -199,10 +196,8 @@ def _read_score(path: Path):
 def prepare_music(cfg: MusicDomain, root: Path) -> Path:
     out = corpus.corpus_dir(root, cfg.name, cfg.source)
     found, failed = SOURCES[cfg.source](cfg, root)
-    inputs = found if isinstance(found, list) else [p for s in corpus.SPLITS for p in found[s]]
-    input_hash = corpus.hash_files(inputs, settings_json(cfg))
-    if corpus.up_to_date(out, input_hash):
-        log.info("%s is up to date (inputs unchanged); nothing to do", out)
+    input_hash, done = check_inputs(out, inputs_of(found), settings_json(cfg))
+    if done:
         return out
     tok = make_tokenizer(cfg)
     skipped: dict[str, str] = {str(k): v for k, v in failed.items()}

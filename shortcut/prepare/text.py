@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from shortcut import corpus
 from shortcut.config import TextDomain, TextSource, TextTokenizer, UserError
-from shortcut.download import download, require_network
-from shortcut.prepare.common import find_files
+from shortcut.download import local_or_download, require_network
+from shortcut.prepare.common import check_inputs, find_files
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,8 @@ def _files_source(cfg: TextDomain, root: Path):
 def _text8_source(cfg: TextDomain, root: Path):
     alternative = ("Give a local copy with domain.path=/path/to/text8.zip (or the unzipped text8), or use "
                    "domain.source=files domain.files='your/*.txt'.")
-    if cfg.path:
-        path = Path(os.path.expanduser(cfg.path))
-        if not path.is_file():
-            raise UserError(f"domain.path={cfg.path!r} is not a file (expected text8.zip or text8)")
-    else:
-        path = download(TEXT8_URL, root / "downloads" / "text8.zip", "text8", alternative)
+    path = local_or_download(cfg.path, TEXT8_URL, root / "downloads" / "text8.zip", "text8", "text8.zip or text8",
+                             alternative)
 
     def load():
         if zipfile.is_zipfile(path):
@@ -172,9 +168,8 @@ SOURCES = {TextSource.files: _files_source, TextSource.text8: _text8_source, Tex
 def prepare_text(cfg: TextDomain, root: Path) -> Path:
     out = corpus.corpus_dir(root, cfg.name, cfg.source)
     inputs, identity, load = SOURCES[cfg.source](cfg, root)
-    input_hash = corpus.hash_files(inputs, f"{identity}|tokenizer={cfg.tokenizer}")
-    if corpus.up_to_date(out, input_hash):
-        log.info("%s is up to date (inputs unchanged); nothing to do", out)
+    input_hash, done = check_inputs(out, inputs, f"{identity}|tokenizer={cfg.tokenizer}")
+    if done:
         return out
     texts = load()
     if cfg.tokenizer == TextTokenizer.char:
