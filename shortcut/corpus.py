@@ -19,6 +19,7 @@ from shortcut.config import UserError
 
 SPLITS = ("train", "val", "test")
 META = "meta.json"
+FORMAT = 2  # bump when what prepare writes changes, so existing corpora are rebuilt rather than reused
 
 
 def corpus_dir(root: str | Path, domain: str, source: str) -> Path:
@@ -31,7 +32,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def hash_files(paths: list[Path], extra: str = "") -> str:
     """sha256 over the inputs' bytes and names plus the settings that shape the corpus."""
-    h = hashlib.sha256(extra.encode())
+    h = hashlib.sha256(f"format={FORMAT}|{extra}".encode())
     for p in paths:
         h.update(str(p.name).encode())
         with open(p, "rb") as f:
