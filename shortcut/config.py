@@ -365,6 +365,7 @@ def register_schemas() -> None:
     cs.store(name="train_schema", node=TrainJob)
     cs.store(name="eval_schema", node=EvalJob)
     cs.store(name="compare_schema", node=CompareJob)
-    cs.store(group="domain", name="text_schema", node=TextDomain)
-    cs.store(group="domain", name="music_schema", node=MusicDomain)
-    cs.store(group="domain", name="audio_schema", node=AudioDomain)
+    # Kept out of the domain group itself so that `--help` lists only real choices; conf/domain/*.yaml extend them.
+    cs.store(group="schema/domain", name="text", node=TextDomain)
+    cs.store(group="schema/domain", name="music", node=MusicDomain)
+    cs.store(group="schema/domain", name="audio", node=AudioDomain)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -214,7 +215,8 @@ def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, labels
     session_start = time.perf_counter()
     failed = True
     try:
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {mcfg.arch}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {mcfg.arch}", unit="step", dynamic_ncols=True,
+                   mininterval=0.2 if sys.stderr.isatty() else 15)  # logs of sweeps stay readable
         t0, interval_tokens = time.perf_counter(), 0
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
