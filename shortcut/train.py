@@ -206,6 +206,9 @@ def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, labels
     log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, taps %s", mcfg.arch, f"{counts['params']:,}",
              f"{counts['non_embedding_params']:,}", flops["forward"],
              mcfg.tap_layers() if mcfg.arch == "shortcut" else "-")
+    if step >= cfg.max_steps and (run_dir / "summary.json").is_file():
+        log.info("%s already finished (step %d of %d); nothing to train", run_dir, step, cfg.max_steps)
+        return json.loads((run_dir / "summary.json").read_text())
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
     val_starts = data.fixed_starts("val", cfg.eval_windows)
     tracker = open_tracker(job.wandb, run_dir, name=run_dir.name, config=json.loads(json.dumps(asdict(job), default=str)))

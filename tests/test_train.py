@@ -60,6 +60,9 @@ def test_resume_continues_exactly(tmp_path, prepared):
     ckpts[-1].unlink()  # step 30 never happened
     summary = train(part, tmp_path / "part")
     assert summary["final_val_loss"] == full["final_val_loss"]
+    stamp = (tmp_path / "part" / "metrics.jsonl").stat().st_mtime_ns
+    assert train(part, tmp_path / "part") == summary  # a finished run is not trained again
+    assert (tmp_path / "part" / "metrics.jsonl").stat().st_mtime_ns == stamp
     a = MetricsLog.read(tmp_path / "full" / "metrics.jsonl")
     b = MetricsLog.read(tmp_path / "part" / "metrics.jsonl")
     assert [(r["step"], r["train_loss"], r["val_loss"]) for r in a] == [(r["step"], r["train_loss"], r["val_loss"]) for r in b]
