@@ -80,23 +80,19 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
             out["profile"].append(heads.mean(dim=1))  # (B, T, K)
             if out["attn"] is None:
                 out["attn"] = probs[0].mean(dim=0).float().cpu()  # (T, K, T) of the first sequence
-        out["lens"].append(logit_lens(model, x, y))
+        out["lens"].append(logit_lens(model, x, y, out["loss"][-1].mean().item()))
     for key in ("inputs", "targets", "loss", "profile", "profile_heads"):
         out[key] = torch.cat(out[key]) if out[key] else None
     out["lens"] = np.mean(np.stack(out["lens"]), axis=0)
     return out
 
 
-def logit_lens(model: GPT, x, y) -> np.ndarray:
-    """NLL (nats/token) when the final LayerNorm and head read each layer's residual stream: h_0 .. h_{L-1} and,
-    last, the model's own output."""
-    nll = []
-    for h in model.hidden_states(x):
-        logits = model.lm_head(model.ln_f(h))
-        nll.append(F.cross_entropy(logits.float().transpose(1, 2), y).item())
-    if len(nll) == model.cfg.n_layer:  # the shortcut's final block is not a plain block: use the real output
-        nll.append(F.cross_entropy(model(x)[0].float().transpose(1, 2), y).item())
-    return np.array(nll[: model.cfg.n_layer + 1])
+def logit_lens(model: GPT, x, y, output_nll: float) -> np.ndarray:
+    """NLL (nats/token) when the final LayerNorm and head read each layer's residual stream h_0 .. h_{L-1}, and
+    last the model's own output (output_nll, already measured)."""
+    nll = [F.cross_entropy(model.lm_head(model.ln_f(h)).float().transpose(1, 2), y).item()
+           for h in model.hidden_states(x)]
+    return np.array(nll + [output_nll])
 
 
 def summarise(m: dict, taps: list[int], n_layer: int, classes: list[str]) -> dict:

@@ -209,11 +209,12 @@ class GPT(nn.Module):
         return logits, loss, probs
 
     def hidden_states(self, idx) -> list[torch.Tensor]:
-        """h_0 .. h_L, each (B, T, C): the residual stream after the embeddings and after every block."""
+        """h_0 .. h_{L-1}, each (B, T, C): the residual stream after the embeddings and after every block but the
+        last (the inputs the final block reads, in both architectures)."""
         pos = torch.arange(idx.size(1), device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         states = [x]
-        for block in self.blocks[: len(self.blocks) - int(self.shortcut)]:
+        for block in self.blocks[:-1]:
             x = block(x)
             states.append(x)
         return states

@@ -77,6 +77,11 @@ def write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+def plain(obj) -> dict:
+    """A config dataclass as JSON-ready dicts and strings (enums as their names)."""
+    return json.loads(json.dumps(asdict(obj), default=str))
+
+
 def resolve_model(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
     """Fill in what depends on the data (vocab size) and apply parameter matching."""
     if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
@@ -160,17 +165,20 @@ def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, labels
         state = load_latest_checkpoint(ckpt_dir)
         if cfg.resume and state is None:
             raise UserError(f"train.resume=true but {ckpt_dir} has no usable checkpoint")
+    job_dict = plain(job)
     if state is not None:
         saved = state["config"]
-        mine = json.loads(json.dumps(asdict(job), default=str))
         # Where the inputs came from does not matter once prepared; the corpus itself must be the same.
-        differ = sorted(_diff(saved, mine, ignore={"train.resume", "wandb", "domain.files", "domain.path"}))
+        differ = sorted(_diff(saved, job_dict, ignore={"train.resume", "wandb", "domain.files", "domain.path"}))
         if state["data_hash"] != data.meta["content_hash"]:
             differ.append(f"the corpus at {data_dir} (data hash {state['data_hash']} then, "
                           f"{data.meta['content_hash']} now)")
         if differ:
             raise UserError(f"{run_dir} holds a run with other settings ({', '.join(differ[:5])}); choose another "
                             f"hydra.run.dir or train.resume=false to start over there")
+        if int(state["step"]) >= cfg.max_steps and (run_dir / "summary.json").is_file():
+            log.info("%s already finished (step %d of %d); nothing to train", run_dir, state["step"], cfg.max_steps)
+            return json.loads((run_dir / "summary.json").read_text())
     elif ckpt_dir.exists():
         for old in ckpt_dir.glob("step_*.pt"):
             old.unlink()  # train.resume=false: start over
@@ -197,7 +205,7 @@ def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, labels
     peak = peak_flops(device)
     summary = {
         "domain": job.domain.name, "source": str(job.domain.source), "tokenizer": data.meta.get("tokenizer"),
-        "arch": str(mcfg.arch), "model": json.loads(json.dumps(asdict(mcfg), default=str)), **counts,
+        "arch": str(mcfg.arch), "model": plain(mcfg), **counts,
         "flops_per_token": flops["forward"], "train_flops_per_token": flops["train"], "seed": job.seed,
         "data_hash": data.meta["content_hash"], "data_dir": str(data_dir), "git_commit": git_commit(),
         "device": str(device), "max_steps": cfg.max_steps, "model_choice": str(job.model.arch), "overrides": [],
@@ -206,12 +214,9 @@ def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, labels
     log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, taps %s", mcfg.arch, f"{counts['params']:,}",
              f"{counts['non_embedding_params']:,}", flops["forward"],
              mcfg.tap_layers() if mcfg.arch == "shortcut" else "-")
-    if step >= cfg.max_steps and (run_dir / "summary.json").is_file():
-        log.info("%s already finished (step %d of %d); nothing to train", run_dir, step, cfg.max_steps)
-        return json.loads((run_dir / "summary.json").read_text())
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
     val_starts = data.fixed_starts("val", cfg.eval_windows)
-    tracker = open_tracker(job.wandb, run_dir, name=run_dir.name, config=json.loads(json.dumps(asdict(job), default=str)))
+    tracker = open_tracker(job.wandb, run_dir, name=run_dir.name, config=job_dict)
     best = state["best_val_loss"] if state else float("inf")
     last_val = state.get("last_val_loss") if state else None
     prior_wall, train_time = (float(state["wall_time"]), float(state["train_time"])) if state else (0.0, 0.0)
@@ -272,7 +277,7 @@ def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, labels
                     **({"rng_cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
                     "best_val_loss": best, "last_val_loss": last_val, "train_time": train_time,
                     "wall_time": prior_wall + time.perf_counter() - session_start,
-                    "config": json.loads(json.dumps(asdict(job), default=str)),
+                    "config": job_dict,
                     "model_config": summary["model"], "train_loss": train_loss, "data_hash": summary["data_hash"],
                 }, cfg.keep_ckpts)
         bar.close()
