@@ -79,32 +79,28 @@ class Row:
 
 def find_runs(patterns: str) -> tuple[list[Run], list[str]]:
     """Run dirs (those with summary.json) under the comma-separated globs, and dirs that started but never finished."""
-    runs, incomplete = [], []
-    seen: set[Path] = set()
+    roots: set[Path] = set()
     for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
         pattern = os.path.expanduser(pattern)
-        candidates = [Path(pattern)] if os.path.isdir(pattern) else []
-        for hit in glob.glob(pattern, recursive=True):
-            candidates.append(Path(hit))
-        for c in candidates:
-            for d in [c, *c.glob("**/")] if c.is_dir() else []:
-                d = d.resolve()
-                if d in seen:
-                    continue
-                seen.add(d)
-                if (d / "summary.json").is_file():
-                    s = json.loads((d / "summary.json").read_text())
-                    ev = d / "eval.json"
-                    dj = d / "audit" / "depth.json"
-                    metrics = MetricsLog.read(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
-                    runs.append(Run(d, s, json.loads(ev.read_text()) if ev.is_file() else None, metrics,
-                                    json.loads(dj.read_text()) if dj.is_file() else None))
-                    if not s.get("finished", True):
-                        incomplete.append(f"{d} (stopped at step {s.get('step')} of {s.get('max_steps')})")
-                elif (d / "failed.txt").is_file():
-                    incomplete.append(f"{d} (failed: {(d / 'failed.txt').read_text().strip()})")
-                elif (d / "ckpt").is_dir() or (d / "metrics.jsonl").is_file():
-                    incomplete.append(f"{d} (no summary.json: still running, failed or killed)")
+        roots.update(Path(hit).resolve() for hit in glob.glob(pattern, recursive=True) if os.path.isdir(hit))
+    # Walk each tree once: a root inside another root (what `runs/**` matches) is already covered.
+    roots = {r for r in roots if not any(parent in roots for parent in r.parents)}
+    runs, incomplete = [], []
+    for root in sorted(roots):
+        for d in [root, *sorted(root.glob("**/"))]:
+            if (d / "summary.json").is_file():
+                s = json.loads((d / "summary.json").read_text())
+                ev = d / "eval.json"
+                dj = d / "audit" / "depth.json"
+                metrics = MetricsLog.read(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
+                runs.append(Run(d, s, json.loads(ev.read_text()) if ev.is_file() else None, metrics,
+                                json.loads(dj.read_text()) if dj.is_file() else None))
+                if not s.get("finished", True):
+                    incomplete.append(f"{d} (stopped at step {s.get('step')} of {s.get('max_steps')})")
+            elif (d / "failed.txt").is_file():
+                incomplete.append(f"{d} (failed: {(d / 'failed.txt').read_text().strip()})")
+            elif (d / "ckpt").is_dir() or (d / "metrics.jsonl").is_file():
+                incomplete.append(f"{d} (no summary.json: still running, failed or killed)")
     return runs, incomplete
 
 
