@@ -63,7 +63,7 @@ def describe_vocab(data: TokenData) -> tuple[list[str], list[str], str]:
 def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
     """Per-token depth profiles, mean depths and losses over fixed validation windows (arrays, not yet summaries)."""
     T = min(cfg.audit_seq_len or data.block_size, data.block_size)
-    starts = np.unique(np.linspace(0, len(data.splits["val"]) - T - 1, cfg.audit_sequences).round().astype(np.int64))
+    starts = data.fixed_starts("val", cfg.audit_sequences, T)
     device = next(model.parameters()).device
     out = {"starts": starts, "inputs": [], "targets": [], "loss": [], "profile": [], "profile_heads": [],
            "attn": None, "lens": []}

@@ -43,7 +43,7 @@ class TokenData:
         starts = rng.integers(0, len(self.splits["train"]) - self.block_size, size=batch_size)
         return self.windows("train", starts)
 
-    def fixed_starts(self, split: str, n: int) -> np.ndarray:
+    def fixed_starts(self, split: str, n: int, length: int | None = None) -> np.ndarray:
         """n window starts spread evenly over the split: the same for every run, so losses compare."""
-        last = len(self.splits[split]) - self.block_size - 1
+        last = len(self.splits[split]) - (length or self.block_size) - 1
         return np.unique(np.linspace(0, last, n).round().astype(np.int64))
