@@ -9,7 +9,7 @@ import torch
 
 from shortcut.config import Device, ModelConfig, Precision, TrainConfig
 from shortcut.model import GPT, flops_per_token
-from shortcut.train import autocast, make_optimizer, peak_flops, pick_device
+from shortcut.runtime import autocast, make_optimizer, peak_flops, pick_device
 
 
 def bench(cfg: ModelConfig, batch: int, device: torch.device, steps: int = 10) -> tuple[float, float]:

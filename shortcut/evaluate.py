@@ -19,7 +19,8 @@ from shortcut import corpus
 from shortcut.config import EvalJob, ModelConfig, Precision, UserError
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token
-from shortcut.train import autocast, load_latest_checkpoint, pick_device, write_json
+from shortcut.runtime import autocast, pick_device
+from shortcut.train import load_latest_checkpoint, write_json
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -22,16 +21,13 @@ import torch
 from tqdm import tqdm
 
 from shortcut import corpus
-from shortcut.config import Device, ModelConfig, Precision, TrainConfig, TrainJob, UserError
+from shortcut.config import ModelConfig, TrainConfig, TrainJob, UserError
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token, match_params, param_counts
+from shortcut.runtime import autocast, make_optimizer, model_device, peak_flops, pick_device
 from shortcut.tracking import MetricsLog, open_tracker
 
 log = logging.getLogger(__name__)
-
-# Dense bf16 peak FLOP/s by device name, for MFU. CPUs have no agreed peak: MFU is left out there.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine from lr to min_lr at max_steps: a pure function of the step."""
@@ -39,27 +35,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
-
-
-def pick_device(choice: Device) -> torch.device:
-    if choice == Device.cuda or (choice == Device.auto and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def autocast(device: torch.device, precision: Precision):
-    if precision == Precision.bfloat16 or (precision == Precision.auto and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def git_commit() -> str | None:
@@ -87,13 +62,6 @@ def resolve_model(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
     if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
         raise UserError(f"model.vocab_size={cfg.vocab_size} is smaller than the corpus vocabulary ({vocab_size})")
     return match_params(replace(cfg, vocab_size=cfg.vocab_size or vocab_size))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
 # --- checkpoints ---
@@ -138,10 +106,6 @@ def evaluate_windows(model, data: TokenData, split: str, starts, batch_size: int
             count += y.numel()
     model.train()
     return total / count
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, labels: dict | None = None) -> dict:
