@@ -4,6 +4,8 @@ From the final layer's attention probabilities (B, nh, T queries, K taps, T keys
 the mass it puts on each tap, summed over key positions: K numbers that sum to one. Its *mean depth* is the
 expected layer index under that profile. Verma & Pilanci (2024) read these maps to argue the model is depth and
 context adaptive; the numbers here make that claim checkable (does the model reach deeper for harder tokens?).
+Each Spearman(depth, loss) has a 95% interval from resampling whole audit windows (a window's tokens are not
+independent), and a within-position rho, so that position in the window (little context, high loss) cannot pass for depth.
 """
 
 from __future__ import annotations
@@ -95,8 +97,116 @@ def logit_lens(model: GPT, x, y, output_nll: float) -> np.ndarray:
     return np.array(nll + [output_nll])
 
 
-def summarise(m: dict, taps: list[int], n_layer: int, classes: list[str]) -> dict:
-    """The numbers of depth.json."""
+# --- statistics: the audit window (sequence), not the token, is the unit that is drawn independently ---
+
+N_BOOT = 1000  # bootstrap resamples of the audit windows
+BOOT_SEED = 0  # fixed, so depth.json is a function of the checkpoint and the windows alone
+
+
+def _resample_counts(n_seq: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_seq): how often each sequence is drawn when n_seq sequences are drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_seq, np.full(n_seq, 1 / n_seq), size=n_boot).astype(np.float64)
+
+
+def _rank_parts(x: np.ndarray, seq: np.ndarray, n_seq: int) -> np.ndarray:
+    """(n_seq, n): for sequence s and token i, how many of s's tokens lie below x_i, ties counting half.
+
+    A resample that draws sequence s w_s times ranks token i at w @ parts[:, i] + 1/2, the average rank of ties as
+    in scipy's spearmanr; so one matrix product ranks every resample without sorting again."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]  # sorted queries make searchsorted a forward scan, several times faster than random ones
+    parts = np.empty((n_seq, len(x)))
+    for s in range(n_seq):
+        v = np.sort(x[seq == s])
+        parts[s, order] = (np.searchsorted(v, xs, "left") + np.searchsorted(v, xs, "right")) / 2
+    return parts
+
+
+def _weighted_pearson(rx: np.ndarray, ry: np.ndarray, wt: np.ndarray, axis: int) -> np.ndarray:
+    """Pearson correlation along axis where a token drawn k times counts k times; nan where either side is constant."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tot = wt.sum(axis, keepdims=True)
+        dx = rx - (wt * rx).sum(axis, keepdims=True) / tot
+        dy = ry - (wt * ry).sum(axis, keepdims=True) / tot
+        sxx, syy, sxy = (wt * dx * dx).sum(axis), (wt * dy * dy).sum(axis), (wt * dx * dy).sum(axis)
+        ok = (sxx > 1e-6) & (syy > 1e-6)  # distinct ranks differ by at least 1/2, so a real spread is far above this
+        return np.where(ok, sxy / np.sqrt(np.where(ok, sxx * syy, 1.0)), np.nan)
+
+
+def _pooled_spearman(x: np.ndarray, y: np.ndarray, seq: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Spearman over all tokens of each resample; x, y, seq (n,), w (n_boot, n_seq) -> (n_boot,).
+
+    Token i of sequence s has rank w @ P[:, i] in a resample and counts w_s times, so each weighted sum Pearson needs
+    is a form in w over per-sequence sums of P: O(n_seq^3) per resample instead of O(tokens)."""
+    n = w.shape[1]
+    px, py = _rank_parts(x, seq, n), _rank_parts(y, seq, n)
+    members = [seq == s for s in range(n)]
+    count = np.array([k.sum() for k in members], dtype=np.float64)
+    lin_x = np.stack([px[:, k].sum(1) for k in members], 1)  # (n, n): [j, s] = sum over s's tokens of P[j, i]
+    lin_y = np.stack([py[:, k].sum(1) for k in members], 1)
+
+    def quad(a, b):  # (j, s * k): [j, s, k] = sum over s's tokens of a[j, i] b[k, i]
+        return np.stack([a[:, k] @ b[:, k].T for k in members], 1).reshape(n, n * n)
+
+    qxx, qyy, qxy = quad(px, px), quad(py, py), quad(px, py)
+    out = np.empty(len(w))
+    step = max(1, 2 ** 20 // (n * n))
+    for i in range(0, len(w), step):
+        wb = w[i:i + step]
+        outer = wb[:, :, None] * wb[:, None, :]  # (b, s, k)
+        tot = wb @ count
+        sx, sy = ((wb @ lin_x) * wb).sum(1), ((wb @ lin_y) * wb).sum(1)
+        sxx, syy, sxy = (((wb @ q).reshape(-1, n, n) * outer).sum((1, 2)) for q in (qxx, qyy, qxy))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            vx, vy, cxy = sxx - sx * sx / tot, syy - sy * sy / tot, sxy - sx * sy / tot
+            ok = (tot > 0) & (vx > 1e-10 * sxx) & (vy > 1e-10 * syy)  # constant ranks leave only rounding
+            out[i:i + step] = np.where(ok, cxy / np.sqrt(np.where(ok, vx * vy, 1.0)), np.nan)
+    return out
+
+
+def _within_position_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Mean over positions t of Spearman across sequences at t (positions where either side is constant skipped);
+    x, y (n_seq, T), w (n_boot, n_seq) -> (n_boot,)."""
+    n, T = x.shape
+
+    def parts(v):  # (n_seq s', n_seq s * T): s' lies below s at position t, ties counting half
+        a, b = v[:, None, :], v[None, :, :]
+        return ((a < b) + 0.5 * (a == b)).reshape(n, n * T)
+
+    px, py = parts(x), parts(y)
+    out = np.empty(len(w))
+    step = max(1, 2 ** 21 // (n * T))
+    for i in range(0, len(w), step):
+        wb = w[i:i + step]
+        r = _weighted_pearson((wb @ px).reshape(-1, n, T), (wb @ py).reshape(-1, n, T), wb[:, :, None], axis=1)
+        valid = ~np.isnan(r)  # (b, T)
+        count = valid.sum(axis=1)
+        out[i:i + step] = np.where(count > 0, np.where(valid, r, 0).sum(axis=1) / np.maximum(count, 1), np.nan)
+    return out
+
+
+def _interval(boot: np.ndarray) -> dict:
+    """95% percentile interval and two-sided p-value (is rho 0?) from bootstrap replicates; None where none is defined."""
+    b = boot[~np.isnan(boot)]
+    if len(b) == 0:
+        return {"ci_low": None, "ci_high": None, "p_value": None}
+    lo, hi = np.quantile(b, [0.025, 0.975])
+    p = 2 * min(np.mean(b <= 0), np.mean(b >= 0))
+    return {"ci_low": float(lo), "ci_high": float(hi), "p_value": float(min(1.0, max(1 / len(b), p)))}
+
+
+def _num(v) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def summarise(m: dict, taps: list[int], n_layer: int, classes: list[str], n_boot: int = N_BOOT,
+              seed: int = BOOT_SEED) -> dict:
+    """The numbers of depth.json. Intervals resample whole audit windows (n_boot times, seeded), never tokens."""
     from scipy.stats import spearmanr
 
     result = {"logit_lens_nll": [float(v) for v in m["lens"]],
@@ -109,7 +219,13 @@ def summarise(m: dict, taps: list[int], n_layer: int, classes: list[str]) -> dic
     loss = m["loss"].reshape(-1).double()
     entropy = -(p.clamp_min(1e-12).log() * p).sum(dim=1)
     shallow = p[:, layers < n_layer / 2].sum(dim=1)
-    rho, pval = spearmanr(depth.numpy(), loss.numpy())
+    rho = spearmanr(depth.numpy(), loss.numpy())[0]
+    n_seq, T = m["loss"].shape
+    seq = np.repeat(np.arange(n_seq), T)  # the audit window each token belongs to
+    w = _resample_counts(n_seq, n_boot if n_seq > 1 else 0, seed)  # one window: nothing to resample, no interval
+    within = _within_position_spearman(depth.numpy().reshape(n_seq, T), loss.numpy().reshape(n_seq, T),
+                                       np.vstack([np.ones(n_seq), w]))  # row 0: the sample itself
+    within_ci = _interval(within[1:])
     result.update({
         "taps": taps,
         "mean_profile": p.mean(dim=0).tolist(),
@@ -119,7 +235,11 @@ def summarise(m: dict, taps: list[int], n_layer: int, classes: list[str]) -> dic
         "depth_entropy_nats": float(entropy.mean()),  # per token, averaged; log(K) is uniform over taps
         "max_entropy_nats": math.log(len(taps)),
         "share_shallow": float((shallow > 0.5).double().mean()),  # mass on taps below L/2 exceeds 0.5
-        "spearman_depth_vs_loss": {"rho": float(rho), "p_value": float(pval), "n_tokens": int(len(loss))},
+        "spearman_depth_vs_loss": {
+            "rho": float(rho), **_interval(_pooled_spearman(depth.numpy(), loss.numpy(), seq, w)),
+            "method": f"bootstrap over {n_seq} sequences, {len(w)} resamples", "n_tokens": int(len(loss)),
+            "n_sequences": int(n_seq), "within_position_rho": _num(within[0]),
+            "within_position_ci_low": within_ci["ci_low"], "within_position_ci_high": within_ci["ci_high"]},
         "token_class_of": "target (the token being predicted at that position)",
         "by_class": {},
     })
@@ -129,8 +249,10 @@ def summarise(m: dict, taps: list[int], n_layer: int, classes: list[str]) -> dic
         entry = {"n_tokens": int(len(idx)), "mean_depth": float(depth[idx].mean()), "mean_loss": float(loss[idx].mean()),
                  "mean_profile": p[idx].mean(dim=0).tolist(), "share_shallow": float((shallow[idx] > 0.5).double().mean())}
         if len(idx) >= 10:
-            r, pv = spearmanr(depth[idx].numpy(), loss[idx].numpy())
-            entry["spearman_depth_vs_loss"] = {"rho": float(r), "p_value": float(pv)}
+            r = spearmanr(depth[idx].numpy(), loss[idx].numpy())[0]
+            spread = len(np.unique(seq[idx.numpy()])) > 1  # a class seen in one window only has no interval
+            boot = _pooled_spearman(depth[idx].numpy(), loss[idx].numpy(), seq[idx.numpy()], w if spread else w[:0])
+            entry["spearman_depth_vs_loss"] = {"rho": _num(r), **_interval(boot)}
         result["by_class"][name] = entry
     return result
 
@@ -183,9 +305,11 @@ def draw(m: dict, summary: dict, taps: list[int], labels: list[str], axis: str, 
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     ax.hist(depth, bins=40, range=(0, max(taps) if max(taps) > 0 else 1), color="tab:blue")
     ax.axvline(depth.mean(), color="k", ls="--", label=f"mean {depth.mean():.2f}")
-    rho = summary["spearman_depth_vs_loss"]["rho"]
+    sp = summary["spearman_depth_vs_loss"]
+    ci = f" [95% CI {sp['ci_low']:.3f}, {sp['ci_high']:.3f}]" if sp.get("ci_low") is not None else ""
     ax.set(xlabel="mean depth used (expected tap layer)", ylabel="tokens",
-           title=f"{len(depth):,} tokens; Spearman(depth, loss) = {rho:.3f}")
+           title=f"{len(depth):,} tokens; Spearman(depth, loss) = {sp['rho']:.3f}{ci}\n"
+                 f"(interval: resampling the {sp.get('n_sequences', '?')} audit windows)")
     ax.legend()
     paths.append(_save(fig, out / "depth_histogram.png"))
     return paths
@@ -212,8 +336,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig) -> dict:
-    """Measure, summarise and draw; writes out/depth.json and the PNGs. Returns the summary."""
+def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig, checkpoint_hash: str = "") -> dict:
+    """Measure, summarise and draw; writes out/depth.json (naming the checkpoint it measured) and the PNGs.
+    Returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
     labels, classes, axis = describe_vocab(data)
     m = measure(model, data, cfg)
@@ -224,6 +349,7 @@ def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig) -> dict:
         sec = data.meta.get("seconds_per_token")
         pictures += draw(m, summary, taps, labels, axis, sec, out, cfg)
     summary["pictures"] = [str(p) for p in pictures]
+    summary["checkpoint_hash"] = checkpoint_hash
     tmp = out / "depth.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(out / "depth.json")
@@ -231,9 +357,11 @@ def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig) -> dict:
         np.savez_compressed(out / "attention.npz", profile=m["profile"].numpy(), loss=m["loss"].numpy(),
                             targets=m["targets"].numpy(), inputs=m["inputs"].numpy(), starts=m["starts"],
                             first_sequence_attention=m["attn"].numpy(), taps=np.array(taps))
-        log.info("depth audit: mean profile %s over taps %s, Spearman(depth, loss) %.3f (n=%d) -> %s",
-                 np.round(summary["mean_profile"], 3).tolist(), taps, summary["spearman_depth_vs_loss"]["rho"],
-                 summary["spearman_depth_vs_loss"]["n_tokens"], out)
+        sp = summary["spearman_depth_vs_loss"]
+        log.info("depth audit: mean profile %s over taps %s, Spearman(depth, loss) %.3f, 95%% CI [%s, %s] over %d "
+                 "windows, within position %s (n=%d) -> %s", np.round(summary["mean_profile"], 3).tolist(), taps,
+                 sp["rho"], _fmt(sp["ci_low"]), _fmt(sp["ci_high"]), sp["n_sequences"], _fmt(sp["within_position_rho"]),
+                 sp["n_tokens"], out)
     else:
         log.info("logit lens NLL by layer: %s -> %s", np.round(summary["logit_lens_nll"], 3).tolist(), out)
     return summary

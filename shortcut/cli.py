@@ -99,7 +99,14 @@ def _preflight(command: str, args: list[str]) -> None:
             else:
                 choices.append([o.input_line])
         for combo in itertools.islice(itertools.product(*choices), 256):
-            compose(command, list(combo))
+            job = compose(command, list(combo))
+            match = getattr(getattr(job, "train", None), "match_flops", None)
+            if match:  # the model it names must compose too
+                try:
+                    compose(command, [c for c in combo if not c.startswith(("model=", "train.match_flops="))]
+                            + [f"model={match}"])
+                except Exception as exc:  # noqa: BLE001
+                    raise ValueError(f"train.match_flops={match}: {one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - every composition failure is the user's to fix
         _fail(one_line(exc))
 
@@ -124,9 +131,18 @@ def _task(cfg) -> None:
         elif command == "train":
             from shortcut.train import train
 
-            labels = {"model_choice": hc.runtime.choices.get("model"), "train_choice": hc.runtime.choices.get("train"),
-                      "experiment": hc.runtime.choices.get("experiment"), "overrides": list(hc.overrides.task)}
-            train(job, Path(hc.runtime.output_dir), resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True), labels=labels)
+            from shortcut.train import Match
+
+            choices = {g: hc.runtime.choices.get(g) for g in _CHOICE_GROUPS}
+            # The run's label is its difference from these config choices composed without command-line values.
+            reference = _compose_in_app([f"{g}={c}" for g, c in choices.items() if c])
+            match = None
+            if job.train.match_flops:
+                other = _compose_in_app([o for o in hc.overrides.task if not o.lstrip("+~").startswith(
+                    ("model=", "train.match_flops="))] + [f"model={job.train.match_flops}"])
+                match = Match(other.model, other.train.max_steps)
+            train(job, Path(hc.runtime.output_dir), resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                  reference=reference, choices=choices, match=match)
         elif command == "eval":
             from shortcut.evaluate import evaluate
 
@@ -140,12 +156,28 @@ def _task(cfg) -> None:
         if hc.mode == RunMode.MULTIRUN:  # report and carry on with the other jobs
             log.error("job %s (%s) failed: %s", hc.job.num, " ".join(hc.overrides.task), message)
             if command == "train":  # so that `shortcut compare` can say which runs are missing and why
-                out = Path(hc.runtime.output_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "failed.txt").write_text(message + "\n")
+                from shortcut.rundir import write_failed
+
+                write_failed(Path(hc.runtime.output_dir), message)
             _failures.append(f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {message}")
             return
         _fail(message)
+
+
+_CHOICE_GROUPS = ("domain", "dataset", "model", "train", "experiment")
+
+
+def _compose_in_app(overrides: list[str]):
+    """Compose the train config inside a running Hydra app (its config search path is already set up)."""
+    from hydra import compose as hydra_compose
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_object(hydra_compose(config_name="train", overrides=overrides))
+    except Exception as exc:  # noqa: BLE001 - e.g. train.match_flops naming a model choice that does not exist
+        from shortcut.config import UserError
+
+        raise UserError(one_line(exc)) from None
 
 
 def _variants_as_override(args: list[str]) -> list[str]:

@@ -1,8 +1,12 @@
 """`shortcut compare`: runs side by side, per dataset and model variant, aggregated over seeds.
 
-Differences against the baseline row come with a 95% confidence interval and a p-value: a paired t-test over
-seeds when both rows have the same seeds (same seed, same training batches), Welch's t-test otherwise. Seed-to-seed
-spread at small scale is often larger than the effect, so a difference is never reported without its interval.
+A row is a group of runs with the same identity, which train computed from the resolved config (shortcut.rundir):
+the corpus and training setup make the dataset, the resolved model and training length make the variant. Two runs
+of one row with the same seed are refused (or the newest kept, duplicates=newest), and an eval.json that no longer
+describes its run is refused, so no number in the table is merged or old. Differences against the baseline row come
+with a 95% interval and a p-value: a paired t-test over seeds when both rows have the same seeds (same seed, same
+batches), Welch's otherwise. With compute_multiplier=true a ladder of baseline sizes gives each variant's compute
+multiplier (shortcut.scaling).
 """
 
 from __future__ import annotations
@@ -18,91 +22,162 @@ from pathlib import Path
 
 import numpy as np
 
-from shortcut.config import CompareJob, UserError
-from shortcut.tracking import MetricsLog
+from shortcut import rundir
+from shortcut.config import CompareJob, Duplicates, UserError
+from shortcut.rundir import EvalRecord, Summary
+from shortcut.tracking import MetricsLog, open_tracker
 
 log = logging.getLogger(__name__)
 
 # What each domain reports per unit of the data, in order of preference (keys of eval.json).
 UNIT_METRIC = {"text": ("bits_per_char",), "music": ("bits_per_note",), "audio": ("nll_per_second",)}
-# train.* overrides that change how a run is executed or logged, not what it learns.
-NOT_VARIANT = ("train.resume", "train.device", "train.compile", "train.precision", "train.log_every",
-               "train.ckpt_every", "train.keep_ckpts")
 
 
 @dataclass
 class Run:
     path: Path
-    summary: dict
-    eval: dict | None
+    summary: Summary
+    eval: dict | None  # eval.json as written (flat keys), checked to describe this run
     metrics: list[dict]
-    depth: dict | None
 
     @property
-    def dataset(self) -> str:
-        """domain/source/tokenizer, plus the training setup when it is not the default (runs trained differently,
-        e.g. train=smoke against experiment=demo, are never pooled)."""
+    def dataset_key(self) -> tuple:
         s = self.summary
-        setup = [f"experiment={s['experiment']}"] if s.get("experiment") else []
-        if s.get("train_choice") not in (None, "default"):
-            setup.append(f"train={s['train_choice']}")
-        setup += sorted(o for o in s.get("overrides", []) if o.startswith("train.") and not o.startswith(NOT_VARIANT))
-        return f"{s['domain']}/{s['source']}/{s.get('tokenizer', '?')}" + (f" [{' '.join(setup)}]" if setup else "")
-
-    @property
-    def variant(self) -> str:
-        """The model choice (baseline, shortcut, baseline_matched) plus any model.* overrides."""
-        s = self.summary
-        extra = sorted(o.lstrip("+") for o in s.get("overrides", []) if o.lstrip("+").startswith("model."))
-        return " ".join([s.get("model_choice") or s["arch"], *extra])
+        return s.domain, s.source, s.tokenizer, s.data_hash, s.identity.setup_hash
 
     @property
     def seed(self) -> int:
-        return int(self.summary["seed"])
+        return int(self.summary.seed)
+
+    def value(self, key: str) -> float | None:
+        v = (self.eval or {}).get(key, getattr(self.summary, key, None))
+        return None if v is None else float(v)
 
 
 @dataclass
 class Row:
-    dataset: str
-    variant: str
+    dataset: str  # readable, unique among the table's datasets
+    key: tuple  # (dataset key, variant hash)
     runs: list[Run] = field(default_factory=list)
+    variant: str = ""  # readable, unique within its dataset
+
+    @property
+    def summary(self) -> Summary:
+        return self.runs[0].summary
 
     def values(self, key: str) -> dict[int, float]:
         """seed -> value of key, from eval.json (test_nll, bits_per_*) or summary.json (final_val_loss, ...)."""
-        out = {}
-        for r in self.runs:
-            v = (r.eval or {}).get(key, r.summary.get(key))
-            if v is not None:
-                out[r.seed] = float(v)
-        return out
+        return {r.seed: v for r in self.runs if (v := r.value(key)) is not None}
 
 
-def find_runs(patterns: str) -> tuple[list[Run], list[str]]:
-    """Run dirs (those with summary.json) under the comma-separated globs, and dirs that started but never finished."""
+# --- finding runs, refusing what does not hold together -------------------------------------------------------
+
+def find_runs(patterns: str) -> tuple[list[Run], list[str], list[str]]:
+    """Runs under the comma-separated globs, dirs that started but never finished, and refusals (old or stale
+    records, each naming its run)."""
     roots: set[Path] = set()
     for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
         pattern = os.path.expanduser(pattern)
         roots.update(Path(hit).resolve() for hit in glob.glob(pattern, recursive=True) if os.path.isdir(hit))
     # Walk each tree once: a root inside another root (what `runs/**` matches) is already covered.
     roots = {r for r in roots if not any(parent in roots for parent in r.parents)}
-    runs, incomplete = [], []
+    runs, incomplete, refused = [], [], []
     for root in sorted(roots):
         for d in [root, *sorted(root.glob("**/"))]:
-            if (d / "summary.json").is_file():
-                s = json.loads((d / "summary.json").read_text())
-                ev = d / "eval.json"
-                dj = d / "audit" / "depth.json"
-                metrics = MetricsLog.read(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
-                runs.append(Run(d, s, json.loads(ev.read_text()) if ev.is_file() else None, metrics,
-                                json.loads(dj.read_text()) if dj.is_file() else None))
-                if not s.get("finished", True):
-                    incomplete.append(f"{d} (stopped at step {s.get('step')} of {s.get('max_steps')})")
-            elif (d / "failed.txt").is_file():
-                incomplete.append(f"{d} (failed: {(d / 'failed.txt').read_text().strip()})")
-            elif (d / "ckpt").is_dir() or (d / "metrics.jsonl").is_file():
+            if rundir.is_run(d):
+                try:
+                    runs.append(read_run(d))
+                except UserError as exc:
+                    refused.append(str(exc))
+                    continue
+                if not runs[-1].summary.finished:
+                    s = runs[-1].summary
+                    incomplete.append(f"{d} (stopped at step {s.step} of {s.max_steps})")
+            elif (msg := rundir.failed_message(d)) is not None:
+                incomplete.append(f"{d} (failed: {msg})")
+            elif (d / rundir.CKPT).is_dir() or (d / rundir.METRICS).is_file():
                 incomplete.append(f"{d} (no summary.json: still running, failed or killed)")
-    return runs, incomplete
+    return runs, incomplete, refused
 
+
+def read_run(d: Path) -> Run:
+    summary = Summary.read(d)
+    record = EvalRecord.read(d)  # refuses another format
+    if record is not None and (why := record.stale_reason(summary)):
+        raise UserError(f"{d}/eval.json is stale: {why}; run `shortcut eval run_dir={d}` again")
+    metrics = MetricsLog.read(d / rundir.METRICS) if (d / rundir.METRICS).is_file() else []
+    return Run(d, summary, record.to_dict() if record else None, metrics)
+
+
+def _dedupe(row_runs: list[Run], policy: Duplicates, notes: list[str], where: str) -> list[Run]:
+    by_seed: dict[int, list[Run]] = {}
+    for r in row_runs:
+        by_seed.setdefault(r.seed, []).append(r)
+    dups = {s: rs for s, rs in by_seed.items() if len(rs) > 1}
+    if dups and policy == Duplicates.refuse:
+        listing = "; ".join(f"seed {s}: {', '.join(str(r.path) for r in rs)}" for s, rs in sorted(dups.items()))
+        raise UserError(f"{where} has more than one run of the same seed ({listing}); narrow runs=..., delete "
+                        f"the extra runs, or pass duplicates=newest to keep the run that finished last")
+    kept = []
+    for s, rs in sorted(by_seed.items()):
+        rs = sorted(rs, key=lambda r: (r.summary.finished_at, str(r.path)))
+        kept.append(rs[-1])
+        if len(rs) > 1:
+            notes.append(f"{where}, seed {s}: kept {rs[-1].path} (newest), left out "
+                         f"{', '.join(str(r.path) for r in rs[:-1])}")
+    return kept
+
+
+def _label_parts(label: str) -> list[str]:
+    return label.split()[1:]
+
+
+def build_rows(runs: list[Run], policy: Duplicates, notes: list[str]) -> list[Row]:
+    """Group runs into rows by identity; give datasets and variants readable labels that are unique."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.dataset_key, r.summary.identity.variant_hash), []).append(r)
+    datasets: dict[tuple, str] = {}
+    for dkey in sorted({k[0] for k in groups}):
+        s = next(r.summary for r in runs if r.dataset_key == dkey)
+        datasets[dkey] = f"{s.domain}/{s.source}/{s.tokenizer}" + (f" [{s.identity.setup_label}]"
+                                                                    if s.identity.setup_label else "")
+    _disambiguate(datasets, lambda k, n: f"data {k[3][:n]}, setup {k[4][:n]}")
+    rows = []
+    for dkey, name in sorted(datasets.items(), key=lambda kv: kv[1]):
+        ds_rows = [Row(name, key, runs) for key, runs in groups.items() if key[0] == dkey]
+        labels = {row.key: row.summary.identity.variant_label for row in ds_rows}
+        # Settings every row of the dataset shares say nothing about the difference: they go to its heading.
+        common = set.intersection(*(set(_label_parts(v)) for v in labels.values())) if len(ds_rows) > 1 else set()
+        labels = {k: " ".join([v.split()[0], *[p for p in _label_parts(v) if p not in common]])
+                  for k, v in labels.items()}
+        _disambiguate(labels, lambda k, n: f"#{k[1][:n]}")
+        if common:
+            for row in ds_rows:
+                row.dataset = f"{name} {{{' '.join(sorted(common))}}}"
+        for row in ds_rows:
+            row.variant = labels[row.key]
+            row.runs = _dedupe(row.runs, policy, notes, f"{row.dataset} / {row.variant}")
+        rows += ds_rows
+    return rows
+
+
+def _disambiguate(labels: dict, suffix) -> None:
+    """Different keys that share a readable label get a suffix from their key (a YAML edit, another corpus):
+    suffix(key, n) names the key with n characters of its hashes, n growing until the suffixes differ."""
+    seen: dict[str, list] = {}
+    for k, v in labels.items():
+        seen.setdefault(v, []).append(k)
+    for v, keys in seen.items():
+        if len(keys) > 1:
+            n = 6
+            while len({suffix(k, n) for k in keys}) < len(keys) and n < 64:
+                n += 2
+            for k in keys:
+                labels[k] = f"{v} ({suffix(k, n)})"
+
+
+# --- statistics -------------------------------------------------------------------------------------------------
 
 def delta(base: dict[int, float], other: dict[int, float]) -> dict:
     """other - base with a 95% CI and a p-value: paired over shared seeds if the seed sets match, else Welch."""
@@ -126,14 +201,160 @@ def delta(base: dict[int, float], other: dict[int, float]) -> dict:
     return {**result, "ci_low": float(ci.low), "ci_high": float(ci.high), "p_value": float(t.pvalue), "test": test}
 
 
-def val_at_flops(run: Run, flops: float) -> float | None:
-    """Validation loss interpolated (linearly) at a cumulative training-FLOP budget, from metrics.jsonl."""
-    pts = [(m["train_flops"], m["val_loss"]) for m in run.metrics if m.get("val_loss") is not None]
-    if not pts or flops < pts[0][0] or flops > pts[-1][0]:
+def _mean_std(values) -> tuple[float, float] | None:
+    v = [x for x in values if x is not None]
+    if not v:
         return None
-    x, y = zip(*pts)
-    return float(np.interp(flops, x, y))
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
 
+
+def _reference(row: Row, ds_rows: list[Row], baseline: str) -> Row | None:
+    """The baseline row a variant is measured against: the baseline with the same extra settings, else the plain
+    baseline."""
+    def is_base(r: Row) -> bool:
+        return r.variant.split()[0] == baseline or r.variant == baseline
+
+    extra = _label_parts(row.variant)
+    return (next((r for r in ds_rows if is_base(r) and _label_parts(r.variant) == extra), None)
+            or next((r for r in ds_rows if is_base(r) and not _label_parts(r.variant)), None))
+
+
+def _eval_settings(ds_rows: list[Row]) -> None:
+    """Test numbers of one dataset must come from one evaluation protocol."""
+    settings: dict[tuple, list[str]] = {}
+    for row in ds_rows:
+        for r in row.runs:
+            if r.eval:
+                key = (r.eval["split"], r.eval["stride"], r.eval["max_tokens"])
+                settings.setdefault(key, []).append(str(r.path))
+    if len(settings) > 1:
+        shown = "; ".join(f"split={k[0]} stride={k[1]} max_tokens={k[2]}: {', '.join(v[:2])}"
+                          + (f" (+{len(v) - 2})" if len(v) > 2 else "") for k, v in settings.items())
+        raise UserError(f"{ds_rows[0].dataset}: runs were evaluated with different settings ({shown}); "
+                        f"evaluate them again with the same eval.stride and eval.max_tokens")
+
+
+def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: list[str]) -> dict[tuple, dict]:
+    """Fit the ladder of baseline-architecture rows, then every other row's multiplier; draws loss vs compute."""
+    from shortcut import scaling
+
+    def points(row: Row) -> list[scaling.Point]:
+        return [scaling.Point(r.seed, r.summary.train_flops, v) for r in row.runs if (v := r.value(metric)) is not None]
+
+    ladder_rows = [r for r in ds_rows if r.summary.arch == "baseline"]
+    ladder = [p for row in ladder_rows for p in points(row)]
+    others = [r for r in ds_rows if r.summary.arch != "baseline"]
+    fit, out = None, {}
+    try:
+        fit = scaling.fit_power_law(ladder)
+    except UserError as exc:
+        notes.append(f"{ds_rows[0].dataset}: no compute multiplier: {exc}")
+    if fit is not None:
+        for row in others:
+            out[row.key] = scaling.compute_multiplier(ladder, points(row))
+    labels = {(f"{row.variant}: ×{out[row.key]['multiplier']:.2f}" if row.key in out else row.variant): points(row)
+              for row in others}
+    scaling.plot_loss_vs_compute(ladder, fit, labels, out_png, title=f"{ds_rows[0].dataset}: {metric} vs training "
+                                 f"compute; curve = baseline ladder fit")
+    return out
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+
+def compare(job: CompareJob) -> dict:
+    runs, incomplete, refused = find_runs(job.runs)
+    if refused:
+        raise UserError(f"{len(refused)} run(s) cannot be compared: " + "; ".join(refused[:5])
+                        + (f"; and {len(refused) - 5} more" if len(refused) > 5 else ""))
+    notes: list[str] = []
+    rows = build_rows(runs, job.duplicates, notes)
+    if job.variants:
+        wanted = set(job.variants)
+        rows = [r for r in rows if r.variant in wanted or r.variant.split()[0] in wanted]
+    if not rows:
+        raise UserError(f"no finished runs match runs={job.runs!r}"
+                        + (f" and variants {list(job.variants)}" if job.variants else "")
+                        + "; train some first (shortcut train ...) or point runs= at their directories")
+    out_dir = Path(job.results_root) / job.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datasets = sorted({r.dataset for r in rows})
+    table, pictures = [], []
+    for i, ds in enumerate(datasets):
+        ds_rows = sorted((r for r in rows if r.dataset == ds),
+                         key=lambda r: (r.variant.split()[0] != job.baseline, r.variant))
+        _eval_settings(ds_rows)
+        table += dataset_table(ds_rows, job, notes)
+        if job.compute_multiplier:
+            png = out_dir / ("loss_vs_compute.png" if len(datasets) == 1 else f"loss_vs_compute_{i}.png")
+            metric = table[-1]["metric"]
+            for key, m in compute_multipliers(ds_rows, metric, png, notes).items():
+                next(t for t in table if t["_key"] == key)["compute_multiplier"] = m
+            pictures.append(png)
+    md = render_markdown(table, notes, incomplete, job.compute_multiplier)
+    _write(out_dir / "table.md", md)
+    _write_csv(out_dir / "table.csv", table)
+    pictures += plot(table, rows, out_dir)
+    for t in table:
+        t.pop("_key")
+    summary = {"rows": table, "notes": notes, "incomplete": incomplete, "pictures": [str(p) for p in pictures]}
+    _write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    track(job, out_dir, table, pictures)
+    print(md)
+    for row in rows:
+        for p in sorted(r.path / rundir.AUDIT / "depth_profile.png" for r in row.runs):
+            if p.is_file():
+                print(f"depth audit picture ({row.dataset}, {row.variant}): {p}")
+                break
+    print(f"\nwrote {out_dir}/table.md, table.csv, summary.json and {len(pictures)} plot(s)")
+    return summary
+
+
+def dataset_table(ds_rows: list[Row], job: CompareJob, notes: list[str]) -> list[dict]:
+    ds = ds_rows[0].dataset
+    all_test = all(r.eval and r.eval.get("test_nll") is not None for row in ds_rows for r in row.runs)
+    metric = "test_nll" if all_test else "final_val_loss"
+    if not all_test:
+        notes.append(f"{ds}: not every run has a test evaluation (shortcut eval run_dir=...); Δ uses validation NLL")
+    unit_key = next((k for k in UNIT_METRIC.get(ds_rows[0].summary.domain, ()) if all(
+        r.eval and k in r.eval for row in ds_rows for r in row.runs)), None)
+    seed_sets = {row.variant: sorted(r.seed for r in row.runs) for row in ds_rows}
+    if len({tuple(s) for s in seed_sets.values()}) > 1:
+        notes.append(f"{ds}: rows have different seeds ({seed_sets}); missing runs make their test unpaired")
+    entries = []
+    for row in ds_rows:
+        ref = _reference(row, ds_rows, job.baseline)
+        s0 = row.summary
+        tok_s = [np.median([m["tokens_per_s"] for m in r.metrics if m.get("tokens_per_s")]) for r in row.runs
+                 if any(m.get("tokens_per_s") for m in r.metrics)]
+        entries.append({
+            "_key": row.key, "dataset": ds, "variant": row.variant, "arch": s0.arch,
+            "settings_hash": s0.identity.settings_hash, "params": s0.params,
+            "non_embedding_params": s0.non_embedding_params, "flops_per_token": s0.flops_per_token,
+            "train_flops": _mean_std(r.summary.train_flops for r in row.runs),
+            "steps": sorted({r.summary.step for r in row.runs}),
+            "tokens_per_s": float(np.mean(tok_s)) if tok_s else None, "seeds": sorted(r.seed for r in row.runs),
+            "n": len(row.runs), "val_nll": _mean_std(row.values("final_val_loss").values()),
+            "test_nll": _mean_std(row.values("test_nll").values()),
+            "eval_stride": next((r.eval["stride"] for r in row.runs if r.eval), None),
+            "mean_context": _mean_std(r.eval["mean_context"] for r in row.runs if r.eval),
+            "unit": unit_key, "unit_value": _mean_std(row.values(unit_key).values()) if unit_key else None,
+            "metric": metric, "reference": ref.variant if ref else None,
+            "delta": None if ref is None or ref is row else delta(ref.values(metric), row.values(metric)),
+            "compute_multiplier": None,
+            "mean_depth_profile": _depth(row),
+            "runs": [str(r.path) for r in row.runs],
+        })
+    return entries
+
+
+def _depth(row: Row) -> dict | None:
+    audits = [r.eval["audit"] for r in row.runs if r.eval and (r.eval.get("audit") or {}).get("mean_profile")]
+    if not audits:
+        return None
+    return {"taps": audits[0].get("taps"), "profile": np.mean([a["mean_profile"] for a in audits], axis=0).tolist()}
+
+
+# --- output ---------------------------------------------------------------------------------------------------
 
 def _fmt(mean_std: tuple[float, float] | None, digits: int = 4) -> str:
     if mean_std is None:
@@ -142,106 +363,25 @@ def _fmt(mean_std: tuple[float, float] | None, digits: int = 4) -> str:
     return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def _mean_std(values) -> tuple[float, float] | None:
-    v = [x for x in values if x is not None]
-    if not v:
-        return None
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+def _fmt_multiplier(m: dict | None) -> str:
+    if not m:
+        return "–"
+    f = lambda v: "∞" if v is not None and math.isinf(v) else "?" if v is None else f"{v:.2f}"  # noqa: E731
+    return f"×{f(m['multiplier'])} [{f(m['ci_low'])}, {f(m['ci_high'])}]" + (" (extrapolated)" if m["extrapolated"]
+                                                                             else "")
 
 
-def compare(job: CompareJob) -> dict:
-    runs, incomplete = find_runs(job.runs)
-    if job.variants:
-        wanted = set(job.variants)
-        runs = [r for r in runs if r.variant in wanted or r.variant.split()[0] in wanted]
-    if not runs:
-        raise UserError(f"no finished runs match runs={job.runs!r}"
-                        + (f" and variants {list(job.variants)}" if job.variants else "")
-                        + "; train some first (shortcut train ...) or point runs= at their directories")
-    rows: dict[tuple[str, str], Row] = {}
-    for r in runs:
-        rows.setdefault((r.dataset, r.variant), Row(r.dataset, r.variant)).runs.append(r)
-    datasets = sorted({r.dataset for r in runs})
-    for ds in datasets:
-        hashes = {r.summary["data_hash"] for r in runs if r.dataset == ds}
-        if len(hashes) > 1:
-            raise UserError(f"runs for {ds} were trained on different corpora (data hashes {sorted(hashes)}); "
-                            f"compare them separately (narrow runs=...)")
-    out_dir = Path(job.results_root) / job.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table, notes = [], []
-    for ds in datasets:
-        ds_rows = sorted((row for (d, _), row in rows.items() if d == ds), key=lambda r: (r.variant != job.baseline,
-                                                                                           r.variant))
-        budgets = [max((m["train_flops"] for m in r.metrics if m.get("val_loss") is not None), default=0)
-                   for row in ds_rows for r in row.runs]
-        budget = min(budgets) if budgets and min(budgets) > 0 else None
-        all_test = all(r.eval and r.eval.get("test_nll") is not None for row in ds_rows for r in row.runs)
-        metric = "test_nll" if all_test else "final_val_loss"
-        domain = ds.split("/")[0]  # the setup suffix follows the tokenizer
-        unit_key = next((k for k in UNIT_METRIC.get(domain, ()) if all(
-            r.eval and k in r.eval for row in ds_rows for r in row.runs)), None)
-        seed_sets = {row.variant: sorted(r.seed for r in row.runs) for row in ds_rows}
-        if len({tuple(s) for s in seed_sets.values()}) > 1:
-            notes.append(f"{ds}: rows have different seeds ({seed_sets}); missing runs make their test unpaired")
-        for row in ds_rows:
-            ref_name = _reference(row.variant, [r.variant for r in ds_rows], job.baseline)
-            ref = next((r for r in ds_rows if r.variant == ref_name), None)
-            s0 = row.runs[0].summary
-            tok_s = [np.median([m["tokens_per_s"] for m in r.metrics if m.get("tokens_per_s")]) for r in row.runs
-                     if any(m.get("tokens_per_s") for m in r.metrics)]
-            entry = {
-                "dataset": ds, "variant": row.variant, "arch": s0["arch"], "params": s0["params"],
-                "non_embedding_params": s0["non_embedding_params"], "flops_per_token": s0["flops_per_token"],
-                "tokens_per_s": float(np.mean(tok_s)) if tok_s else None, "seeds": sorted(row.values(metric)),
-                "n": len(row.runs), "val_nll": _mean_std(row.values("final_val_loss").values()),
-                "test_nll": _mean_std(row.values("test_nll").values()),
-                "unit": unit_key, "unit_value": _mean_std(row.values(unit_key).values()) if unit_key else None,
-                "metric": metric, "reference": ref_name,
-                "delta": None if ref is None or ref is row else delta(ref.values(metric), row.values(metric)),
-                "budget_flops": budget,
-                "val_at_budget": _mean_std([val_at_flops(r, budget) for r in row.runs]) if budget else None,
-                "mean_depth_profile": (np.mean([r.depth["mean_profile"] for r in row.runs if r.depth and
-                                                "mean_profile" in r.depth], axis=0).tolist()
-                                       if any(r.depth and "mean_profile" in r.depth for r in row.runs) else None),
-                "runs": [str(r.path) for r in row.runs],
-            }
-            table.append(entry)
-    md = render_markdown(table, notes, incomplete)
-    _write(out_dir / "table.md", md)
-    _write_csv(out_dir / "table.csv", table)
-    pictures = plot(table, runs, out_dir)
-    summary = {"rows": table, "notes": notes, "incomplete": incomplete, "pictures": [str(p) for p in pictures]}
-    _write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-    print(md)
-    for r in table:
-        for p in sorted(r2.path / "audit" / "depth_profile.png" for r2 in rows[(r["dataset"], r["variant"])].runs):
-            if p.is_file():
-                print(f"depth audit picture ({r['dataset']}, {r['variant']}): {p}")
-                break
-    print(f"\nwrote {out_dir}/table.md, table.csv, summary.json and {len(pictures)} plot(s)")
-    return summary
-
-
-def _reference(variant: str, names: list[str], baseline: str) -> str | None:
-    """The baseline row a variant is measured against: the baseline with the same extra overrides, else the
-    plain baseline."""
-    extra = variant.split()[1:]
-    same = " ".join([baseline, *extra])
-    return same if same in names else baseline if baseline in names else None
-
-
-def render_markdown(table: list[dict], notes: list[str], incomplete: list[str]) -> str:
+def render_markdown(table: list[dict], notes: list[str], incomplete: list[str], multiplier: bool) -> str:
     lines = []
     for ds in sorted({r["dataset"] for r in table}):
         rows = [r for r in table if r["dataset"] == ds]
-        unit, budget = rows[0]["unit"] or "per unit", rows[0]["budget_flops"]
+        unit = rows[0]["unit"] or "per unit"
         metric = "test" if rows[0]["metric"] == "test_nll" else "val"
-        at = f"{budget:.3g} FLOPs" if budget else "equal FLOPs"
+        extra_h, extra_a = (" compute multiplier [95% CI] |", "---:|") if multiplier else ("", "")
         lines += [f"### {ds}", "",
-                  f"| variant | params | FLOPs/token | tokens/s | seeds | val NLL | test NLL | {unit} "
-                  f"| Δ {metric} NLL vs baseline [95% CI] | p | test | val NLL @ {at} |",
-                  "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
+                  f"| variant | params | FLOPs/token | train FLOPs | tokens/s | seeds | val NLL | test NLL | {unit} "
+                  f"| Δ {metric} NLL vs baseline [95% CI] | p | test |{extra_h}",
+                  f"|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|{extra_a}"]
         for r in rows:
             d = r["delta"]
             if d is None:
@@ -252,12 +392,25 @@ def render_markdown(table: list[dict], notes: list[str], incomplete: list[str]) 
                 dtext = f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
                 ptext, ttext = f"{d['p_value']:.3g}", d["test"]
             tok_s = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"
-            lines.append(f"| {r['variant']} | {r['params']:,} | {r['flops_per_token']:.3g} | {tok_s} | "
-                         f"{','.join(map(str, r['seeds']))} | {_fmt(r['val_nll'])} | {_fmt(r['test_nll'])} | "
-                         f"{_fmt(r['unit_value'])} | {dtext} | {ptext} | {ttext} | {_fmt(r['val_at_budget'])} |")
+            mult = (f" {_fmt_multiplier(r['compute_multiplier']) if r['arch'] != 'baseline' else 'ladder'} |"
+                    if multiplier else "")
+            lines.append(f"| {r['variant']} | {r['params']:,} | {r['flops_per_token']:.3g} | "
+                         f"{r['train_flops'][0]:.3g} | {tok_s} | {','.join(map(str, r['seeds']))} | "
+                         f"{_fmt(r['val_nll'])} | {_fmt(r['test_nll'])} | {_fmt(r['unit_value'])} | {dtext} | "
+                         f"{ptext} | {ttext} |{mult}")
+        stride = rows[0]["eval_stride"]
+        if stride:
+            ctx = rows[0]["mean_context"]
+            lines += ["", f"Test NLL: sliding window, stride {stride}" + (f", mean context {ctx[0]:.0f} tokens"
+                                                                          if ctx else "") + "."]
         lines.append("")
     lines.append("NLL in nats/token, mean ± sample std over seeds. Δ < 0: lower NLL than the baseline row. "
-                 "The interval, not the sign, says whether a difference is real.")
+                 "The interval, not the sign, says whether a difference is real. Settings in {braces} are shared "
+                 "by every row of the dataset.")
+    if multiplier:
+        lines.append("Compute multiplier: baseline training FLOPs that reach the row's loss on the fitted baseline "
+                     "ladder (power law + constant), divided by the row's own; > 1 means the variant is worth more "
+                     "compute than it costs. Interval: bootstrap over seeds (narrow with 3 seeds: read it as a range).")
     lines += [f"- note: {n}" for n in notes]
     lines += [f"- incomplete run: {i}" for i in incomplete]
     return "\n".join(lines) + "\n"
@@ -269,30 +422,47 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+CSV_COLUMNS = ["dataset", "variant", "settings_hash", "params", "non_embedding_params", "flops_per_token",
+               "train_flops_mean", "tokens_per_s", "n", "seeds", "val_nll_mean", "val_nll_std", "test_nll_mean",
+               "test_nll_std", "unit", "unit_mean", "unit_std", "metric", "delta", "ci_low", "ci_high", "p_value",
+               "test", "compute_multiplier", "multiplier_ci_low", "multiplier_ci_high", "eval_stride"]
+
+
+def _csv_row(r: dict) -> dict:
+    d, m = r["delta"] or {}, r["compute_multiplier"] or {}
+    pair = lambda k: (r[k] or (None, None))  # noqa: E731
+    return {**{k: r[k] for k in ("dataset", "variant", "settings_hash", "params", "non_embedding_params",
+                                 "flops_per_token", "tokens_per_s", "n", "unit", "metric", "eval_stride")},
+            "seeds": " ".join(map(str, r["seeds"])), "train_flops_mean": pair("train_flops")[0],
+            "val_nll_mean": pair("val_nll")[0], "val_nll_std": pair("val_nll")[1],
+            "test_nll_mean": pair("test_nll")[0], "test_nll_std": pair("test_nll")[1],
+            "unit_mean": pair("unit_value")[0], "unit_std": pair("unit_value")[1],
+            "delta": d.get("delta"), "ci_low": d.get("ci_low"), "ci_high": d.get("ci_high"),
+            "p_value": d.get("p_value"), "test": d.get("test"), "compute_multiplier": m.get("multiplier"),
+            "multiplier_ci_low": m.get("ci_low"), "multiplier_ci_high": m.get("ci_high")}
+
+
 def _write_csv(path: Path, table: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    cols = ["dataset", "variant", "params", "non_embedding_params", "flops_per_token", "tokens_per_s", "n", "seeds",
-            "val_nll_mean", "val_nll_std", "test_nll_mean", "test_nll_std", "unit", "unit_mean", "unit_std",
-            "metric", "delta", "ci_low", "ci_high", "p_value", "test", "budget_flops", "val_at_budget_mean"]
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, cols)
+        w = csv.DictWriter(f, CSV_COLUMNS)
         w.writeheader()
         for r in table:
-            d = r["delta"] or {}
-            pair = lambda k: (r[k] or (None, None))  # noqa: E731
-            w.writerow({**{k: r[k] for k in ("dataset", "variant", "params", "non_embedding_params", "flops_per_token",
-                                              "tokens_per_s", "n", "unit", "metric", "budget_flops")},
-                        "seeds": " ".join(map(str, r["seeds"])),
-                        "val_nll_mean": pair("val_nll")[0], "val_nll_std": pair("val_nll")[1],
-                        "test_nll_mean": pair("test_nll")[0], "test_nll_std": pair("test_nll")[1],
-                        "unit_mean": pair("unit_value")[0], "unit_std": pair("unit_value")[1],
-                        "delta": d.get("delta"), "ci_low": d.get("ci_low"), "ci_high": d.get("ci_high"),
-                        "p_value": d.get("p_value"), "test": d.get("test"),
-                        "val_at_budget_mean": pair("val_at_budget")[0]})
+            w.writerow(_csv_row(r))
     tmp.replace(path)
 
 
-def plot(table: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
+def track(job: CompareJob, out_dir: Path, table: list[dict], pictures: list[Path]) -> None:
+    """The table as a wandb.Table and the plots as images, in a W&B run of its own (offline by default)."""
+    tracker = open_tracker(job.wandb, out_dir, name=f"compare-{job.name}", config={"runs": job.runs})
+    try:
+        tracker.table("compare", CSV_COLUMNS, [[_csv_row(r)[c] for c in CSV_COLUMNS] for r in table])
+        tracker.images({p.stem: p for p in pictures})
+    finally:
+        tracker.finish()
+
+
+def plot(table: list[dict], rows: list[Row], out_dir: Path) -> list[Path]:
     """Validation loss vs step and vs training FLOPs per dataset (a band over seeds), and mean depth profiles."""
     import matplotlib
 
@@ -300,28 +470,24 @@ def plot(table: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     pictures = []
-    by_key = {(r.dataset, r.variant): [] for r in runs}
-    for r in runs:
-        by_key[(r.dataset, r.variant)].append(r)
     for i, ds in enumerate(sorted({r["dataset"] for r in table})):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-        for (d, variant), group in sorted(by_key.items()):
-            if d != ds:
-                continue
+        for row in sorted((r for r in rows if r.dataset == ds), key=lambda r: r.variant):
             for ax, xkey in zip(axes, ("step", "train_flops")):
-                curves = [{m[xkey]: m["val_loss"] for m in r.metrics if m.get("val_loss") is not None} for r in group]
+                curves = [{m[xkey]: m["val_loss"] for m in r.metrics if m.get("val_loss") is not None}
+                          for r in row.runs]
                 xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
                 if not xs:
                     continue
                 ys = np.array([[c[x] for x in xs] for c in curves])
-                line, = ax.plot(xs, ys.mean(0), label=f"{variant} (n={len(group)})")
-                if len(group) > 1:
+                line, = ax.plot(xs, ys.mean(0), label=f"{row.variant} (n={len(row.runs)})")
+                if len(row.runs) > 1:
                     ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
         axes[0].set(xlabel="step", ylabel="validation NLL (nats/token)", title=f"{ds}: band = min..max over seeds")
         axes[1].set(xlabel="training FLOPs", ylabel="validation NLL (nats/token)", xscale="log",
-                    title=f"{ds}: at equal compute")
+                    title=f"{ds}: against training compute")
         axes[0].legend(fontsize=8)
-        pictures.append(out_dir / f"curves_{i}_{ds.replace('/', '_')}.png")
+        pictures.append(out_dir / f"curves_{i}.png")
         fig.savefig(pictures[-1], dpi=110)
         plt.close(fig)
         depth_rows = [r for r in table if r["dataset"] == ds and r["mean_depth_profile"]]
@@ -329,12 +495,13 @@ def plot(table: list[dict], runs: list[Run], out_dir: Path) -> list[Path]:
             fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
             width = 0.8 / len(depth_rows)
             for k, r in enumerate(depth_rows):
-                taps = next(run.depth["taps"] for run in by_key[(ds, r["variant"])] if run.depth and "taps" in run.depth)
-                ax.bar(np.arange(len(taps)) + k * width, r["mean_depth_profile"], width, label=r["variant"])
+                taps = r["mean_depth_profile"]["taps"] or list(range(len(r["mean_depth_profile"]["profile"])))
+                ax.bar(np.arange(len(taps)) + k * width, r["mean_depth_profile"]["profile"], width,
+                       label=r["variant"])
                 ax.set_xticks(np.arange(len(taps)) + 0.4 - width / 2, [f"h{t}" for t in taps])
             ax.set(xlabel="tap layer", ylabel="mean attention mass", title=f"{ds}: which depth tokens draw on")
             ax.legend(fontsize=8)
-            pictures.append(out_dir / f"depth_{i}_{ds.replace('/', '_')}.png")
+            pictures.append(out_dir / f"depth_{i}.png")
             fig.savefig(pictures[-1], dpi=110)
             plt.close(fig)
     return pictures

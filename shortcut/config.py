@@ -69,6 +69,11 @@ class AudioTokenizer(enum.StrEnum):
     encodec = "encodec"  # EnCodec 24 kHz codes (needs transformers and the hub weights)
 
 
+class Duplicates(enum.StrEnum):
+    refuse = "refuse"  # two runs of one (dataset, variant, seed): stop and list them
+    newest = "newest"  # keep the one that finished last
+
+
 class WandbMode(enum.StrEnum):
     off = "off"
     offline = "offline"
@@ -199,6 +204,14 @@ class AudioDomain:
                                     AudioTokenizer.encodec: 24000}[self.tokenizer]
 
 
+class AttnImpl(enum.StrEnum):
+    """How the shortcut's final layer computes its attention over (tap, position) pairs: the same function each time."""
+    auto = "auto"  # the fastest exact one for the device (never flex on CPU); see shortcut.model.resolve_attn_impl
+    masked = "masked"  # the readable reference: one attention under a boolean (T, K*T) mask
+    lse = "lse"  # one causal attention per tap (kernels skip the future half), merged exactly by log-sum-exp
+    flex = "flex"  # torch flex_attention with a block mask over the (T, K*T) layout; CUDA only
+
+
 @dataclass
 class ModelConfig:
     arch: Arch = Arch.baseline
@@ -215,6 +228,7 @@ class ModelConfig:
     feature_map: FeatureMap = FeatureMap.mlp
     feature_hidden: Optional[int] = None  # hidden width of the mlp feature map; None: n_embd // 2
     depth_embedding: bool = True  # learned e_l added to each tap's features
+    attn_impl: AttnImpl = AttnImpl.auto  # speed only: every choice computes the same function
     # --- parameter matching: grow this model until its parameter count matches another arch's ---
     match_params: Optional[Arch] = None  # e.g. arch=baseline match_params=shortcut
     match_by: MatchBy = MatchBy.width
@@ -230,6 +244,10 @@ class ModelConfig:
         _check(self.feature_hidden is None or self.feature_hidden >= 1, "model.feature_hidden", "must be at least 1")
         _check(self.match_params != self.arch, "model.match_params", "must name the other arch")
         self.tap_layers()  # validates taps
+        try:  # a plain string (Python callers, tests) becomes the enum
+            self.attn_impl = AttnImpl(self.attn_impl)
+        except ValueError:
+            raise ValueError(f"model.attn_impl: {self.attn_impl!r} is not one of {', '.join(AttnImpl)}") from None
 
     @property
     def d_mlp(self) -> int:
@@ -277,8 +295,14 @@ class TrainConfig:
     device: Device = Device.auto
     precision: Precision = Precision.auto
     compile: bool = False  # torch.compile (CUDA only)
+    # Compute-matched training: spend a fixed number of training FLOPs, with the run's own full warmup + cosine.
+    flops_budget: Optional[float] = None  # total training FLOPs; sets max_steps = budget / FLOPs per step
+    match_flops: Optional[str] = None  # a model choice (e.g. baseline): spend what it spends in max_steps steps
 
     def __post_init__(self) -> None:
+        _check(self.flops_budget is None or self.flops_budget > 0, "train.flops_budget", "must be positive")
+        _check(self.flops_budget is None or self.match_flops is None, "train.flops_budget",
+               "set train.flops_budget or train.match_flops, not both")
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_windows",
                     "ckpt_every", "keep_ckpts"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
@@ -303,6 +327,10 @@ class WandbConfig:
 class EvalConfig:
     split: str = "test"
     max_tokens: Optional[int] = None  # None: the whole split
+    # Sliding window: each window of block_size tokens scores only its last `stride` targets (the first window
+    # scores all), so every scored token after the first window has >= block_size - stride tokens of context.
+    # None: block_size // 2. stride = block_size gives non-overlapping windows (mean context ~ block_size / 2).
+    stride: Optional[int] = None
     batch_size: int = 16
     device: Device = Device.auto
     audit: bool = True  # depth audit (shortcut) and logit lens (both) under <run dir>/audit/
@@ -318,6 +346,7 @@ class EvalConfig:
         _check(self.split in ("train", "val", "test"), "eval.split", "must be train, val or test")
         _check(self.max_tokens is None or self.max_tokens >= 1, "eval.max_tokens", "must be at least 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be at least 1")
+        _check(self.stride is None or self.stride >= 1, "eval.stride", "must be at least 1")
 
 
 # --- one schema per command; conf/<command>.yaml fills them ---
@@ -354,6 +383,11 @@ class CompareJob:
     baseline: str = "baseline"  # the reference row's variant
     name: str = "compare"  # results go to <results_root>/<name>/
     results_root: str = "results"
+    duplicates: Duplicates = Duplicates.refuse
+    # Fit baseline loss vs training compute over a ladder of >= 3 baseline sizes (power law + constant) and report,
+    # per variant, the baseline compute that reaches its loss divided by its own compute, with a bootstrap interval.
+    compute_multiplier: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # the table and plots as a W&B run (offline default)
 
 
 def register_schemas() -> None:

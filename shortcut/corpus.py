@@ -1,7 +1,9 @@
 """The on-disk token corpus every domain prepares and training reads.
 
-<root>/<domain>/<source>/ holds train.bin, val.bin, test.bin (flat unsigned-integer token arrays) and meta.json.
+<root>/<domain>/<source>-<settings hash>/ holds train.bin, val.bin, test.bin (flat unsigned-integer token arrays) and meta.json.
 A corpus is written into a temporary folder and renamed into place, so a half-written one never looks complete.
+Each combination of domain settings (tokenizer, codebook size, split fractions, ...) gets its own folder, so two
+settings of one source never overwrite each other and a run can never train on a corpus its config does not describe.
 """
 
 from __future__ import annotations
@@ -22,8 +24,42 @@ META = "meta.json"
 FORMAT = 2  # bump when what prepare writes changes, so existing corpora are rebuilt rather than reused
 
 
-def corpus_dir(root: str | Path, domain: str, source: str) -> Path:
-    return Path(root) / domain / str(source)
+# Where a corpus' inputs live is not a setting of the corpus: the same files moved elsewhere make the same corpus.
+NOT_SETTINGS = ("files", "path")
+
+
+def settings_of(domain) -> dict:
+    """The domain settings that shape a corpus (a domain config dataclass, or its dict from a saved config)."""
+    items = domain.items() if isinstance(domain, dict) else vars(domain).items()
+    return json.loads(json.dumps({k: v for k, v in items if k not in NOT_SETTINGS}, sort_keys=True, default=str))
+
+
+def settings_hash(domain) -> str:
+    return hashlib.sha256(json.dumps(settings_of(domain), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def corpus_dir(root: str | Path, domain) -> Path:
+    """<root>/<domain>/<source>-<hash of the settings>: one folder per combination of settings."""
+    s = settings_of(domain)
+    return Path(root) / s["name"] / f"{s['source']}-{settings_hash(domain)}"
+
+
+def locate(root: str | Path, domain) -> Path:
+    """The prepared corpus for these domain settings, or a one-line error naming the corpora of the same source
+    that exist and the settings in which they differ."""
+    path = corpus_dir(root, domain)
+    if (path / META).is_file():
+        return path
+    want = settings_of(domain)
+    others = []
+    for meta_file in sorted(path.parent.glob(f"{want['source']}-*/{META}")):
+        have = json.loads(meta_file.read_text()).get("settings") or {}
+        differ = [f"domain.{k}={have.get(k)!r} (yours {v!r})" for k, v in sorted(want.items()) if have.get(k) != v]
+        others.append(f"{meta_file.parent} has {', '.join(differ[:4]) or 'other settings'}")
+    hint = (f"; prepared corpora of this source: {'; '.join(others[:3])}. Pass the same domain.* settings as to "
+            f"prepare" if others else " (run `shortcut prepare domain=...` with the same domain settings and "
+                                       "data.root first)")
+    raise UserError(f"no prepared corpus for these domain settings at {path}{hint}")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -1,7 +1,8 @@
 """Batches from a prepared corpus: random training windows chosen by (seed, step) alone, fixed validation windows.
 
-Because a batch depends only on (seed, step, micro-step), a resumed run sees exactly the batches an uninterrupted
-one would, and two runs with the same seed see the same data (which is what makes paired tests over seeds valid).
+Because a step's batch depends only on (seed, step), a resumed run sees exactly the batches an uninterrupted one
+would, two runs with the same seed see the same data (which is what makes paired tests over seeds valid), and
+splitting the step's batch into micro-batches (gradient accumulation) or over processes does not change it.
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ class TokenData:
         xy = torch.from_numpy(np.stack([np.asarray(data[s:s + T + 1], dtype=np.int64) for s in starts]))
         return xy[:, :-1], xy[:, 1:]
 
-    def train_batch(self, seed: int, step: int, micro: int, batch_size: int):
-        rng = np.random.default_rng([seed, step, micro])
-        starts = rng.integers(0, len(self.splits["train"]) - self.block_size, size=batch_size)
-        return self.windows("train", starts)
+    def step_starts(self, seed: int, step: int, n: int) -> np.ndarray:
+        """The n window starts of a step's whole batch."""
+        rng = np.random.default_rng([seed, step])
+        return rng.integers(0, len(self.splits["train"]) - self.block_size, size=n)
+
+    def train_batch(self, seed: int, step: int, batch_size: int, grad_accum: int = 1, micro: int = 0):
+        """Micro-batch `micro` (of grad_accum, batch_size windows each) of the step's batch."""
+        starts = self.step_starts(seed, step, batch_size * grad_accum)
+        return self.windows("train", starts[micro * batch_size:(micro + 1) * batch_size])
 
     def fixed_starts(self, split: str, n: int, length: int | None = None) -> np.ndarray:
         """n window starts spread evenly over the split: the same for every run, so losses compare."""

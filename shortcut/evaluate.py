@@ -1,12 +1,13 @@
 """`shortcut eval run_dir=DIR`: test NLL, perplexity and bits of a trained run, written to DIR/eval.json.
 
-The whole split is covered by non-overlapping windows of block_size tokens (the last one shorter), so every token
-is predicted once, from up to block_size - 1 tokens of context.
+The split is scored with a sliding window (eval.stride, default block_size/2), as published text8, WikiText-103 and
+MAESTRO numbers are: every token is predicted exactly once, and every token after the first window from at least
+block_size - stride tokens of context. eval.json records what it measured (checkpoint weights, corpus, settings), so
+a re-run over a sweep re-evaluates whatever changed and `shortcut compare` refuses a record that no longer matches.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import replace
@@ -15,115 +16,184 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shortcut import corpus
-from shortcut.config import EvalJob, ModelConfig, Precision, UserError
+from shortcut import corpus, rundir
+from shortcut.config import EvalConfig, EvalJob, ModelConfig, Precision, UserError, WandbConfig
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token
+from shortcut.rundir import Checkpoint, EvalRecord, Summary
 from shortcut.runtime import autocast, pick_device
-from shortcut.train import load_latest_checkpoint, write_json
 
 log = logging.getLogger(__name__)
 
 
-def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, TokenData, dict]:
+def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, TokenData, Checkpoint]:
     """The trained model (eval mode), its corpus and the checkpoint it came from."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run_dir={str(run_dir)!r} is not a directory")
-    state = load_latest_checkpoint(run_dir / "ckpt")
+    state = Checkpoint.latest(run_dir)
     if state is None:
         raise UserError(f"{run_dir} has no usable checkpoint in ckpt/ (train it first: shortcut train ...)")
-    mcfg = ModelConfig(**state["model_config"])
-    job = state["config"]
-    data = TokenData(corpus.corpus_dir(job["data"]["root"], job["domain"]["name"], job["domain"]["source"]),
-                     mcfg.block_size)
+    mcfg = ModelConfig(**state.model_config)
+    data_dir = Path(state.data_dir)
+    if not (data_dir / corpus.META).is_file():  # moved data root: where the saved settings put the corpus now
+        data_dir = corpus.corpus_dir(state.config["data"]["root"], state.config["domain"])
+    data = TokenData(data_dir, mcfg.block_size)
+    if state.data_hash != data.meta["content_hash"]:
+        raise UserError(f"the corpus at {data.path} changed since {run_dir} was trained (hash {state.data_hash} "
+                        f"then, {data.meta['content_hash']} now); prepare the original corpus again")
     model = GPT(mcfg)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.model)
     return model.to(device).eval(), data, state
 
 
-def nll_windows(n_tokens: int, block_size: int, max_tokens: int | None) -> list[tuple[int, int]]:
-    """(start, length) of non-overlapping windows predicting tokens 1..n-1 (at most max_tokens of them)."""
-    targets = n_tokens - 1 if max_tokens is None else min(n_tokens - 1, max_tokens)
-    return [(s, min(block_size, targets - s)) for s in range(0, targets, block_size)]
+def sliding_windows(n_tokens: int, block_size: int, stride: int, max_targets: int | None = None
+                    ) -> list[tuple[int, int, int]]:
+    """(start, length, first scored position) of the windows that score targets 1..n-1 (the first max_targets of
+    them) exactly once. The first window scores all its positions; each next one ends `stride` targets later and
+    scores only what is new, so its scored positions are >= length - stride (context >= length - stride + 1)."""
+    targets = n_tokens - 1 if max_targets is None else min(n_tokens - 1, max_targets)
+    T = min(block_size, targets)
+    windows, scored = [(0, T, 0)], T  # targets are token indices 1..scored so far
+    while scored < targets:
+        end = min(scored + stride, targets)
+        windows.append((end - T, T, scored - (end - T)))  # inputs end-T..end-1 predict targets end-T+1..end
+        scored = end
+    return windows
 
 
 @torch.no_grad()
-def split_nll(model: GPT, data: TokenData, split: str, max_tokens: int | None, batch_size: int, ctx) -> tuple[float, int]:
-    """Summed next-token NLL (nats) over a split and the number of tokens it covers."""
-    windows = nll_windows(len(data.splits[split]), data.block_size, max_tokens)
+def split_nll(model: GPT, data: TokenData, split: str, stride: int, max_tokens: int | None, batch_size: int,
+              ctx) -> tuple[float, int, float]:
+    """Summed next-token NLL (nats) over a split, the number of tokens scored, and their mean context length."""
+    windows = sliding_windows(len(data.splits[split]), data.block_size, stride, max_tokens)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    by_length: dict[int, list[int]] = {}
-    for start, length in windows:
-        by_length.setdefault(length, []).append(start)
-    for length, starts in by_length.items():
-        for i in range(0, len(starts), batch_size):
-            x, y = data.windows(split, starts[i:i + batch_size], length)
-            with ctx:
-                logits, _, _ = model(x.to(device))
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
-            count += y.numel()
-    return total, count
+    total, count, context = 0.0, 0, 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
+        x, y = data.windows(split, [s for s, _, _ in chunk], chunk[0][1])
+        with ctx:
+            logits, _, _ = model(x.to(device))
+        nll = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), reduction="none")  # (B, T)
+        pos = torch.arange(x.size(1), device=device)
+        keep = pos[None, :] >= torch.tensor([f for _, _, f in chunk], device=device)[:, None]  # (B, T)
+        total += nll[keep].sum().item()
+        count += int(keep.sum())
+        context += int(((pos + 1)[None, :] * keep).sum())  # a target at position i sees i + 1 tokens
+    return total, count, context / count
+
+
+def resolved_stride(cfg: EvalConfig, block_size: int, where: Path) -> int:
+    stride = cfg.stride or max(1, block_size // 2)
+    if stride > block_size:
+        raise UserError(f"eval.stride={stride} is longer than the run's model.block_size={block_size} ({where}); "
+                        f"use eval.stride={block_size} (non-overlapping windows) or less")
+    return stride
 
 
 def evaluate(job: EvalJob) -> dict:
-    """Evaluate run_dir; if it is not a run but a folder of runs (a sweep), every finished run under it, skipping
-    those whose eval.json already belongs to their latest checkpoint. Returns the result (or {run dir: result})."""
+    """Evaluate run_dir; if it is not a run but a folder of runs (a sweep), every finished run under it whose
+    eval.json does not already describe its final checkpoint with these settings. Returns the result (or
+    {run dir: result} for a folder)."""
     root = Path(job.run_dir)
-    if root.is_dir() and not (root / "ckpt").is_dir():
-        runs = sorted(p.parent for p in root.glob("**/summary.json") if (p.parent / "ckpt").is_dir())
-        if not runs:
-            raise UserError(f"{root} is neither a run dir (no ckpt/) nor a folder of finished runs")
-        results = {}
-        for run in runs:
-            done = run / "eval.json"
-            summary = json.loads((run / "summary.json").read_text())
-            previous = json.loads(done.read_text()) if done.is_file() else {}
-            if [previous.get(k) for k in ("step", "split", "max_tokens")] == [summary.get("step"), job.eval.split,
-                                                                              job.eval.max_tokens]:
+    if not (root.is_dir() and not (root / rundir.CKPT).is_dir()):
+        return evaluate_run(job)
+    runs = sorted(p.parent for p in root.glob(f"**/{rundir.SUMMARY}") if (p.parent / rundir.CKPT).is_dir())
+    if not runs:
+        raise UserError(f"{root} is neither a run dir (no ckpt/) nor a folder of finished runs")
+    results, problems = {}, []
+    for run in runs:
+        try:
+            why = needs_eval(run, job.eval)
+            if why is None:
                 log.info("%s: eval.json is up to date", run)
                 continue
+            log.info("%s: evaluating (%s)", run, why)
             results[str(run)] = evaluate_run(replace(job, run_dir=str(run)))
-        return results
-    return evaluate_run(job)
+        except UserError as exc:  # one bad run does not stop the others; all are named at the end
+            problems.append(str(exc))
+    if problems:
+        raise UserError(f"{len(problems)} of {len(runs)} run(s) could not be evaluated: " + "; ".join(problems))
+    return results
+
+
+def needs_eval(run: Path, cfg: EvalConfig) -> str | None:
+    """Why run's eval.json must be (re)computed with these settings, or None when it is current."""
+    summary = Summary.read(run)
+    try:
+        record = EvalRecord.read(run)
+    except UserError:
+        return "its eval.json is from another version"
+    if record is None:
+        return "no eval.json yet"
+    stale = record.stale_reason(summary)
+    if stale:
+        return stale
+    want = {"split": cfg.split, "stride": resolved_stride(cfg, summary.model["block_size"], run),
+            "max_tokens": cfg.max_tokens}
+    if record.settings() != want:
+        return f"it was measured with {record.settings()}, now {want}"
+    depth = rundir.read_depth(run)
+    if cfg.audit and (depth is None or depth.get("checkpoint_hash") != summary.checkpoint_hash):
+        return "its audit is missing or belongs to another checkpoint"
+    return None
 
 
 def evaluate_run(job: EvalJob) -> dict:
-    cfg = job.eval
+    cfg, run_dir = job.eval, Path(job.run_dir)
     device = pick_device(cfg.device)
-    model, data, state = load_run(Path(job.run_dir), device)
-    trained_on = state["data_hash"]
-    if trained_on != data.meta["content_hash"]:
-        raise UserError(f"the corpus at {data.path} changed since this run was trained (hash {trained_on} then, "
-                        f"{data.meta['content_hash']} now); prepare the original corpus again")
-    total, n = split_nll(model, data, cfg.split, cfg.max_tokens, cfg.batch_size, autocast(device, Precision.auto))
+    model, data, state = load_run(run_dir, device)
+    stride = resolved_stride(cfg, model.cfg.block_size, run_dir)
+    total, n, mean_context = split_nll(model, data, cfg.split, stride, cfg.max_tokens, cfg.batch_size,
+                                       autocast(device, Precision.auto))
     nll = total / n
-    result = {
-        "split": cfg.split, f"{cfg.split}_nll": nll, f"{cfg.split}_ppl": math.exp(nll),
-        "bits_per_token": nll / math.log(2), "n_tokens": n, "flops_per_token": flops_per_token(model.cfg)["forward"],
-        "step": int(state["step"]), "max_tokens": cfg.max_tokens, "checkpoint": state["path"],
-        "data_hash": data.meta["content_hash"],
-        "domain": data.meta["domain"], "source": data.meta["source"], "tokenizer": data.meta["tokenizer"],
-    }
-    # Per unit of the domain (character of text, note of music, second of audio): the split's tokens per unit
-    # times the per-token figure, which is exact for the whole split and an estimate under eval.max_tokens.
+    # Per unit of the domain (character of text, note of music, second of audio): total nats over the units the
+    # scored tokens cover (the split's units in proportion; exact for char-level text, where a token is a unit).
+    units = {}
+    split_tokens = data.meta["tokens"][cfg.split]
     for unit, counts in data.meta.get("units", {}).items():
         if counts.get(cfg.split):
-            tokens_per_unit = data.meta["tokens"][cfg.split] / counts[cfg.split]
-            result[f"nll_per_{unit}"] = nll * tokens_per_unit
-            result[f"bits_per_{unit}"] = result["bits_per_token"] * tokens_per_unit
+            covered = counts[cfg.split] * n / split_tokens
+            units[unit] = {"nll": total / covered, "bits": total / covered / math.log(2)}
+    record = EvalRecord(split=cfg.split, nll=nll, n_tokens=n, stride=stride, mean_context=mean_context,
+                        max_tokens=cfg.max_tokens, checkpoint_step=state.step, checkpoint_hash=state.weights_hash,
+                        checkpoint=state.path, data_hash=data.meta["content_hash"],
+                        flops_per_token=flops_per_token(model.cfg)["forward"], domain=data.meta["domain"],
+                        source=data.meta["source"], tokenizer=data.meta["tokenizer"], units=units)
+    audit_dir = run_dir / rundir.AUDIT
+    depth = rundir.read_depth(run_dir)
     if cfg.audit:
         from shortcut.audit import audit
 
-        depth = audit(model, data, Path(job.run_dir) / "audit", cfg)
-        result["audit"] = {k: depth[k] for k in ("mean_profile", "mean_depth", "spearman_depth_vs_loss", "pictures",
-                                                 "logit_lens_nll") if k in depth}
-    write_json(Path(job.run_dir) / "eval.json", result)
-    log.info("%s NLL %.4f nats/token, ppl %.3f, %.4f bits/token%s over %s tokens -> %s", cfg.split, nll,
-             math.exp(nll), result["bits_per_token"],
-             "".join(f", {v:.4f} {k.replace('_per_', '/')}" for k, v in result.items() if k.startswith("bits_per_")
-                     and k != "bits_per_token"), f"{n:,}",
-             Path(job.run_dir) / "eval.json")
+        summary = audit(model, data, audit_dir, cfg, checkpoint_hash=state.weights_hash)
+        record.audit = {k: summary[k] for k in ("taps", "mean_profile", "mean_depth", "spearman_depth_vs_loss",
+                                                "pictures", "logit_lens_nll") if k in summary}
+    elif depth is not None and depth.get("checkpoint_hash") != state.weights_hash:
+        import shutil
+
+        shutil.rmtree(audit_dir)  # an audit of another model must not sit beside this evaluation
+    record.write(run_dir)
+    result = record.to_dict()
+    track(run_dir, state, result)
+    log.info("%s NLL %.4f nats/token, ppl %.3f, %.4f bits/token%s over %s tokens (stride %d, mean context %.0f) -> %s",
+             cfg.split, nll, math.exp(nll), result["bits_per_token"],
+             "".join(f", {v['bits']:.4f} bits/{u}" for u, v in units.items()), f"{n:,}", stride, mean_context,
+             run_dir / rundir.EVAL)
     return result
 
+
+def track(run_dir: Path, state: Checkpoint, result: dict) -> None:
+    """Log the evaluation (scalars and audit pictures) to the run's own W&B run, when it tracks one."""
+    from shortcut.tracking import open_tracker
+
+    saved = state.config.get("wandb") or {}
+    tracker = open_tracker(WandbConfig(**saved), run_dir, name=run_dir.name, config=None)
+    try:
+        scalars = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k not in ("format", "step", "checkpoint_step")}
+        tracker.log(scalars, state.step)
+        tracker.summary(scalars)
+        pictures = (result.get("audit") or {}).get("pictures", [])
+        tracker.images({f"audit/{Path(p).stem}": Path(p) for p in pictures}, state.step)
+    finally:
+        tracker.finish()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shortcut.config import UserError, WandbConfig, WandbMode
 from shortcut.download import require_network
+from shortcut.rundir import WANDB_ID
 
 
 class MetricsLog:
@@ -47,15 +48,21 @@ class Tracker:
     def summary(self, values: dict) -> None:
         pass
 
+    def images(self, pictures: dict[str, Path], step: int | None = None) -> None:
+        pass
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
     def finish(self, failed: bool = False) -> None:
         pass
 
 
 class WandbTracker(Tracker):
-    def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict):
+    def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict | None):
         import wandb
 
-        id_file = run_dir / "wandb_id"  # the same W&B run continues across resumes
+        id_file = run_dir / WANDB_ID  # the same W&B run continues across resumes, and eval logs into it
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.run = wandb.init(mode=str(cfg.mode), dir=str(run_dir), project=cfg.project, entity=cfg.entity,
@@ -67,6 +74,17 @@ class WandbTracker(Tracker):
 
     def summary(self, values: dict) -> None:
         self.run.summary.update(values)
+
+    def images(self, pictures: dict[str, Path], step: int | None = None) -> None:
+        import wandb
+
+        if pictures:
+            self.run.log({k: wandb.Image(str(p)) for k, p in pictures.items() if Path(p).is_file()}, step=step)
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Table(columns=columns, data=rows)})
 
     def finish(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
@@ -81,7 +99,7 @@ def _has_wandb_key() -> bool:
         return False
 
 
-def open_tracker(cfg: WandbConfig, run_dir: Path, name: str, config: dict) -> Tracker:
+def open_tracker(cfg: WandbConfig, run_dir: Path, name: str, config: dict | None) -> Tracker:
     if cfg.mode == WandbMode.off:
         return Tracker()
     if cfg.mode == WandbMode.online:

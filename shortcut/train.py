@@ -1,8 +1,8 @@
 """`shortcut train`: the training loop, checkpoints and exact resume.
 
-The run dir holds config.yaml (resolved), metrics.jsonl, summary.json and ckpt/. A checkpoint holds everything the
-loop's future depends on (weights, optimizer, step, RNG); the learning rate and the batches are pure functions of
-the step, so a resumed run repeats an uninterrupted one exactly.
+The run dir (shortcut.rundir) holds config.yaml, metrics.jsonl, summary.json and ckpt/. A checkpoint holds
+everything the loop's future depends on (weights, optimizer, step, RNG); the learning rate and the batches are pure
+functions of the step, so a resumed run repeats an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -10,24 +10,25 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from shortcut import corpus
+from shortcut import corpus, rundir
 from shortcut.config import ModelConfig, TrainConfig, TrainJob, UserError
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token, match_params, param_counts
+from shortcut.rundir import Checkpoint, Summary
 from shortcut.runtime import autocast, make_optimizer, model_device, peak_flops, pick_device
 from shortcut.tracking import MetricsLog, open_tracker
 
 log = logging.getLogger(__name__)
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine from lr to min_lr at max_steps: a pure function of the step."""
@@ -46,12 +47,6 @@ def git_commit() -> str | None:
         return None
 
 
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
 def plain(obj) -> dict:
     """A config dataclass as JSON-ready dicts and strings (enums as their names)."""
     return json.loads(json.dumps(asdict(obj), default=str))
@@ -64,30 +59,80 @@ def resolve_model(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
     return match_params(replace(cfg, vocab_size=cfg.vocab_size or vocab_size))
 
 
-# --- checkpoints ---
-
-def save_checkpoint(ckpt_dir: Path, state: dict, keep: int) -> Path:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step_{state['step']:08d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
-        old.unlink()
-    return path
+@dataclass
+class Match:
+    """The configuration whose training FLOPs train.match_flops spends: its (unresolved) model and its max_steps."""
+    model: ModelConfig
+    max_steps: int
 
 
-def load_latest_checkpoint(ckpt_dir: Path) -> dict | None:
-    """The newest checkpoint that loads; a corrupt one is reported and the one before it used."""
-    for path in sorted(ckpt_dir.glob("step_*.pt"), reverse=True):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state["path"] = str(path)
-            return state
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, loudly
-            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path,
-                        type(exc).__name__, str(exc).splitlines()[0][:120] if str(exc) else "")
-    return None
+def effective_train(cfg: TrainConfig, mcfg: ModelConfig, vocab_size: int, match: Match | None) -> TrainConfig:
+    """The train config with max_steps set by a FLOP budget (train.flops_budget or train.match_flops)."""
+    per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size * flops_per_token(mcfg)["train"]
+    budget = cfg.flops_budget
+    if cfg.match_flops is not None:
+        if match is None:
+            raise UserError(f"train.match_flops={cfg.match_flops} needs the command line (shortcut train ...) to "
+                            f"compose model={cfg.match_flops}; or give train.flops_budget")
+        other = resolve_model(match.model, vocab_size)
+        budget = match.max_steps * cfg.batch_size * cfg.grad_accum * other.block_size * flops_per_token(other)["train"]
+    if budget is None:
+        return cfg
+    steps = int(budget // per_step)
+    if steps < 1:
+        raise UserError(f"train.flops_budget={budget:.3g} is less than one step of this model ({per_step:.3g} FLOPs)")
+    return replace(cfg, max_steps=steps)
+
+
+# --- resume or start over ---
+
+def resume_or_reset(job: TrainJob, run_dir: Path, data: TokenData) -> Checkpoint | None:
+    """The checkpoint to resume from, or None after clearing everything an earlier model left in run_dir."""
+    cfg = job.train
+    state = Checkpoint.latest(run_dir) if cfg.resume is not False else None
+    if cfg.resume and state is None:
+        raise UserError(f"train.resume=true but {run_dir / rundir.CKPT} has no usable checkpoint")
+    if state is None:
+        removed = rundir.reset(run_dir)
+        if removed:
+            log.info("fresh start in %s: removed %s", run_dir, ", ".join(removed))
+        return None
+    # Where the inputs came from does not matter once prepared; the corpus itself must be the same.
+    differ = _diff(state.config, plain(job), ignore={"train.resume", "wandb", "domain.files", "domain.path"}
+                   | {f"train.{k}" for k in rundir.EXECUTION_KEYS["train"]}
+                   | {f"model.{k}" for k in rundir.EXECUTION_KEYS["model"]})
+    if state.data_hash != data.meta["content_hash"]:
+        differ.append(f"the corpus at {data.path} (data hash {state.data_hash} then, {data.meta['content_hash']} now)")
+    if differ:
+        raise UserError(f"{run_dir} holds a run with other settings ({', '.join(differ[:5])}); choose another "
+                        f"hydra.run.dir or train.resume=false to start over there")
+    (run_dir / rundir.FAILED).unlink(missing_ok=True)
+    return state
+
+
+def _diff(a, b, ignore: set[str], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (ignoring the given keys and sub-trees)."""
+    if prefix.rstrip(".") in ignore:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b))
+                for k in _diff(a.get(key), b.get(key), ignore, f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def build(mcfg: ModelConfig, cfg: TrainConfig, seed: int, device: torch.device, state: Checkpoint | None):
+    """Model and optimizer, initialised from the seed or restored (with the RNG) from a checkpoint."""
+    torch.manual_seed(seed)
+    model = GPT(mcfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    if state is not None:
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        torch.set_rng_state(state.rng["cpu"])
+        if device.type == "cuda" and state.rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(state.rng["cuda"])
+        log.info("resumed from %s (step %d)", state.path, state.step)
+    return model, optimizer
 
 
 # --- the loop ---
@@ -108,160 +153,176 @@ def evaluate_windows(model, data: TokenData, split: str, starts, batch_size: int
     return total / count
 
 
-def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, labels: dict | None = None) -> dict:
-    """Train (or resume, or skip a finished run) in run_dir. labels (the CLI's config choices and overrides) go
-    into summary.json so `shortcut compare` can name the variant."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = job.train
-    data_dir = corpus.corpus_dir(job.data.root, job.domain.name, job.domain.source)
+@dataclass
+class Loop:
+    """What the loop needs besides the model: the data, the schedule, where to write, and its running totals."""
+    job: TrainJob
+    cfg: TrainConfig  # effective (max_steps from a FLOP budget)
+    run_dir: Path
+    data: TokenData
+    device: torch.device
+    flops: dict
+    peak: float | None
+    step: int = 0
+    best: float = math.inf
+    last_val: float | None = None
+    train_time: float = 0.0
+    prior_wall: float = 0.0
+    weights_hash: str = ""  # of the newest checkpoint
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.data.block_size
+
+
+def train_step(loop: Loop, model, fwd_model, optimizer, ctx) -> float:
+    """One optimizer step over grad_accum micro-batches of the step's batch; returns the mean training loss."""
+    cfg = loop.cfg
+    lr = lr_at(loop.step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=loop.device)
+    for micro in range(cfg.grad_accum):
+        x, y = loop.data.train_batch(loop.job.seed, loop.step, cfg.batch_size, cfg.grad_accum, micro)
+        x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
+        with ctx:
+            _, loss, _ = fwd_model(x, y)
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    train_loss = float(loss_sum) / cfg.grad_accum
+    if not math.isfinite(train_loss):
+        latest = Checkpoint.paths(loop.run_dir)
+        raise UserError(f"training loss became {train_loss} at step {loop.step + 1}; stopped. The last good "
+                        f"checkpoint is {latest[-1] if latest else 'none (none was written yet)'}; try a lower train.lr")
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loop.step += 1
+    return train_loss
+
+
+def run_loop(loop: Loop, model, optimizer, metrics: MetricsLog, tracker, ctx, session_start: float) -> float | None:
+    """Train from loop.step to max_steps: log, validate and checkpoint on their intervals. Returns the last loss."""
+    cfg, job = loop.cfg, loop.job
+    fwd_model = torch.compile(model) if cfg.compile and loop.device.type == "cuda" else model
+    val_starts = loop.data.fixed_starts("val", cfg.eval_windows)
+    bar = tqdm(total=cfg.max_steps, initial=loop.step, desc=f"train {model.cfg.arch}", unit="step",
+               dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 15)  # logs of sweeps stay readable
+    t0, interval_tokens, train_loss = time.perf_counter(), 0, None
+    while loop.step < cfg.max_steps:
+        train_loss = train_step(loop, model, fwd_model, optimizer, ctx)
+        step = loop.step
+        interval_tokens += loop.tokens_per_step
+        bar.update(1)
+        if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
+            if loop.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            loop.train_time += elapsed
+            val_loss = None
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                val_loss = loop.last_val = evaluate_windows(model, loop.data, "val", val_starts, cfg.batch_size, ctx)
+                loop.best = min(loop.best, val_loss)
+            tok_s = interval_tokens / elapsed if elapsed > 0 else None
+            row = {"step": step, "tokens": step * loop.tokens_per_step,
+                   "train_flops": step * loop.tokens_per_step * loop.flops["train"], "train_loss": train_loss,
+                   "val_loss": val_loss, "lr": lr_at(step - 1, cfg), "tokens_per_s": tok_s,
+                   "mfu": tok_s * loop.flops["train"] / loop.peak if loop.peak and tok_s else None}
+            metrics.append(row)
+            tracker.log(row, step)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}" if tok_s else "-",
+                            **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+            t0, interval_tokens = time.perf_counter(), 0  # validation time stays out of tokens/s
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            ckpt = checkpoint(loop, model, optimizer, train_loss, session_start)
+            ckpt.save(loop.run_dir / rundir.CKPT, cfg.keep_ckpts)
+            loop.weights_hash = ckpt.weights_hash
+    bar.close()
+    return train_loss
+
+
+def checkpoint(loop: Loop, model, optimizer, train_loss: float, session_start: float) -> Checkpoint:
+    return Checkpoint(
+        step=loop.step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+        rng={"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if loop.device.type == "cuda" else None},
+        best_val_loss=loop.best, last_val_loss=loop.last_val, train_loss=train_loss, train_time=loop.train_time,
+        wall_time=loop.prior_wall + time.perf_counter() - session_start, config=plain(loop.job),
+        model_config=plain(model.cfg), data_hash=loop.data.meta["content_hash"], data_dir=str(loop.data.path))
+
+
+# --- the command ---
+
+def open_corpus(job: TrainJob) -> TokenData:
+    data_dir = corpus.locate(job.data.root, job.domain)
     data = TokenData(data_dir, job.model.block_size)
     if data.meta["tokenizer"] != str(job.domain.tokenizer):
         raise UserError(f"the corpus at {data_dir} was prepared with tokenizer={data.meta.get('tokenizer')}, not "
                         f"domain.tokenizer={job.domain.tokenizer}; prepare it again with this tokenizer")
+    return data
+
+
+def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, reference: TrainJob | None = None,
+          choices: dict | None = None, match: Match | None = None) -> Summary:
+    """Train (or resume, or skip a finished run) in run_dir.
+
+    reference: the same config choices composed without command-line values (the CLI gives it), from which the
+    run's readable label is the difference; choices: {"model", "train", "experiment"} config names; match: what
+    train.match_flops names."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = open_corpus(job)
     mcfg = resolve_model(job.model, data.vocab_size)
+    cfg = effective_train(job.train, mcfg, data.vocab_size, match)
+    state = resume_or_reset(job, run_dir, data)
+    if state is not None and state.step >= cfg.max_steps and (run_dir / rundir.SUMMARY).is_file():
+        log.info("%s already finished (step %d of %d); nothing to train", run_dir, state.step, cfg.max_steps)
+        return Summary.read(run_dir)
     device = pick_device(cfg.device)
-    ctx = autocast(device, cfg.precision)
-
-    ckpt_dir = run_dir / "ckpt"
-    state = None
-    if cfg.resume is not False:
-        state = load_latest_checkpoint(ckpt_dir)
-        if cfg.resume and state is None:
-            raise UserError(f"train.resume=true but {ckpt_dir} has no usable checkpoint")
-    job_dict = plain(job)
-    if state is not None:
-        saved = state["config"]
-        # Where the inputs came from does not matter once prepared; the corpus itself must be the same.
-        differ = sorted(_diff(saved, job_dict, ignore={"train.resume", "wandb", "domain.files", "domain.path"}))
-        if state["data_hash"] != data.meta["content_hash"]:
-            differ.append(f"the corpus at {data_dir} (data hash {state['data_hash']} then, "
-                          f"{data.meta['content_hash']} now)")
-        if differ:
-            raise UserError(f"{run_dir} holds a run with other settings ({', '.join(differ[:5])}); choose another "
-                            f"hydra.run.dir or train.resume=false to start over there")
-        if int(state["step"]) >= cfg.max_steps and (run_dir / "summary.json").is_file():
-            log.info("%s already finished (step %d of %d); nothing to train", run_dir, state["step"], cfg.max_steps)
-            return json.loads((run_dir / "summary.json").read_text())
-    elif ckpt_dir.exists():
-        for old in ckpt_dir.glob("step_*.pt"):
-            old.unlink()  # train.resume=false: start over
-
-    torch.manual_seed(job.seed)
-    model = GPT(mcfg).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        step = int(state["step"])
-        log.info("resumed from %s (step %d)", state["path"], step)
-    fwd_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-
+    model, optimizer = build(mcfg, cfg, job.seed, device, state)
     if resolved_yaml is not None:
-        (run_dir / "config.yaml").write_text(resolved_yaml)
+        (run_dir / rundir.CONFIG).write_text(resolved_yaml)
+    loop = Loop(job, cfg, run_dir, data, device, flops_per_token(mcfg), peak_flops(device))
+    if state is not None:
+        loop.step, loop.best, loop.last_val = state.step, state.best_val_loss, state.last_val_loss
+        loop.train_time, loop.prior_wall, loop.weights_hash = state.train_time, state.wall_time, state.weights_hash
     counts = param_counts(mcfg)
-    flops = flops_per_token(mcfg)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size
-    peak = peak_flops(device)
-    summary = {
-        "domain": job.domain.name, "source": str(job.domain.source), "tokenizer": data.meta.get("tokenizer"),
-        "arch": str(mcfg.arch), "model": plain(mcfg), **counts,
-        "flops_per_token": flops["forward"], "train_flops_per_token": flops["train"], "seed": job.seed,
-        "data_hash": data.meta["content_hash"], "data_dir": str(data_dir), "git_commit": git_commit(),
-        "device": str(device), "max_steps": cfg.max_steps, "model_choice": str(job.model.arch), "overrides": [],
-        **(labels or {}),
-    }
-    log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, taps %s", mcfg.arch, f"{counts['params']:,}",
-             f"{counts['non_embedding_params']:,}", flops["forward"],
+    log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, %d steps, taps %s", mcfg.arch,
+             f"{counts['params']:,}", f"{counts['non_embedding_params']:,}", loop.flops["forward"], cfg.max_steps,
              mcfg.tap_layers() if mcfg.arch == "shortcut" else "-")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
-    val_starts = data.fixed_starts("val", cfg.eval_windows)
-    tracker = open_tracker(job.wandb, run_dir, name=run_dir.name, config=job_dict)
-    best = state["best_val_loss"] if state else float("inf")
-    last_val = state.get("last_val_loss") if state else None
-    prior_wall, train_time = (float(state["wall_time"]), float(state["train_time"])) if state else (0.0, 0.0)
-    session_start = time.perf_counter()
-    failed = True
+    metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=loop.step)
+    tracker = open_tracker(job.wandb, run_dir, name=run_dir.name, config=plain(job))
+    session_start, failed = time.perf_counter(), True
     try:
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {mcfg.arch}", unit="step", dynamic_ncols=True,
-                   mininterval=0.2 if sys.stderr.isatty() else 15)  # logs of sweeps stay readable
-        t0, interval_tokens = time.perf_counter(), 0
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = data.train_batch(job.seed, step, micro, cfg.batch_size)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with ctx:
-                    _, loss, _ = fwd_model(x, y)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()
-            train_loss = float(loss_sum) / cfg.grad_accum
-            if not math.isfinite(train_loss):
-                latest = sorted(ckpt_dir.glob("step_*.pt"))
-                raise UserError(f"training loss became {train_loss} at step {step + 1}; stopped. The last good "
-                                f"checkpoint is {latest[-1] if latest else 'none (none was written yet)'}; "
-                                f"try a lower train.lr")
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            interval_tokens += tokens_per_step
-            bar.update(1)
-            val_loss = None
-            if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - t0
-                train_time += elapsed
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    val_loss = last_val = evaluate_windows(model, data, "val", val_starts, cfg.batch_size, ctx)
-                    best = min(best, val_loss)
-                tok_s = interval_tokens / elapsed if elapsed > 0 else None
-                row = {"step": step, "tokens": step * tokens_per_step,
-                       "train_flops": step * tokens_per_step * flops["train"], "train_loss": train_loss,
-                       "val_loss": val_loss, "lr": lr, "tokens_per_s": tok_s,
-                       "mfu": tok_s * flops["train"] / peak if peak and tok_s else None}
-                metrics.append(row)
-                tracker.log(row, step)
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}" if tok_s else "-",
-                                **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-                t0, interval_tokens = time.perf_counter(), 0  # validation time stays out of tokens/s
-            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-                save_checkpoint(ckpt_dir, {
-                    "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "rng_cpu": torch.get_rng_state(),
-                    **({"rng_cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
-                    "best_val_loss": best, "last_val_loss": last_val, "train_time": train_time,
-                    "wall_time": prior_wall + time.perf_counter() - session_start,
-                    "config": job_dict,
-                    "model_config": summary["model"], "train_loss": train_loss, "data_hash": summary["data_hash"],
-                }, cfg.keep_ckpts)
-        bar.close()
-        summary.update({"step": step, "final_val_loss": last_val, "best_val_loss": best if best < float("inf") else None,
-                        "train_time_s": train_time, "wall_time_s": prior_wall + time.perf_counter() - session_start,
-                        "finished": step >= cfg.max_steps})
-        write_json(run_dir / "summary.json", summary)
-        tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-        log.info("done: step %d, val loss %s, run dir %s", step, f"{last_val:.4f}" if last_val else "-", run_dir)
+        run_loop(loop, model, optimizer, metrics, tracker, autocast(device, cfg.precision), session_start)
+        summary = summarise(job, loop, mcfg, counts, reference, choices, session_start)
+        summary.write(run_dir)
+        tracker.summary({k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float, str))})
+        log.info("done: step %d, val loss %s, run dir %s", loop.step,
+                 f"{loop.last_val:.4f}" if loop.last_val is not None else "-", run_dir)
         failed = False
         return summary
     finally:
         tracker.finish(failed=failed)
 
 
-def _diff(a, b, ignore: set[str], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts (ignoring the given keys and sub-trees)."""
-    if prefix.rstrip(".") in ignore:
-        return []
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b))
-                for k in _diff(a.get(key), b.get(key), ignore, f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+def summarise(job: TrainJob, loop: Loop, mcfg: ModelConfig, counts: dict, reference: TrainJob | None,
+              choices: dict | None, session_start: float) -> Summary:
+    """summary.json: what was trained (identity, sizes, FLOPs), on what, and how it ended."""
+    if reference is None:  # called without the CLI: the defaults are the dataclasses'
+        reference = TrainJob(domain=job.domain, model=ModelConfig(arch=job.model.arch, match_params=job.model.match_params,
+                                                                  match_by=job.model.match_by))
+    identity = rundir.identify(plain(job.model), plain(mcfg), plain(job.train),
+                               {"model": plain(reference.model), "train": plain(reference.train)}, choices or {})
+    return Summary(
+        identity=identity, domain=job.domain.name, source=str(job.domain.source), tokenizer=loop.data.meta["tokenizer"],
+        arch=str(mcfg.arch), model=plain(mcfg), train=plain(loop.cfg), seed=job.seed, **counts,
+        flops_per_token=loop.flops["forward"], train_flops_per_token=loop.flops["train"],
+        tokens_per_step=loop.tokens_per_step, max_steps=loop.cfg.max_steps, data_hash=loop.data.meta["content_hash"],
+        data_dir=str(loop.data.path), git_commit=git_commit(), device=str(loop.device), step=loop.step,
+        train_flops=float(loop.step * loop.tokens_per_step * loop.flops["train"]), final_val_loss=loop.last_val,
+        best_val_loss=loop.best if loop.best < math.inf else None, train_time_s=loop.train_time,
+        wall_time_s=loop.prior_wall + time.perf_counter() - session_start, finished=loop.step >= loop.cfg.max_steps,
+        checkpoint_hash=loop.weights_hash, finished_at=rundir.now(),
+        peak_flops=loop.peak, peak_flops_source="table" if loop.peak else None)

@@ -1,5 +1,5 @@
-"""compare on run directories the tests write with known numbers: statistics against scipy, equal-compute
-interpolation, refusals, and the `baseline vs shortcut` form."""
+"""compare on run directories the tests write with known numbers (through shortcut.rundir, as train and eval do):
+statistics against scipy, rows by identity, refusals of duplicates and stale records, the compute multiplier."""
 
 import json
 import subprocess
@@ -9,27 +9,39 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from shortcut import rundir
 from shortcut.cli import compose
 from shortcut.compare import compare, delta, find_runs
 from shortcut.config import UserError
+from shortcut.rundir import EvalRecord, Identity, Summary
 
 BASE_TEST = {0: 1.50, 1: 1.53, 2: 1.49}
 SC_TEST = {0: 1.45, 1: 1.50, 2: 1.46}
 
 
-def fake_run(root, name, arch, seed, test_nll, data_hash="abc", domain="text", flops_per_step=100.0,
-             val_curve=(3.0, 2.0, 1.6), overrides=(), finished=True):
+def fake_run(root, name, arch, seed, test_nll, data_hash="abc", domain="text", train_flops=3000.0,
+             val_curve=(3.0, 2.0, 1.6), label=None, variant_hash=None, setup_label="", setup_hash="s0",
+             finished_at="2026-01-01T00:00:00", stride=16, evaluated=True, params=None):
+    """A finished run dir as train and eval write it; the identity is given (train computes it)."""
     d = root / name
     d.mkdir(parents=True)
-    summary = {"domain": domain, "source": "files", "tokenizer": "char", "arch": arch, "model_choice": arch,
-               "overrides": list(overrides) + [f"seed={seed}"], "seed": seed, "params": 1000 if arch == "baseline" else 1100,
-               "non_embedding_params": 900, "flops_per_token": 10.0, "data_hash": data_hash,
-               "final_val_loss": val_curve[-1], "finished": finished, "step": 30, "max_steps": 30}
-    (d / "summary.json").write_text(json.dumps(summary))
-    rows = [{"step": 10 * (i + 1), "train_flops": flops_per_step * 10 * (i + 1), "val_loss": v, "tokens_per_s": 500.0}
-            for i, v in enumerate(val_curve)]
+    label = label or arch
+    identity = Identity(setup_hash=setup_hash, variant_hash=variant_hash or f"h-{label}", variant_label=label,
+                        setup_label=setup_label, model_choice=label.split()[0])
+    Summary(identity=identity, domain=domain, source="files", tokenizer="char", arch=arch, model={}, train={},
+            seed=seed, params=params or (1000 if arch == "baseline" else 1100), non_embedding_params=900,
+            flops_per_token=10, train_flops_per_token=30, tokens_per_step=10, max_steps=30, data_hash=data_hash,
+            data_dir="data", git_commit=None, device="cpu", step=30, train_flops=train_flops,
+            final_val_loss=val_curve[-1], best_val_loss=min(val_curve), train_time_s=1.0, wall_time_s=1.0,
+            finished=True, checkpoint_hash=f"w-{name}", finished_at=finished_at).write(d)
+    rows = [{"step": 10 * (i + 1), "train_flops": train_flops * (i + 1) / len(val_curve), "val_loss": v,
+             "tokens_per_s": 500.0} for i, v in enumerate(val_curve)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "eval.json").write_text(json.dumps({"test_nll": test_nll, "bits_per_char": test_nll / np.log(2)}))
+    if evaluated:
+        EvalRecord(split="test", nll=test_nll, n_tokens=1000, stride=stride, mean_context=24.0, max_tokens=None,
+                   checkpoint_step=30, checkpoint_hash=f"w-{name}", checkpoint="ckpt/step_00000030.pt",
+                   data_hash=data_hash, flops_per_token=10, domain=domain, source="files", tokenizer="char",
+                   units={"char": {"nll": test_nll, "bits": test_nll / np.log(2)}}).write(d)
     return d
 
 
@@ -37,19 +49,23 @@ def fake_run(root, name, arch, seed, test_nll, data_hash="abc", domain="text", f
 def runs(tmp_path):
     for s in range(3):
         fake_run(tmp_path / "runs", f"b{s}", "baseline", s, BASE_TEST[s], val_curve=(3.0, 2.0, 1.6 + s / 100))
-        fake_run(tmp_path / "runs", f"s{s}", "shortcut", s, SC_TEST[s], flops_per_step=200.0,
+        fake_run(tmp_path / "runs", f"s{s}", "shortcut", s, SC_TEST[s], train_flops=6000.0,
                  val_curve=(2.9, 1.9, 1.5 + s / 100))
     return tmp_path
 
 
 def job(tmp_path, *overrides):
-    return compose("compare", [f"runs={tmp_path / 'runs'}", f"results_root={tmp_path / 'results'}", *overrides])
+    return compose("compare", [f"runs={tmp_path / 'runs'}", f"results_root={tmp_path / 'results'}", "wandb=off",
+                               *overrides])
+
+
+def rows_of(summary):
+    return {r["variant"]: r for r in summary["rows"]}
 
 
 def test_table_statistics_match_scipy(runs):
     summary = compare(job(runs))
-    rows = {r["variant"]: r for r in summary["rows"]}
-    b, s = rows["baseline"], rows["shortcut"]
+    b, s = rows_of(summary)["baseline"], rows_of(summary)["shortcut"]
     assert b["test_nll"][0] == pytest.approx(np.mean(list(BASE_TEST.values())))
     assert b["test_nll"][1] == pytest.approx(np.std(list(BASE_TEST.values()), ddof=1))
     d = s["delta"]
@@ -59,11 +75,12 @@ def test_table_statistics_match_scipy(runs):
     half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
     assert (d["ci_low"], d["ci_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
     assert s["unit"] == "bits_per_char" and b["delta"] is None
+    assert s["train_flops"][0] == 6000.0 and b["train_flops"][0] == 3000.0
     for f in ("table.md", "table.csv", "summary.json"):
         assert (runs / "results" / "compare" / f).is_file()
     assert any("curves" in p for p in summary["pictures"])
     md = (runs / "results" / "compare" / "table.md").read_text()
-    assert "paired t over 3 seeds" in md and "(reference)" in md
+    assert "paired t over 3 seeds" in md and "(reference)" in md and "stride 16" in md
 
 
 def test_unpaired_rows_use_welch():
@@ -74,55 +91,132 @@ def test_unpaired_rows_use_welch():
     assert delta({0: 1.0}, {0: 0.9})["ci_low"] is None  # one seed: no interval, and the table says so
 
 
-def test_equal_compute_interpolation(runs):
-    summary = compare(job(runs))
-    rows = {r["variant"]: r for r in summary["rows"]}
-    # the baseline reaches 3000 FLOPs, the shortcut 6000: compare both at 3000, where the shortcut is at step 15
-    assert rows["baseline"]["budget_flops"] == 3000
-    assert rows["baseline"]["val_at_budget"][0] == pytest.approx(np.mean([1.60, 1.61, 1.62]))
-    assert rows["shortcut"]["val_at_budget"][0] == pytest.approx((2.9 + 1.9) / 2)
-
-
-def test_refuses_mixed_data_and_empty_selection(runs, tmp_path):
-    fake_run(tmp_path / "runs", "odd", "baseline", 7, 1.5, data_hash="other")
-    with pytest.raises(UserError, match="different corpora"):
+def test_duplicate_seeds_are_refused_or_the_newest_kept(runs, tmp_path):
+    """Defect 2: a fourth baseline run of seed 1 used to overwrite another in the row (n=4, statistics over 3)."""
+    fake_run(tmp_path / "runs", "b1-again", "baseline", 1, 1.70, finished_at="2026-02-01T00:00:00")
+    with pytest.raises(UserError, match=r"seed 1: .*b1.*b1-again.*duplicates=newest"):
         compare(job(runs))
+    summary = compare(job(runs, "duplicates=newest"))
+    b = rows_of(summary)["baseline"]
+    assert b["n"] == 3 and b["seeds"] == [0, 1, 2] and any("b1-again" in r for r in b["runs"])
+    assert b["test_nll"][0] == pytest.approx(np.mean([1.50, 1.70, 1.49]))
+    # and the paired test pairs the kept runs
+    expect = stats.ttest_rel(list(SC_TEST.values()), [1.50, 1.70, 1.49])
+    assert rows_of(summary)["shortcut"]["delta"]["p_value"] == pytest.approx(expect.pvalue)
+    assert any("left out" in n and "b1" in n for n in summary["notes"])
+
+
+def test_rows_are_identities_not_labels(runs, tmp_path):
+    """Defect 6: two models with the same readable label (a YAML file edited between runs) never share a row."""
+    for s in range(3):
+        fake_run(tmp_path / "runs", f"edited{s}", "shortcut", s, 1.2, variant_hash="h-shortcut-edited")
+    rows = rows_of(compare(job(runs)))
+    assert len(rows) == 3 and all(rows[v]["n"] == 3 for v in rows)
+    edited = [v for v in rows if v.startswith("shortcut (#")]
+    assert len(edited) == 2, rows.keys()  # both shortcut rows name their hash
+    assert sorted(rows[v]["test_nll"][0] for v in edited) == pytest.approx([1.2, np.mean(list(SC_TEST.values()))])
+
+
+def test_other_corpora_are_other_datasets(runs, tmp_path):
+    fake_run(tmp_path / "runs", "odd", "baseline", 7, 1.5, data_hash="other")
+    datasets = {r["dataset"] for r in compare(job(runs))["rows"]}
+    assert len(datasets) == 2 and all("data" in d for d in datasets)
     with pytest.raises(UserError, match="no finished runs"):
-        compare(compose("compare", [f"runs={tmp_path / 'nothing'}/**"]))
+        compare(compose("compare", [f"runs={tmp_path / 'nothing'}/**", "wandb=off"]))
+
+
+def test_stale_and_old_records_are_refused_naming_the_run(runs, tmp_path):
+    """Defect 1: an eval.json of another checkpoint is never reported."""
+    ev = tmp_path / "runs" / "s1" / "eval.json"
+    record = json.loads(ev.read_text())
+    ev.write_text(json.dumps({**record, "checkpoint_hash": "w-some-older-model"}))
+    with pytest.raises(UserError, match=r"s1/eval.json is stale: it measured another checkpoint.*shortcut eval"):
+        compare(job(runs))
+    ev.write_text(json.dumps(record))
+    summary = tmp_path / "runs" / "b2" / "summary.json"
+    old = json.loads(summary.read_text())
+    summary.write_text(json.dumps({k: v for k, v in old.items() if k != "format"}))
+    with pytest.raises(UserError, match=r"b2/summary.json was written by an older shortcut"):
+        compare(job(runs))
+
+
+def test_mixed_eval_settings_are_refused(runs, tmp_path):
+    fake_run(tmp_path / "runs", "s3", "shortcut", 3, 1.45, stride=32)
+    with pytest.raises(UserError, match="different settings.*stride=32"):
+        compare(job(runs))
 
 
 def test_missing_and_unfinished_runs_are_reported(runs, tmp_path):
     (tmp_path / "runs" / "crashed" / "ckpt").mkdir(parents=True)
-    fake_run(tmp_path / "runs", "half", "shortcut", 3, 1.4, finished=False)
-    _, incomplete = find_runs(str(tmp_path / "runs"))
-    assert any("crashed" in i for i in incomplete) and any("half" in i for i in incomplete)
+    rundir.write_failed(tmp_path / "runs" / "broken", "no prepared corpus at data/x")
+    _, incomplete, _ = find_runs(str(tmp_path / "runs"))
+    assert any("crashed" in i for i in incomplete) and any("broken (failed: no prepared corpus" in i
+                                                           for i in incomplete)
+    fake_run(tmp_path / "runs", "s9", "shortcut", 9, 1.4)
     summary = compare(job(runs))
     assert any("different seeds" in n for n in summary["notes"])
-    assert next(r for r in summary["rows"] if r["variant"] == "shortcut")["delta"]["test"].startswith("Welch")
+    assert rows_of(summary)["shortcut"]["delta"]["test"].startswith("Welch")
 
 
-def test_variants_get_their_own_rows(runs, tmp_path):
+def test_variants_and_setups_get_their_own_rows(runs, tmp_path):
     for s in range(2):
-        fake_run(tmp_path / "runs", f"m{s}", "baseline", s, 1.47, overrides=["model.match_params=shortcut"])
-    rows = {r["variant"] for r in compare(job(runs))["rows"]}
-    assert rows == {"baseline", "shortcut", "baseline model.match_params=shortcut"}
-
-
-def test_training_setups_are_not_pooled(runs, tmp_path):
-    fake_run(tmp_path / "runs", "smoke0", "baseline", 0, 2.5, overrides=["train=smoke"])
-    summary_path = tmp_path / "runs" / "smoke0" / "summary.json"
-    s = json.loads(summary_path.read_text())
-    summary_path.write_text(json.dumps({**s, "train_choice": "smoke"}))
-    fake_run(tmp_path / "runs", "lr", "shortcut", 0, 2.5, overrides=["train.lr=0.1", "train.log_every=5"])
+        fake_run(tmp_path / "runs", f"m{s}", "baseline", s, 1.47, label="baseline_matched")
+    fake_run(tmp_path / "runs", "smoke0", "baseline", 0, 2.5, setup_label="train=smoke", setup_hash="s1")
+    fake_run(tmp_path / "runs", "lr", "shortcut", 0, 2.5, setup_label="train.lr=0.1", setup_hash="s2")
     rows = compare(job(runs))["rows"]
     assert {(r["dataset"], r["variant"], r["n"]) for r in rows} == {
         ("text/files/char", "baseline", 3), ("text/files/char", "shortcut", 3),
+        ("text/files/char", "baseline_matched", 2),
         ("text/files/char [train=smoke]", "baseline", 1), ("text/files/char [train.lr=0.1]", "shortcut", 1)}
 
 
+def test_settings_shared_by_every_row_go_to_the_heading(tmp_path):
+    for s in range(2):
+        fake_run(tmp_path / "runs", f"b{s}", "baseline", s, 1.5, label="baseline model.n_layer=2")
+        fake_run(tmp_path / "runs", f"s{s}", "shortcut", s, 1.4, label="shortcut model.n_layer=2")
+        fake_run(tmp_path / "runs", f"t{s}", "shortcut", s, 1.3, label="shortcut model.n_layer=2 model.taps=[0]")
+    rows = compare(job(tmp_path))["rows"]
+    assert {r["dataset"] for r in rows} == {"text/files/char {model.n_layer=2}"}
+    assert {r["variant"]: r["reference"] for r in rows} == {"baseline": "baseline", "shortcut": "baseline",
+                                                             "shortcut model.taps=[0]": "baseline"}
+
+
+def ladder(tmp_path, multiplier, seeds=(0, 1, 2)):
+    """Baselines of 3 sizes on L(C) = 1 + 0.5 (C/1e13)^-0.3, and a variant whose loss the baseline reaches at
+    `multiplier` times the variant's compute."""
+    law = lambda c: 1.0 + 0.5 * (c / 1e13) ** -0.3  # noqa: E731
+    noise = {0: 0.001, 1: -0.001, 2: 0.0}
+    for size, c in (("s", 1e12), ("m", 1e13), ("l", 1e14)):
+        for s in seeds:
+            fake_run(tmp_path / "runs", f"{size}{s}", "baseline", s, law(c) + noise[s], train_flops=c,
+                     label=f"baseline model.n_embd={size}", params={"s": 100, "m": 200, "l": 400}[size])
+    for s in seeds:
+        fake_run(tmp_path / "runs", f"v{s}", "shortcut", s, law(multiplier * 2e13) + noise[s], train_flops=2e13,
+                 label="shortcut model.n_embd=m")
+
+
+@pytest.mark.parametrize("multiplier", [0.8, 1.25, 2.0])
+def test_compute_multiplier_is_recovered(tmp_path, multiplier):
+    ladder(tmp_path, multiplier)
+    summary = compare(job(tmp_path, "compute_multiplier=true"))
+    m = rows_of(summary)["shortcut model.n_embd=m"]["compute_multiplier"]
+    assert m["multiplier"] == pytest.approx(multiplier, rel=0.02)
+    assert m["ci_low"] <= multiplier * 1.02 and m["ci_high"] >= multiplier / 1.02
+    assert (tmp_path / "results" / "compare" / "loss_vs_compute.png").is_file()
+    md = (tmp_path / "results" / "compare" / "table.md").read_text()
+    assert "compute multiplier" in md and f"×{m['multiplier']:.2f}" in md
+    assert rows_of(summary)["baseline model.n_embd=s"]["compute_multiplier"] is None  # the ladder itself
+
+
+def test_compute_multiplier_needs_a_ladder(runs):
+    summary = compare(job(runs, "compute_multiplier=true"))
+    assert any("at least 3 sizes" in n for n in summary["notes"])
+    assert rows_of(summary)["shortcut"]["compute_multiplier"] is None
+
+
 def test_baseline_vs_shortcut_as_written(runs):
-    fake_run(runs / "runs", "other", "baseline_matched", 0, 1.4)
-    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "compare", "baseline", "vs", "shortcut",
+    fake_run(runs / "runs", "other", "baseline", 0, 1.4, label="baseline_matched")
+    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "compare", "baseline", "vs", "shortcut", "wandb=off",
                         f"results_root={runs / 'results'}"], capture_output=True, text=True, cwd=runs)
     assert r.returncode == 0, r.stderr
     assert "| baseline |" in r.stdout and "| shortcut |" in r.stdout and "baseline_matched" not in r.stdout
@@ -136,11 +230,19 @@ def test_two_dataset_multirun_with_a_failing_job_then_compare(tmp_path, prepared
 
     prepare(compose("prepare", [f"data.root={data}", "domain=music", "domain.max_pieces=4"]))
     sweep = tmp_path / "sweep"
-    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "train", "-m", f"data.root={data}",
-                        "domain=text,music,audio", "model=baseline,shortcut", "model.n_layer=2", "model.n_head=2",
-                        "model.n_embd=32", "model.block_size=32", "train.max_steps=5", "wandb=off",
-                        f"hydra.sweep.dir={sweep}"], capture_output=True, text=True)
+    tiny = ["model=baseline,shortcut", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+            "train.max_steps=5", "wandb=off", f"data.root={data}"]
+    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "train", "-m", "domain=text,audio", *tiny,
+                        f"hydra.sweep.dir={sweep / 'a'}"], capture_output=True, text=True)
     assert r.returncode == 1 and "2 job(s) failed" in r.stderr and "no prepared corpus" in r.stderr
-    summary = compare(compose("compare", [f"runs={sweep}", f"results_root={tmp_path / 'results'}"]))
+    # the music corpus was prepared from 4 pieces: a setting of the corpus, which train must name too
+    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "train", "-m", "domain=music", *tiny,
+                        f"hydra.sweep.dir={sweep / 'b'}"], capture_output=True, text=True)
+    assert r.returncode == 1 and "domain.max_pieces=4 (yours None)" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "train", "-m", "domain=music", "domain.max_pieces=4",
+                        *tiny, f"hydra.sweep.dir={sweep / 'b'}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = compare(compose("compare", [f"runs={sweep}", f"results_root={tmp_path / 'results'}", "wandb=off"]))
     assert {row["dataset"].split("/")[0] for row in summary["rows"]} == {"text", "music"}
-    assert sum("failed: no prepared corpus" in i for i in summary["incomplete"]) == 2
+    assert sum("failed: no prepared corpus" in i for i in summary["incomplete"]) == 2, summary["incomplete"]
+    assert {row["variant"] for row in summary["rows"]} == {"baseline", "shortcut"}

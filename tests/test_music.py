@@ -153,7 +153,7 @@ def test_maestro_from_a_local_archive(tmp_path):
             z.write(tmp_path / f"p{i}.mid", f"maestro-v3.0.0/2018/p{i}.midi")
     out = prep(tmp_path, "domain=maestro", f"domain.path={tmp_path / 'maestro.zip'}")
     meta = corpus.read_meta(out)
-    assert meta["pieces"] == {"train": 4, "val": 1, "test": 1} and out.name == "maestro"
+    assert meta["pieces"] == {"train": 4, "val": 1, "test": 1} and out.name.startswith("maestro-")
     assert "Velocity" in " ".join(load_tokenizer(out).vocab)  # the piano defaults keep velocities
 
 

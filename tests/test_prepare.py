@@ -43,7 +43,8 @@ def test_char_round_trip_and_unknown():
 def test_files_corpus(tmp_path, text_files, tokenizer):
     out = prep(tmp_path, "domain.source=files", f"domain.files={text_files}/*.txt", f"domain.tokenizer={tokenizer}")
     meta = json.loads((out / "meta.json").read_text())
-    assert out == tmp_path / "data" / "text" / "files"
+    assert out.parent == tmp_path / "data" / "text" and out.name.startswith("files-")
+    assert meta["settings"]["tokenizer"] == tokenizer and "files" not in meta["settings"]
     text = "\n".join((text_files / f"part{i}.txt").read_text() for i in range(3))
     assert sum(meta["chars"].values()) == len(text)
     assert meta["chars"]["val"] == int(len(text) * 0.05) and meta["chars"]["test"] == int(len(text) * 0.05)
@@ -64,8 +65,26 @@ def test_prepare_is_idempotent_and_notices_changes(tmp_path, text_files):
     (text_files / "part1.txt").write_text("changed " * 2000)
     prep(tmp_path, *args)
     assert (out / "train.bin").stat().st_mtime_ns != stamp
-    prep(tmp_path, *args, "domain.tokenizer=byte")
-    assert json.loads((out / "meta.json").read_text())["tokenizer"] == "byte"
+    byte = prep(tmp_path, *args, "domain.tokenizer=byte")
+    assert json.loads((byte / "meta.json").read_text())["tokenizer"] == "byte"
+    assert byte != out and json.loads((out / "meta.json").read_text())["tokenizer"] == "char"  # both kept
+
+
+def test_each_setting_has_its_own_corpus_and_train_names_it(tmp_path, text_files):
+    """Defect 5: two settings of one source used to share data/<domain>/<source> and overwrite each other, so a
+    run's config could name one corpus while it trained on the other."""
+    from conftest import TINY
+    from shortcut.train import train
+
+    args = ["domain.source=files", f"domain.files={text_files}/*.txt"]
+    a, b = prep(tmp_path, *args), prep(tmp_path, *args, "domain.val_frac=0.2")
+    assert a != b and (a / "meta.json").is_file() and (b / "meta.json").is_file()
+    base = [f"data.root={tmp_path / 'data'}", "domain=text", "domain.source=files", *TINY, "train.max_steps=2"]
+    assert train(compose("train", base + ["domain.val_frac=0.2"]), tmp_path / "r").data_dir == str(b)
+    assert train(compose("train", base), tmp_path / "r2").data_dir == str(a)
+    with pytest.raises(UserError, match=r"no prepared corpus for these domain settings.*domain.val_frac=0.2 "
+                                        r"\(yours 0.1\)"):
+        train(compose("train", base + ["domain.val_frac=0.1"]), tmp_path / "r3")
 
 
 def test_interrupted_prepare_leaves_the_old_corpus(tmp_path, text_files, monkeypatch):

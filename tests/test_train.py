@@ -15,13 +15,18 @@ import torch
 from conftest import TINY
 from shortcut.cli import compose
 from shortcut.config import UserError
-from shortcut.evaluate import evaluate, nll_windows
+from shortcut import corpus
+from shortcut.evaluate import evaluate
 from shortcut.tracking import MetricsLog
 from shortcut.train import lr_at, train
 
 
 def job(prepared, *extra):
     return compose("train", prepared + TINY + list(extra))
+
+
+def data_dir(prepared):
+    return corpus.locate(prepared[0].split("=", 1)[1], compose("train", prepared).domain)
 
 
 def test_lr_schedule_is_a_pure_function_of_step():
@@ -40,9 +45,9 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path, prepared, arch):
     assert [r["step"] for r in rows] == [50, 100, 150, 200]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     # Below the characters' unigram entropy: the model uses context, it does not just count letters.
-    counts = np.bincount(np.fromfile(tmp_path / "data/text/files/train.bin", dtype=np.uint16)).astype(float)
+    counts = np.bincount(np.fromfile(data_dir(prepared) / "train.bin", dtype=np.uint16)).astype(float)
     p = counts[counts > 0] / counts.sum()
-    assert summary["final_val_loss"] < -(p * np.log(p)).sum() - 0.2
+    assert summary.final_val_loss < -(p * np.log(p)).sum() - 0.2
     saved = json.loads((run / "summary.json").read_text())
     for key in ("params", "non_embedding_params", "flops_per_token", "final_val_loss", "best_val_loss",
                 "wall_time_s", "git_commit", "seed", "data_hash"):
@@ -59,7 +64,7 @@ def test_resume_continues_exactly(tmp_path, prepared):
     ckpts = sorted((tmp_path / "part" / "ckpt").glob("step_*.pt"))
     ckpts[-1].unlink()  # step 30 never happened
     summary = train(part, tmp_path / "part")
-    assert summary["final_val_loss"] == full["final_val_loss"]
+    assert summary.final_val_loss == full.final_val_loss
     stamp = (tmp_path / "part" / "metrics.jsonl").stat().st_mtime_ns
     assert train(part, tmp_path / "part") == summary  # a finished run is not trained again
     assert (tmp_path / "part" / "metrics.jsonl").stat().st_mtime_ns == stamp
@@ -75,7 +80,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, prepared, caplog):
     ckpts[-1].write_bytes(b"not a checkpoint")
     summary = train(cfg, tmp_path / "a")  # resumes from step 10, redoes 11..20
     assert "unreadable" in caplog.text
-    assert summary["final_val_loss"] == full["final_val_loss"]
+    assert summary.final_val_loss == full.final_val_loss
 
 
 def test_resume_refuses_other_settings(tmp_path, prepared):
@@ -120,19 +125,12 @@ def test_missing_corpus_is_explained(tmp_path):
         train(compose("train", [f"data.root={tmp_path}"] + TINY), tmp_path / "r")
 
 
-def test_nll_windows_cover_every_token_once():
-    windows = nll_windows(101, 32, None)
-    assert windows == [(0, 32), (32, 32), (64, 32), (96, 4)]
-    assert sum(n for _, n in windows) == 100
-    assert sum(n for _, n in nll_windows(101, 32, 40)) == 40
-
-
 def test_eval_writes_the_documented_keys(tmp_path, prepared):
     train(job(prepared, "model=shortcut", "train.max_steps=10"), tmp_path / "r")
     result = evaluate(compose("eval", [f"run_dir={tmp_path / 'r'}"]))
     saved = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert saved == result
-    assert result["n_tokens"] == json.loads((tmp_path / "data/text/files/meta.json").read_text())["tokens"]["test"] - 1
+    assert result["n_tokens"] == json.loads((data_dir(prepared) / "meta.json").read_text())["tokens"]["test"] - 1
     assert result["test_ppl"] == pytest.approx(math.exp(result["test_nll"]))
     assert result["bits_per_token"] == pytest.approx(result["test_nll"] / math.log(2))
     assert result["bits_per_char"] == pytest.approx(result["bits_per_token"])  # char-level: one token per char
@@ -185,3 +183,87 @@ def test_kill_9_and_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     assert resumed["final_val_loss"] == twin["final_val_loss"]
     losses = lambda p: [(r["step"], r["train_loss"]) for r in MetricsLog.read(p / "metrics.jsonl")]  # noqa: E731
     assert losses(tmp_path / "killed") == losses(tmp_path / "twin")
+
+
+def test_grad_accum_2x8_equals_batch_16(prepared):
+    """The step's batch is drawn from (seed, step) and split into micro-batches, so accumulation is exact."""
+    from shortcut.data import TokenData
+    from shortcut.model import GPT
+    from shortcut.train import resolve_model
+
+    data = TokenData(data_dir(prepared), 32)
+    cfg = resolve_model(job(prepared, "model=shortcut").model, data.vocab_size)
+
+    def grads(batch, accum):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        total = 0.0
+        for micro in range(accum):
+            x, y = data.train_batch(3, 7, batch, accum, micro)
+            loss = model(x, y)[1]
+            (loss / accum).backward()
+            total += loss.item() / accum
+        return total, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    loss16, g16 = grads(16, 1)
+    loss8, g8 = grads(8, 2)
+    assert loss8 == pytest.approx(loss16, abs=1e-6)
+    torch.testing.assert_close(g8, g16, atol=1e-6, rtol=1e-5)
+
+
+def test_resume_is_exact_with_dropout_and_accumulation(tmp_path, prepared):
+    """The RNG restore matters once dropout draws from it."""
+    cfg = job(prepared, "model=shortcut", "model.dropout=0.2", "train.grad_accum=2", "train.batch_size=4",
+              "train.max_steps=20", "train.ckpt_every=10", "train.log_every=5")
+    full = train(cfg, tmp_path / "full")
+    train(cfg, tmp_path / "part")
+    ckpts = sorted((tmp_path / "part" / "ckpt").glob("step_*.pt"))
+    ckpts[-1].unlink()  # the run stopped after step 10
+    (tmp_path / "part" / "summary.json").unlink()
+    resumed = train(cfg, tmp_path / "part")
+    assert resumed.final_val_loss == full.final_val_loss and resumed.checkpoint_hash == full.checkpoint_hash
+    losses = lambda p: [(r["step"], r["train_loss"]) for r in MetricsLog.read(p / "metrics.jsonl")]  # noqa: E731
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    other_seed = train(job(prepared, "model=shortcut", "model.dropout=0.2", "train.grad_accum=2",
+                           "train.batch_size=4", "train.max_steps=20", "seed=1"), tmp_path / "seed1")
+    assert other_seed.checkpoint_hash != full.checkpoint_hash
+
+
+def test_fresh_start_removes_everything_derived(tmp_path, prepared):
+    run = tmp_path / "r"
+    train(job(prepared, "train.max_steps=10"), run)
+    evaluate(compose("eval", [f"run_dir={run}"]))
+    (run / "wandb_id").write_text("abc")
+    (run / "failed.txt").write_text("old failure")
+    train(job(prepared, "train.max_steps=10", "model.n_layer=1", "train.resume=false"), run)
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt", "metrics.jsonl", "summary.json"]
+
+
+def test_flops_budget_sets_the_steps(tmp_path, prepared):
+    base = train(job(prepared, "train.max_steps=30", "train.warmup_steps=5"), tmp_path / "b")
+    budget = base.train_flops
+    sc = train(job(prepared, "model=shortcut", f"train.flops_budget={budget}", "train.warmup_steps=5"),
+               tmp_path / "s")
+    per_step = sc.tokens_per_step * sc.train_flops_per_token
+    assert sc.max_steps == int(budget // per_step) and sc.max_steps < 30
+    assert sc.train_flops <= budget < sc.train_flops + per_step  # the same compute, to within one step
+    assert sc.train["max_steps"] == sc.max_steps  # its own full schedule: the cosine ends at its last step
+    assert lr_at(sc.max_steps, compose("train", [f"train.max_steps={sc.max_steps}", "train.warmup_steps=5"]).train) \
+        == pytest.approx(sc.train["min_lr"])
+    with pytest.raises(UserError, match="less than one step"):
+        train(job(prepared, "train.flops_budget=10"), tmp_path / "tiny")
+    with pytest.raises(UserError, match="needs the command line"):
+        train(job(prepared, "train.match_flops=baseline"), tmp_path / "m")
+
+
+def test_match_flops_from_the_command_line(tmp_path, prepared):
+    args = [sys.executable, "-m", "shortcut.cli", "train", *prepared, *TINY, "train.max_steps=30"]
+    subprocess.run(args + ["model=baseline", f"hydra.run.dir={tmp_path / 'b'}"], check=True, capture_output=True)
+    subprocess.run(args + ["model=shortcut", "train.match_flops=baseline", f"hydra.run.dir={tmp_path / 's'}"],
+                   check=True, capture_output=True)
+    b, s = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("b", "s"))
+    assert s["max_steps"] < 30 and s["train_flops"] <= b["train_flops"] < s["train_flops"] + \
+        s["tokens_per_step"] * s["train_flops_per_token"]
+    assert "train.match_flops=baseline" in s["identity"]["variant_label"]
+    r = subprocess.run(args + ["model=shortcut", "train.match_flops=nosuchmodel"], capture_output=True, text=True)
+    assert r.returncode == 2 and "train.match_flops=nosuchmodel" in r.stderr and "Traceback" not in r.stderr

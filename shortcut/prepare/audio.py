@@ -27,7 +27,7 @@ from shortcut import corpus
 from shortcut.config import AudioDomain, AudioSource, AudioTokenizer, UserError
 from shortcut.download import download, require_network
 from shortcut.prepare.common import (check_inputs, find_files, inputs_of, read_and_split, report_skipped,
-                                     settings_json, split_whole)
+                                     split_whole)
 
 log = logging.getLogger(__name__)
 
@@ -402,9 +402,9 @@ def load_tokenizer(corpus_path: Path, cfg: AudioDomain):
 
 
 def prepare_audio(cfg: AudioDomain, root: Path) -> Path:
-    out = corpus.corpus_dir(root, cfg.name, cfg.source)
+    out = corpus.corpus_dir(root, cfg)
     found = SOURCES[cfg.source](cfg, root)
-    input_hash, done = check_inputs(out, inputs_of(found), settings_json(cfg))
+    input_hash, done = check_inputs(out, inputs_of(found), json.dumps(corpus.settings_of(cfg), sort_keys=True))
     if done:
         return out
     tok = make_tokenizer(cfg)
@@ -435,7 +435,7 @@ def prepare_audio(cfg: AudioDomain, root: Path) -> Path:
         "tokens_per_second": {s: len(tokens[s]) / seconds[s] for s in corpus.SPLITS},
         "seconds_per_token": seconds["val"] / max(1, len(tokens["val"])),
         "token_classes": tok.token_classes(), "realtime_factor": rtf, "skipped": skipped,
-        "n_skipped": len(skipped), "n_transcripts": len(transcripts), "settings": json.loads(settings_json(cfg)),
+        "n_skipped": len(skipped), "n_transcripts": len(transcripts), "settings": corpus.settings_of(cfg),
         "input_hash": input_hash,
     }
     meta = corpus.write_corpus(out, tokens, meta, extra_files=extra)

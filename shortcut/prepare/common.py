@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -60,11 +59,6 @@ def check_inputs(out: Path, inputs: list[Path], settings: str) -> tuple[str, boo
     if done:
         log.info("%s is up to date (inputs unchanged); nothing to do", out)
     return input_hash, done
-
-
-def settings_json(cfg) -> str:
-    """The domain settings that shape a corpus (not where its inputs live), for the corpus's input hash."""
-    return json.dumps({k: v for k, v in vars(cfg).items() if k not in ("files", "path")}, sort_keys=True, default=str)
 
 
 def read_and_split(found: list[Path] | dict[str, list[Path]], read: Callable[[Path], Any], skipped: dict[str, str],

@@ -22,7 +22,7 @@ from shortcut import corpus
 from shortcut.config import MusicDomain, MusicSource, UserError
 from shortcut.download import local_or_download
 from shortcut.prepare.common import (check_inputs, find_files, inputs_of, read_and_split, report_skipped,
-                                     settings_json, split_whole)
+                                     split_whole)
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,9 @@ def _read_score(path: Path):
 
 
 def prepare_music(cfg: MusicDomain, root: Path) -> Path:
-    out = corpus.corpus_dir(root, cfg.name, cfg.source)
+    out = corpus.corpus_dir(root, cfg)
     found, failed = SOURCES[cfg.source](cfg, root)
-    input_hash, done = check_inputs(out, inputs_of(found), settings_json(cfg))
+    input_hash, done = check_inputs(out, inputs_of(found), json.dumps(corpus.settings_of(cfg), sort_keys=True))
     if done:
         return out
     tok = make_tokenizer(cfg)
@@ -222,7 +222,7 @@ def prepare_music(cfg: MusicDomain, root: Path) -> Path:
     meta = {
         "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer), "bpe_vocab": cfg.bpe_vocab,
         "vocab_size": len(tok), "pieces": pieces, "notes": notes, "units": {"note": notes},
-        "skipped": skipped, "n_skipped": len(skipped), "settings": json.loads(settings_json(cfg)),
+        "skipped": skipped, "n_skipped": len(skipped), "settings": corpus.settings_of(cfg),
         "input_hash": input_hash,
     }
     meta = corpus.write_corpus(out, tokens, meta, extra_files={"tokenizer.json": blob})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import zipfile
@@ -166,9 +167,9 @@ SOURCES = {TextSource.files: _files_source, TextSource.text8: _text8_source, Tex
 
 
 def prepare_text(cfg: TextDomain, root: Path) -> Path:
-    out = corpus.corpus_dir(root, cfg.name, cfg.source)
+    out = corpus.corpus_dir(root, cfg)
     inputs, identity, load = SOURCES[cfg.source](cfg, root)
-    input_hash, done = check_inputs(out, inputs, f"{identity}|tokenizer={cfg.tokenizer}")
+    input_hash, done = check_inputs(out, inputs, f"{identity}|{json.dumps(corpus.settings_of(cfg), sort_keys=True)}")
     if done:
         return out
     texts = load()
@@ -186,7 +187,7 @@ def prepare_text(cfg: TextDomain, root: Path) -> Path:
         "bytes": {s: len(t.encode("utf-8")) for s, t in texts.items()},
         "units": {"char": {s: len(t) for s, t in texts.items()}},  # eval reports bits per character
         "unknown_chars": unknown, "inputs": [str(p) for p in inputs[:100]], "n_inputs": len(inputs),
-        "input_hash": input_hash,
+        "input_hash": input_hash, "settings": corpus.settings_of(cfg),
     }
     if cfg.tokenizer == TextTokenizer.char:
         meta["vocab"], meta["unk"] = tok.chars, tok.unk_id is not None
