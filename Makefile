@@ -3,10 +3,12 @@ PY ?= python3
 
 TEXT ?= /usr/share/common-licenses/*
 
-.PHONY: help install test test-all demo reproduce-paper reproduce-paper-cpu bench
+.PHONY: help install test test-all demo reproduce-paper reproduce-paper-cpu scaling scaling-cpu bench
 help:
 	@echo "make reproduce-paper      the paper's table on one GPU (downloads text8, WikiText-103, MAESTRO, LibriSpeech)"
 	@echo "make reproduce-paper-cpu  the same table at CPU scale on offline data, under 30 min (TEXT='books/*.txt')"
+	@echo "make scaling-cpu  compute multiplier of the shortcut on a ladder of baseline sizes, chorales, CPU (~40 min)"
+	@echo "make scaling      the same at GPT-2-small scale on text8, for one GPU"
 	@echo "make bench     speed benchmarks (tokenization real-time factor, training throughput)"
 	@echo "make demo      offline demo: Bach chorales, baseline vs shortcut, eval, comparison table (~5 min on CPU)"
 	@echo "make install   install shortcut and its test dependencies (editable)"
@@ -43,6 +45,21 @@ reproduce-paper-cpu:
 	-shortcut train -m experiment=paper_cpu
 	shortcut eval run_dir=runs/paper_cpu eval.audit_sequences=16
 	shortcut compare runs=runs/paper_cpu name=paper_cpu
+
+# The compute multiplier: a ladder of baseline sizes (the experiment's sweep), the shortcut at the middle size.
+scaling-cpu:
+	shortcut prepare domain=music
+	-shortcut train -m experiment=scaling_cpu
+	-shortcut train -m experiment=scaling_cpu model=shortcut model.n_embd=64
+	shortcut eval run_dir=runs/scaling_cpu eval.audit_sequences=8
+	shortcut compare runs=runs/scaling_cpu name=scaling_cpu compute_multiplier=true
+
+scaling:
+	shortcut prepare dataset=text8
+	-shortcut train -m experiment=scaling
+	-shortcut train -m experiment=scaling model=shortcut model.n_embd=576
+	shortcut eval run_dir=runs/scaling
+	shortcut compare runs=runs/scaling name=scaling compute_multiplier=true
 
 bench:
 	$(PY) benchmarks/tokenize_audio.py

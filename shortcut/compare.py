@@ -83,7 +83,7 @@ def find_runs(patterns: str) -> tuple[list[Run], list[str], list[str]]:
     roots = {r for r in roots if not any(parent in roots for parent in r.parents)}
     runs, incomplete, refused = [], [], []
     for root in sorted(roots):
-        for d in [root, *sorted(root.glob("**/"))]:
+        for d in sorted({root, *root.glob("**/")}):  # glob("**/") yields root itself too
             if rundir.is_run(d):
                 try:
                     runs.append(read_run(d))

@@ -33,7 +33,7 @@ DERIVED = (CONFIG, METRICS, SUMMARY, EVAL, FAILED, WANDB_ID, CKPT, AUDIT, WANDB)
 
 # Keys that change how a run executes or is logged, not what it learns: outside every identity hash.
 EXECUTION_KEYS = {"model": ("attn_impl",),
-                  "train": ("resume", "device", "compile", "precision", "log_every", "eval_every", "ckpt_every",
+                  "train": ("resume", "device", "compile", "log_every", "eval_every", "ckpt_every",
                             "keep_ckpts", "nproc")}
 # How long a run trains: part of a row's identity (a run at equal FLOPs is its own row), not of the setup's.
 LENGTH_KEYS = ("max_steps", "flops_budget", "match_flops")

@@ -246,3 +246,9 @@ def test_two_dataset_multirun_with_a_failing_job_then_compare(tmp_path, prepared
     assert {row["dataset"].split("/")[0] for row in summary["rows"]} == {"text", "music"}
     assert sum("failed: no prepared corpus" in i for i in summary["incomplete"]) == 2, summary["incomplete"]
     assert {row["variant"] for row in summary["rows"]} == {"baseline", "shortcut"}
+
+
+def test_a_run_named_directly_counts_once(runs, tmp_path):
+    summary = compare(compose("compare", [f"runs={tmp_path / 'runs' / 'b0'},{tmp_path / 'runs'}/b*",
+                                          f"results_root={tmp_path / 'results'}", "wandb=off"]))
+    assert [(r["variant"], r["n"]) for r in summary["rows"]] == [("baseline", 3)]

@@ -148,8 +148,17 @@ def test_eval_writes_the_documented_keys(tmp_path, prepared):
 def test_wandb_offline_writes_under_the_run_dir(tmp_path, prepared, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train(job(prepared, "train.max_steps=5", "wandb=offline"), tmp_path / "r")
+    train(job(prepared, "model=shortcut", "train.max_steps=5", "wandb=offline"), tmp_path / "r")
     assert list((tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # eval logs its numbers and audit pictures into the same W&B run (same id), compare into one of its own
+    run_id = (tmp_path / "r" / "wandb_id").read_text()
+    evaluate(compose("eval", [f"run_dir={tmp_path / 'r'}", "eval.audit_sequences=2"]))
+    logged = sorted((tmp_path / "r" / "wandb").glob(f"offline-run-*-{run_id}/files/media/images/audit/*.png"))
+    assert {p.name.split("_")[0] for p in logged} >= {"depth", "logit"}, logged
+    from shortcut.compare import compare
+
+    compare(compose("compare", [f"runs={tmp_path / 'r'}", f"results_root={tmp_path / 'res'}", "wandb=offline"]))
+    assert list((tmp_path / "res" / "compare" / "wandb").glob("offline-run-*/files/media/table/compare_*.table.json"))
 
 
 def test_wandb_online_without_a_key_fails_at_once(tmp_path, prepared, monkeypatch):
