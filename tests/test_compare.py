@@ -249,6 +249,6 @@ def test_two_dataset_multirun_with_a_failing_job_then_compare(tmp_path, prepared
 
 
 def test_a_run_named_directly_counts_once(runs, tmp_path):
-    summary = compare(compose("compare", [f"runs={tmp_path / 'runs' / 'b0'},{tmp_path / 'runs'}/b*",
+    summary = compare(compose("compare", [f"runs='{tmp_path / 'runs' / 'b0'},{tmp_path / 'runs'}/b*'",
                                           f"results_root={tmp_path / 'results'}", "wandb=off"]))
     assert [(r["variant"], r["n"]) for r in summary["rows"]] == [("baseline", 3)]
