@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -131,7 +132,11 @@ def _task(cfg) -> None:
         elif command == "train":
             from shortcut.train import train
 
+            from shortcut.runtime import launched_by_torchrun
             from shortcut.train import Match
+
+            if job.train.nproc > 1 and not launched_by_torchrun():
+                return _launch_torchrun(job.train.nproc, list(hc.overrides.task), Path(hc.runtime.output_dir))
 
             choices = {g: hc.runtime.choices.get(g) for g in _CHOICE_GROUPS}
             # The run's label is its difference from these config choices composed without command-line values.
@@ -155,7 +160,7 @@ def _task(cfg) -> None:
         message = one_line(exc)
         if hc.mode == RunMode.MULTIRUN:  # report and carry on with the other jobs
             log.error("job %s (%s) failed: %s", hc.job.num, " ".join(hc.overrides.task), message)
-            if command == "train":  # so that `shortcut compare` can say which runs are missing and why
+            if command == "train" and os.environ.get("RANK", "0") == "0":  # so that compare can say what is missing
                 from shortcut.rundir import write_failed
 
                 write_failed(Path(hc.runtime.output_dir), message)
@@ -165,6 +170,20 @@ def _task(cfg) -> None:
 
 
 _CHOICE_GROUPS = ("domain", "dataset", "model", "train", "experiment")
+
+
+def _launch_torchrun(nproc: int, overrides: list[str], run_dir: Path) -> None:
+    """`shortcut train train.nproc=N`: the same job as N data-parallel processes (torchrun, one machine)."""
+    import subprocess
+
+    from shortcut.config import UserError
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "shortcut", "train", *overrides, f"hydra.run.dir={run_dir}"]
+    log.info("launching %d processes: %s", nproc, " ".join(cmd))
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise UserError(f"the {nproc}-process run in {run_dir} failed (exit status {rc}); its messages are above")
 
 
 def _compose_in_app(overrides: list[str]):
@@ -199,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
     if command == "compare":
         args = _variants_as_override(args)
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # a torchrun process
+        if command != "train" or any(a in ("-m", "--multirun") for a in args):
+            _fail("torchrun runs one `shortcut train` job; sweep with `shortcut train -m ... train.nproc=N` instead")
+        if os.environ.get("RANK", "0") != "0":  # one log and one .hydra/ per run: the first process's
+            args = [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     if not _INSPECT_FLAGS.intersection(a.split("=")[0] for a in args):
         _preflight(command, args)
 

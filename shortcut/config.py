@@ -295,6 +295,9 @@ class TrainConfig:
     device: Device = Device.auto
     precision: Precision = Precision.auto
     compile: bool = False  # torch.compile (CUDA only)
+    # Data-parallel processes for one run: `shortcut train train.nproc=N` launches torchrun (NCCL on GPUs, gloo on
+    # CPUs). The step's batch (batch_size x grad_accum windows) is split over them, so N changes speed, not results.
+    nproc: int = 1
     # Compute-matched training: spend a fixed number of training FLOPs, with the run's own full warmup + cosine.
     flops_budget: Optional[float] = None  # total training FLOPs; sets max_steps = budget / FLOPs per step
     match_flops: Optional[str] = None  # a model choice (e.g. baseline): spend what it spends in max_steps steps
@@ -303,7 +306,7 @@ class TrainConfig:
         _check(self.flops_budget is None or self.flops_budget > 0, "train.flops_budget", "must be positive")
         _check(self.flops_budget is None or self.match_flops is None, "train.flops_budget",
                "set train.flops_budget or train.match_flops, not both")
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_windows",
+        for key in ("max_steps", "batch_size", "grad_accum", "nproc", "log_every", "eval_every", "eval_windows",
                     "ckpt_every", "keep_ckpts"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")

@@ -5,7 +5,9 @@ Shared by train, eval and the benchmarks, so evaluation never imports the traini
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -15,11 +17,11 @@ from shortcut.config import Device, Precision, TrainConfig, UserError
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
-def pick_device(choice: Device) -> torch.device:
+def pick_device(choice: Device, local_rank: int = 0) -> torch.device:
     if choice == Device.cuda or (choice == Device.auto and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-        return torch.device("cuda")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -46,3 +48,61 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+# --- data parallelism (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE) ---
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a data-parallel run; the default is a run of one process."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a tensor over processes (gloo has no AVG: sum, then divide)."""
+        if self.world > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return value
+
+    def gather(self, obj):
+        """Every process's obj, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device_choice: Device) -> Dist:
+    """Join the process group torchrun set up: NCCL on GPUs, gloo on CPUs. One process: nothing to join."""
+    if not launched_by_torchrun():
+        return Dist()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device_choice != Device.cpu
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def close_distributed(d: Dist) -> None:
+    if d.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

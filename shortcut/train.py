@@ -13,8 +13,11 @@ import math
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from tqdm import tqdm
@@ -24,8 +27,9 @@ from shortcut.config import ModelConfig, TrainConfig, TrainJob, UserError
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token, match_params, param_counts
 from shortcut.rundir import Checkpoint, Summary
-from shortcut.runtime import autocast, make_optimizer, model_device, peak_flops, pick_device
-from shortcut.tracking import MetricsLog, open_tracker
+from shortcut.runtime import (Dist, autocast, close_distributed, init_distributed, make_optimizer, model_device,
+                              peak_flops, pick_device)
+from shortcut.tracking import MetricsLog, Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +90,15 @@ def effective_train(cfg: TrainConfig, mcfg: ModelConfig, vocab_size: int, match:
 
 # --- resume or start over ---
 
-def resume_or_reset(job: TrainJob, run_dir: Path, data: TokenData) -> Checkpoint | None:
+def resume_or_reset(job: TrainJob, run_dir: Path, data: TokenData, dist: Dist = Dist()) -> Checkpoint | None:
     """The checkpoint to resume from, or None after clearing everything an earlier model left in run_dir."""
     cfg = job.train
     state = Checkpoint.latest(run_dir) if cfg.resume is not False else None
     if cfg.resume and state is None:
         raise UserError(f"train.resume=true but {run_dir / rundir.CKPT} has no usable checkpoint")
+    dist.barrier()  # every process has read the checkpoint before the first one clears the directory
     if state is None:
-        removed = rundir.reset(run_dir)
+        removed = rundir.reset(run_dir) if dist.main else []
         if removed:
             log.info("fresh start in %s: removed %s", run_dir, ", ".join(removed))
         return None
@@ -106,7 +111,8 @@ def resume_or_reset(job: TrainJob, run_dir: Path, data: TokenData) -> Checkpoint
     if differ:
         raise UserError(f"{run_dir} holds a run with other settings ({', '.join(differ[:5])}); choose another "
                         f"hydra.run.dir or train.resume=false to start over there")
-    (run_dir / rundir.FAILED).unlink(missing_ok=True)
+    if dist.main:
+        (run_dir / rundir.FAILED).unlink(missing_ok=True)
     return state
 
 
@@ -120,18 +126,24 @@ def _diff(a, b, ignore: set[str], prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def build(mcfg: ModelConfig, cfg: TrainConfig, seed: int, device: torch.device, state: Checkpoint | None):
-    """Model and optimizer, initialised from the seed or restored (with the RNG) from a checkpoint."""
+def build(mcfg: ModelConfig, cfg: TrainConfig, seed: int, device: torch.device, state: Checkpoint | None,
+          dist: Dist = Dist()):
+    """Model and optimizer, initialised from the seed (the same on every process) or restored, with each process's
+    RNG (dropout), from a checkpoint. After a change of the number of processes, process r takes saved state r mod
+    the old number."""
     torch.manual_seed(seed)
     model = GPT(mcfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
     if state is not None:
         model.load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)
-        torch.set_rng_state(state.rng["cpu"])
-        if device.type == "cuda" and state.rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(state.rng["cuda"])
+        cpu, cuda = state.rng["cpu"], state.rng.get("cuda") or []
+        torch.set_rng_state(cpu[dist.rank % len(cpu)])
+        if device.type == "cuda" and cuda and cuda[0] is not None:
+            torch.cuda.set_rng_state(cuda[dist.rank % len(cuda)], device)
         log.info("resumed from %s (step %d)", state.path, state.step)
+    elif dist.rank > 0:
+        torch.manual_seed(seed + 1_000_003 * dist.rank)  # same weights, different dropout
     return model, optimizer
 
 
@@ -169,84 +181,120 @@ class Loop:
     train_time: float = 0.0
     prior_wall: float = 0.0
     weights_hash: str = ""  # of the newest checkpoint
+    dist: Dist = field(default_factory=Dist)
+    loss_sum: torch.Tensor | None = None  # training losses since the last check, on the device (no sync per step)
+    loss_steps: int = 0
 
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.data.block_size
 
+    def micro_batches(self) -> list[np.ndarray]:
+        """This process's share of the step's batch (window starts), in micro-batches of at most batch_size: the
+        step's batch_size x grad_accum windows are drawn from (seed, step) and split evenly over the processes."""
+        cfg, d = self.cfg, self.dist
+        per_rank = cfg.batch_size * cfg.grad_accum // d.world
+        micro = max(k for k in range(1, min(cfg.batch_size, per_rank) + 1) if per_rank % k == 0)
+        starts = self.data.step_starts(self.job.seed, self.step, cfg.batch_size * cfg.grad_accum)
+        mine = starts[d.rank * per_rank:(d.rank + 1) * per_rank]
+        return [mine[i:i + micro] for i in range(0, per_rank, micro)]
 
-def train_step(loop: Loop, model, fwd_model, optimizer, ctx) -> float:
-    """One optimizer step over grad_accum micro-batches of the step's batch; returns the mean training loss."""
+
+def train_step(loop: Loop, model, fwd_model, optimizer, ctx) -> None:
+    """One optimizer step over this process's micro-batches of the step's batch. Gradients are synchronised across
+    processes on the last micro-batch only (no_sync before it). The loss stays on the device until the next check."""
     cfg = loop.cfg
     lr = lr_at(loop.step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), device=loop.device)
-    for micro in range(cfg.grad_accum):
-        x, y = loop.data.train_batch(loop.job.seed, loop.step, cfg.batch_size, cfg.grad_accum, micro)
+    parts = loop.micro_batches()
+    for k, starts in enumerate(parts):
+        x, y = loop.data.windows("train", starts)
         x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
-        with ctx:
-            _, loss, _ = fwd_model(x, y)
-        (loss / cfg.grad_accum).backward()
-        loss_sum += loss.detach().float()
-    train_loss = float(loss_sum) / cfg.grad_accum
-    if not math.isfinite(train_loss):
-        latest = Checkpoint.paths(loop.run_dir)
-        raise UserError(f"training loss became {train_loss} at step {loop.step + 1}; stopped. The last good "
-                        f"checkpoint is {latest[-1] if latest else 'none (none was written yet)'}; try a lower train.lr")
+        with fwd_model.no_sync() if loop.dist.world > 1 and k < len(parts) - 1 else nullcontext():
+            with ctx:
+                _, loss, _ = fwd_model(x, y)
+            (loss / len(parts)).backward()
+        loop.loss_sum = loss.detach().float() / len(parts) + (0 if loop.loss_sum is None else loop.loss_sum)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loop.step += 1
-    return train_loss
+    loop.loss_steps += 1
 
 
-def run_loop(loop: Loop, model, optimizer, metrics: MetricsLog, tracker, ctx, session_start: float) -> float | None:
-    """Train from loop.step to max_steps: log, validate and checkpoint on their intervals. Returns the last loss."""
-    cfg, job = loop.cfg, loop.job
+def read_loss(loop: Loop) -> float:
+    """The mean training loss since the last check, over processes; stops the run if it is not finite. This is the
+    only place the loop waits for the device."""
+    loss = float(loop.dist.mean(loop.loss_sum)) / loop.loss_steps
+    loop.loss_sum, loop.loss_steps = None, 0
+    if not math.isfinite(loss):
+        latest = Checkpoint.paths(loop.run_dir)
+        raise UserError(f"training loss became {loss} by step {loop.step}; stopped. The last good checkpoint is "
+                        f"{latest[-1] if latest else 'none (none was written yet)'}; try a lower train.lr")
+    return loss
+
+
+def run_loop(loop: Loop, model, metrics: MetricsLog | None, tracker, optimizer, ctx, session_start: float) -> None:
+    """Train from loop.step to max_steps: log, validate and checkpoint on their intervals (this process's share)."""
+    cfg = loop.cfg
     fwd_model = torch.compile(model) if cfg.compile and loop.device.type == "cuda" else model
+    if loop.dist.world > 1:
+        fwd_model = torch.nn.parallel.DistributedDataParallel(
+            fwd_model, device_ids=[loop.device.index] if loop.device.type == "cuda" else None)
     val_starts = loop.data.fixed_starts("val", cfg.eval_windows)
     bar = tqdm(total=cfg.max_steps, initial=loop.step, desc=f"train {model.cfg.arch}", unit="step",
-               dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 15)  # logs of sweeps stay readable
-    t0, interval_tokens, train_loss = time.perf_counter(), 0, None
+               dynamic_ncols=True, disable=not loop.dist.main,
+               mininterval=0.2 if sys.stderr.isatty() else 15)  # logs of sweeps stay readable
+    t0, interval_tokens = time.perf_counter(), 0
     while loop.step < cfg.max_steps:
-        train_loss = train_step(loop, model, fwd_model, optimizer, ctx)
+        train_step(loop, model, fwd_model, optimizer, ctx)
         step = loop.step
         interval_tokens += loop.tokens_per_step
         bar.update(1)
-        if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-            if loop.device.type == "cuda":
-                torch.cuda.synchronize()
+        evaluate_now = step % cfg.eval_every == 0 or step == cfg.max_steps
+        if step % cfg.log_every == 0 or evaluate_now or step % cfg.ckpt_every == 0:
+            train_loss = read_loss(loop)
             elapsed = time.perf_counter() - t0
             loop.train_time += elapsed
             val_loss = None
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            if evaluate_now and loop.dist.main:
                 val_loss = loop.last_val = evaluate_windows(model, loop.data, "val", val_starts, cfg.batch_size, ctx)
                 loop.best = min(loop.best, val_loss)
             tok_s = interval_tokens / elapsed if elapsed > 0 else None
             row = {"step": step, "tokens": step * loop.tokens_per_step,
                    "train_flops": step * loop.tokens_per_step * loop.flops["train"], "train_loss": train_loss,
                    "val_loss": val_loss, "lr": lr_at(step - 1, cfg), "tokens_per_s": tok_s,
-                   "mfu": tok_s * loop.flops["train"] / loop.peak if loop.peak and tok_s else None}
-            metrics.append(row)
+                   "mfu": tok_s * loop.flops["train"] / (loop.peak * loop.dist.world) if loop.peak and tok_s else None}
+            if metrics is not None:
+                metrics.append(row)
             tracker.log(row, step)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}" if tok_s else "-",
                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
             t0, interval_tokens = time.perf_counter(), 0  # validation time stays out of tokens/s
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            ckpt = checkpoint(loop, model, optimizer, train_loss, session_start)
-            ckpt.save(loop.run_dir / rundir.CKPT, cfg.keep_ckpts)
-            loop.weights_hash = ckpt.weights_hash
+            save(loop, model, optimizer, train_loss, session_start)
     bar.close()
-    return train_loss
+
+
+def save(loop: Loop, model, optimizer, train_loss: float, session_start: float) -> None:
+    """Every process hands over its RNG state; the first one writes the checkpoint."""
+    d = loop.dist
+    rng = d.gather({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(loop.device) if loop.device.type == "cuda" else None})
+    if d.main:
+        ckpt = checkpoint(loop, model, optimizer, train_loss, session_start)
+        ckpt.rng = {"cpu": [r["cpu"] for r in rng], "cuda": [r["cuda"] for r in rng]}
+        ckpt.save(loop.run_dir / rundir.CKPT, loop.cfg.keep_ckpts)
+        loop.weights_hash = ckpt.weights_hash
+    d.barrier()
 
 
 def checkpoint(loop: Loop, model, optimizer, train_loss: float, session_start: float) -> Checkpoint:
     return Checkpoint(
         step=loop.step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-        rng={"cpu": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if loop.device.type == "cuda" else None},
+        rng={},
         best_val_loss=loop.best, last_val_loss=loop.last_val, train_loss=train_loss, train_time=loop.train_time,
         wall_time=loop.prior_wall + time.perf_counter() - session_start, config=plain(loop.job),
         model_config=plain(model.cfg), data_hash=loop.data.meta["content_hash"], data_dir=str(loop.data.path))
@@ -265,42 +313,64 @@ def open_corpus(job: TrainJob) -> TokenData:
 
 def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, reference: TrainJob | None = None,
           choices: dict | None = None, match: Match | None = None) -> Summary:
-    """Train (or resume, or skip a finished run) in run_dir.
+    """Train (or resume, or skip a finished run) in run_dir; under torchrun, this process's share of it.
 
     reference: the same config choices composed without command-line values (the CLI gives it), from which the
     run's readable label is the difference; choices: {"model", "train", "experiment"} config names; match: what
     train.match_flops names."""
-    run_dir = Path(run_dir)
+    dist = init_distributed(job.train.device)
+    try:
+        return _train(job, Path(run_dir), resolved_yaml, reference, choices, match, dist)
+    finally:
+        close_distributed(dist)
+
+
+def _check_processes(cfg: TrainConfig, dist: Dist) -> None:
+    if cfg.nproc > 1 and dist.world == 1:
+        raise UserError(f"train.nproc={cfg.nproc} needs torchrun: run it through the `shortcut train` command, or "
+                        f"`torchrun --nproc_per_node={cfg.nproc} -m shortcut train ...`")
+    if cfg.nproc not in (1, dist.world):
+        raise UserError(f"train.nproc={cfg.nproc} but torchrun started {dist.world} processes")
+    if (cfg.batch_size * cfg.grad_accum) % dist.world:
+        raise UserError(f"a step's batch of train.batch_size x train.grad_accum = {cfg.batch_size * cfg.grad_accum} "
+                        f"windows cannot be split evenly over {dist.world} processes")
+
+
+def _train(job: TrainJob, run_dir: Path, resolved_yaml: str | None, reference: TrainJob | None,
+           choices: dict | None, match: Match | None, dist: Dist) -> Summary:
+    _check_processes(job.train, dist)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = open_corpus(job)
     mcfg = resolve_model(job.model, data.vocab_size)
     cfg = effective_train(job.train, mcfg, data.vocab_size, match)
-    state = resume_or_reset(job, run_dir, data)
+    state = resume_or_reset(job, run_dir, data, dist)
     if state is not None and state.step >= cfg.max_steps and (run_dir / rundir.SUMMARY).is_file():
         log.info("%s already finished (step %d of %d); nothing to train", run_dir, state.step, cfg.max_steps)
         return Summary.read(run_dir)
-    device = pick_device(cfg.device)
-    model, optimizer = build(mcfg, cfg, job.seed, device, state)
-    if resolved_yaml is not None:
+    device = pick_device(cfg.device, dist.local_rank)
+    model, optimizer = build(mcfg, cfg, job.seed, device, state, dist)
+    if resolved_yaml is not None and dist.main:
         (run_dir / rundir.CONFIG).write_text(resolved_yaml)
-    loop = Loop(job, cfg, run_dir, data, device, flops_per_token(mcfg), peak_flops(device))
+    loop = Loop(job, cfg, run_dir, data, device, flops_per_token(mcfg), peak_flops(device), dist=dist)
     if state is not None:
         loop.step, loop.best, loop.last_val = state.step, state.best_val_loss, state.last_val_loss
         loop.train_time, loop.prior_wall, loop.weights_hash = state.train_time, state.wall_time, state.weights_hash
     counts = param_counts(mcfg)
-    log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, %d steps, taps %s", mcfg.arch,
+    log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, %d steps%s, taps %s", mcfg.arch,
              f"{counts['params']:,}", f"{counts['non_embedding_params']:,}", loop.flops["forward"], cfg.max_steps,
+             f" on {dist.world} processes" if dist.world > 1 else "",
              mcfg.tap_layers() if mcfg.arch == "shortcut" else "-")
-    metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=loop.step)
-    tracker = open_tracker(job.wandb, run_dir, name=run_dir.name, config=plain(job))
+    metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=loop.step) if dist.main else None
+    tracker = open_tracker(job.wandb, run_dir, name=run_dir.name, config=plain(job)) if dist.main else Tracker()
     session_start, failed = time.perf_counter(), True
     try:
-        run_loop(loop, model, optimizer, metrics, tracker, autocast(device, cfg.precision), session_start)
+        run_loop(loop, model, metrics, tracker, optimizer, autocast(device, cfg.precision), session_start)
         summary = summarise(job, loop, mcfg, counts, reference, choices, session_start)
-        summary.write(run_dir)
-        tracker.summary({k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float, str))})
-        log.info("done: step %d, val loss %s, run dir %s", loop.step,
-                 f"{loop.last_val:.4f}" if loop.last_val is not None else "-", run_dir)
+        if dist.main:
+            summary.write(run_dir)
+            tracker.summary({k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float, str))})
+            log.info("done: step %d, val loss %s, run dir %s", loop.step,
+                     f"{loop.last_val:.4f}" if loop.last_val is not None else "-", run_dir)
         failed = False
         return summary
     finally:
@@ -325,4 +395,4 @@ def summarise(job: TrainJob, loop: Loop, mcfg: ModelConfig, counts: dict, refere
         best_val_loss=loop.best if loop.best < math.inf else None, train_time_s=loop.train_time,
         wall_time_s=loop.prior_wall + time.perf_counter() - session_start, finished=loop.step >= loop.cfg.max_steps,
         checkpoint_hash=loop.weights_hash, finished_at=rundir.now(),
-        peak_flops=loop.peak, peak_flops_source="table" if loop.peak else None)
+        peak_flops=loop.peak, peak_flops_source="table" if loop.peak else None, nproc=loop.dist.world)

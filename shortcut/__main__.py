@@ -1,0 +1,7 @@
+"""`python -m shortcut ...` is the `shortcut` command (what torchrun starts: torchrun ... -m shortcut train ...)."""
+
+import sys
+
+from shortcut.cli import main
+
+sys.exit(main())
