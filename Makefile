@@ -2,6 +2,9 @@
 PY ?= python3
 
 TEXT ?= /usr/share/common-licenses/*
+# A Hydra launcher for the training sweeps, e.g. LAUNCHER=slurm_gpu (SLURM via Submitit: pip install -e '.[cluster]')
+LAUNCHER ?=
+SWEEP = $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
 
 .PHONY: help install test test-all demo reproduce-paper reproduce-paper-cpu scaling scaling-cpu bench
 help:
@@ -36,7 +39,7 @@ demo:
 # A failed training job does not stop the others ("-"): compare then lists what is missing.
 reproduce-paper:
 	shortcut prepare -m dataset=text8,wikitext103,maestro,librispeech
-	-shortcut train -m experiment=paper
+	-shortcut train -m experiment=paper $(SWEEP)
 	shortcut eval run_dir=runs/paper
 	shortcut compare runs=runs/paper name=paper
 
@@ -56,8 +59,8 @@ scaling-cpu:
 
 scaling:
 	shortcut prepare dataset=text8
-	-shortcut train -m experiment=scaling
-	-shortcut train -m experiment=scaling model=shortcut model.n_embd=576
+	-shortcut train -m experiment=scaling $(SWEEP)
+	-shortcut train -m experiment=scaling model=shortcut model.n_embd=576 $(SWEEP)
 	shortcut eval run_dir=runs/scaling
 	shortcut compare runs=runs/scaling name=scaling compute_multiplier=true
 

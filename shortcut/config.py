@@ -206,7 +206,7 @@ class AudioDomain:
 
 class AttnImpl(enum.StrEnum):
     """How the shortcut's final layer computes its attention over (tap, position) pairs: the same function each time."""
-    auto = "auto"  # the fastest exact one for the device (never flex on CPU); see shortcut.model.resolve_attn_impl
+    auto = "auto"  # the fastest exact one for the device (never flex on CPU); see shortcut.attention.resolve_attn_impl
     masked = "masked"  # the readable reference: one attention under a boolean (T, K*T) mask
     lse = "lse"  # one causal attention per tap (kernels skip the future half), merged exactly by log-sum-exp
     flex = "flex"  # torch flex_attention with a block mask over the (T, K*T) layout; CUDA only

@@ -2,7 +2,8 @@
 
 Baseline: GPT-2 (pre-LayerNorm, learned positions, tied head). Shortcut (Verma & Pilanci 2024, arXiv 2409.10870):
 the final block's self-attention is replaced by attention over (layer, position) pairs, so each token chooses how
-deep a representation it reads. Everything else is shared code.
+deep a representation it reads. Everything else is shared code. That attention's kernels (a readable masked
+reference and faster exact implementations of the same function, model.attn_impl) are in shortcut/attention.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shortcut.config import Arch, FeatureMap, MatchBy, ModelConfig
+from shortcut.attention import (ATTENTION, depth_context_attention_probs, lse_kernel_available,
+                                resolve_attn_impl)
+from shortcut.config import Arch, AttnImpl, FeatureMap, MatchBy, ModelConfig
 
 
 class MLP(nn.Module):
@@ -57,26 +60,28 @@ class DepthContextAttention(CausalSelfAttention):
     taps), so a shortcut model with a single tap l = L-1 and identity feature maps *is* the baseline.
     """
 
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.attn_impl = cfg.attn_impl
+
     def forward(self, x, z, need_weights: bool = False):
         # x: (B, T, C) normalised h_{L-1};  z: (B, K, T, C) normalised f_l(h_l) + e_l for the K taps
         B, K, T, C = z.shape
+        nh = self.n_head
         w_q, w_kv = self.c_attn.weight.split([C, 2 * C], dim=0)
         b_q, b_kv = self.c_attn.bias.split([C, 2 * C]) if self.c_attn.bias is not None else (None, None)
         q = self.heads(F.linear(x, w_q, b_q))  # (B, nh, T, hs)
-        k, v = F.linear(z, w_kv, b_kv).view(B, K * T, 2 * C).split(C, dim=2)  # 2 x (B, K*T, C), tap-major
-        k, v = self.heads(k), self.heads(v)  # (B, nh, K*T, hs)
-        # Causal in position, every tap visible: query t sees key (l, s) iff s <= t.
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        mask = causal.repeat(1, K)  # (T, K*T)
+        k, v = F.linear(z, w_kv, b_kv).split(C, dim=3)  # 2 x (B, K, T, C)
+        k, v = (t.view(B, K, T, nh, C // nh).permute(0, 3, 1, 2, 4) for t in (k, v))  # 2 x (B, nh, K, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
         probs = None
         if need_weights:  # explicit softmax so the probabilities can be audited
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, K*T)
-            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            probs = att.view(B, self.n_head, T, K, T)  # (B, nh, T queries, K taps, T keys)
-            y = F.dropout(att, self.dropout, self.training) @ v  # (B, nh, T, hs)
+            y, probs = depth_context_attention_probs(q, k, v, dropout_p)  # (B, nh, T, hs), (B, nh, T, K, T)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            impl = resolve_attn_impl(self.attn_impl, q.device.type)
+            if dropout_p > 0 or (impl == AttnImpl.lse and not lse_kernel_available(q)):
+                impl = AttnImpl.masked  # only the reference applies attention dropout / fits every dtype
+            y = ATTENTION[impl](q, k, v, dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y)), probs
 

@@ -6,6 +6,7 @@ Shared by train, eval and the benchmarks, so evaluation never imports the traini
 from __future__ import annotations
 
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -13,8 +14,13 @@ import torch
 
 from shortcut.config import Device, Precision, TrainConfig, UserError
 
-# Dense bf16 peak FLOP/s by device name, for MFU. CPUs have no agreed peak: MFU is left out there.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# Dense BF16 tensor-core peak FLOP/s (no sparsity) by device model, from the vendors' data sheets, most specific
+# first: an H100 PCIe must not get the SXM figure. CPUs have no agreed peak: MFU is left out there.
+PEAK_FLOPS = [
+    (r"H100.*PCIe", 756e12), (r"H100.*NVL", 835e12), (r"H100", 989e12),  # "H100 80GB HBM3" is the SXM part
+    (r"H200", 989e12), (r"GH200", 989e12), (r"A100", 312e12), (r"L40S", 362e12), (r"\bL40\b", 181e12),
+    (r"A10G", 70e12), (r"\bA10\b", 125e12), (r"RTX 4090", 165e12), (r"RTX 3090", 71e12), (r"L4\b", 121e12),
+]
 
 
 def pick_device(choice: Device, local_rank: int = 0) -> torch.device:
@@ -31,11 +37,43 @@ def autocast(device: torch.device, precision: Precision):
     return nullcontext()
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_from_table(name: str) -> float | None:
+    return next((v for pattern, v in PEAK_FLOPS if re.search(pattern, name)), None)
+
+
+def peak_flops(device: torch.device) -> tuple[float | None, str | None]:
+    """Peak dense BF16 FLOP/s of a CUDA device and where the figure comes from (the table, or a measured matmul
+    probe for a device the table does not know); (None, None) on a CPU."""
     if device.type != "cuda":
-        return None
+        return None, None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    peak = peak_from_table(name)
+    if peak is not None:
+        return peak, f"table: {name}"
+    return matmul_probe(device), f"measured: bf16 matmul probe on {name}"
+
+
+def matmul_probe(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    """Achieved FLOP/s of large bf16 matmuls: a lower bound of the peak, for MFU on unknown devices."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * repeats / (start.elapsed_time(end) / 1e3)
+
+
+def allow_fast_math(device: torch.device) -> None:
+    """TF32 for the float32 matmuls that remain under bf16 autocast (CUDA only; CPUs are unaffected)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

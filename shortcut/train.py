@@ -27,8 +27,8 @@ from shortcut.config import ModelConfig, TrainConfig, TrainJob, UserError
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token, match_params, param_counts
 from shortcut.rundir import Checkpoint, Summary
-from shortcut.runtime import (Dist, autocast, close_distributed, init_distributed, make_optimizer, model_device,
-                              peak_flops, pick_device)
+from shortcut.runtime import (Dist, allow_fast_math, autocast, close_distributed, init_distributed, make_optimizer,
+                              model_device, peak_flops, pick_device)
 from shortcut.tracking import MetricsLog, Tracker, open_tracker
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,7 @@ class Loop:
     dist: Dist = field(default_factory=Dist)
     loss_sum: torch.Tensor | None = None  # training losses since the last check, on the device (no sync per step)
     loss_steps: int = 0
+    peak_source: str | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -210,6 +211,8 @@ def train_step(loop: Loop, model, fwd_model, optimizer, ctx) -> None:
     parts = loop.micro_batches()
     for k, starts in enumerate(parts):
         x, y = loop.data.windows("train", starts)
+        if loop.device.type == "cuda":  # page-locked, so the copy overlaps the previous step's kernels
+            x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
         with fwd_model.no_sync() if loop.dist.world > 1 and k < len(parts) - 1 else nullcontext():
             with ctx:
@@ -351,7 +354,9 @@ def _train(job: TrainJob, run_dir: Path, resolved_yaml: str | None, reference: T
     model, optimizer = build(mcfg, cfg, job.seed, device, state, dist)
     if resolved_yaml is not None and dist.main:
         (run_dir / rundir.CONFIG).write_text(resolved_yaml)
-    loop = Loop(job, cfg, run_dir, data, device, flops_per_token(mcfg), peak_flops(device), dist=dist)
+    allow_fast_math(device)
+    peak, loop_peak_source = peak_flops(device)
+    loop = Loop(job, cfg, run_dir, data, device, flops_per_token(mcfg), peak, dist=dist, peak_source=loop_peak_source)
     if state is not None:
         loop.step, loop.best, loop.last_val = state.step, state.best_val_loss, state.last_val_loss
         loop.train_time, loop.prior_wall, loop.weights_hash = state.train_time, state.wall_time, state.weights_hash
@@ -395,4 +400,4 @@ def summarise(job: TrainJob, loop: Loop, mcfg: ModelConfig, counts: dict, refere
         best_val_loss=loop.best if loop.best < math.inf else None, train_time_s=loop.train_time,
         wall_time_s=loop.prior_wall + time.perf_counter() - session_start, finished=loop.step >= loop.cfg.max_steps,
         checkpoint_hash=loop.weights_hash, finished_at=rundir.now(),
-        peak_flops=loop.peak, peak_flops_source="table" if loop.peak else None, nproc=loop.dist.world)
+        peak_flops=loop.peak, peak_flops_source=loop.peak_source, nproc=loop.dist.world)

@@ -102,3 +102,27 @@ def test_multirun_runs_every_job_and_reports_failures(tmp_path, prepared):
     assert r.returncode == 1
     assert "1 job(s) failed" in r.stderr and "block_size=100000" in r.stderr
     assert (tmp_path / "sweep2" / "1" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("launcher", ["slurm_gpu", "slurm_node", "local_parallel"])
+def test_cluster_launcher_configs_compose(launcher):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from shortcut.cli import config_dir
+    from shortcut.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose("train", ["experiment=paper", f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert "submitit" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.timeout_min > 0
+
+
+@pytest.mark.slow
+def test_a_sweep_through_submitit_runs_its_jobs(tmp_path, prepared):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    r = shortcut("train", "-m", *prepared, *TINY, "train.max_steps=5", "seed=0,1", "hydra/launcher=local_parallel",
+                 f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(json.loads((sweep / str(i) / "summary.json").read_text())["seed"] for i in range(2)) == [0, 1]

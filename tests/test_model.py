@@ -7,7 +7,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from shortcut.config import ModelConfig
+from shortcut.config import AttnImpl, ModelConfig, UserError
+from shortcut.attention import ATTENTION, depth_context_attention_probs, resolve_attn_impl
 from shortcut.model import GPT, flops_per_token, match_params, param_counts
 
 BASE = ModelConfig(arch="baseline", n_layer=3, n_head=2, n_embd=32, block_size=24, vocab_size=40)
@@ -17,7 +18,10 @@ SHORTCUT = replace(BASE, arch="shortcut")
 VARIANTS = [
     {}, {"taps": "every_2"}, {"taps": [0, 2]}, {"taps": [2]}, {"feature_map": "linear"}, {"feature_map": "none"},
     {"depth_embedding": False}, {"feature_hidden": 8}, {"bias": False}, {"n_layer": 1},
+    {"attn_impl": "masked"}, {"attn_impl": "lse"}, {"attn_impl": "lse", "taps": [0, 2]},
 ]
+# The attention implementations this machine runs (flex needs CUDA).
+IMPLS = [i for i in AttnImpl if i != AttnImpl.auto and (i != AttnImpl.flex or torch.cuda.is_available())]
 
 
 def tokens(B=2, T=24, seed=0):
@@ -72,20 +76,24 @@ def test_shortcut_starts_with_identity_feature_maps():
         torch.testing.assert_close(f(h), h)
 
 
-@pytest.mark.parametrize("cfg", [BASE, SHORTCUT, replace(SHORTCUT, feature_map="linear", taps="every_2"),
-                                 replace(SHORTCUT, feature_map="none", bias=False)], ids=["base", "sc", "sc-lin", "sc-none"])
-def test_flops_match_the_counter(cfg):
-    model = GPT(cfg)
-    x = tokens(B=2, T=cfg.block_size)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # MATH: counted as matmuls
+@pytest.mark.parametrize("cfg,T", [
+    (BASE, 24), (SHORTCUT, 24), (replace(SHORTCUT, feature_map="linear", taps="every_2"), 24),
+    (replace(SHORTCUT, feature_map="none", bias=False), 24), (replace(SHORTCUT, taps=[0, 2], feature_hidden=8), 24),
+    (replace(SHORTCUT, n_layer=1), 24), (replace(SHORTCUT, taps=[2]), 24), (SHORTCUT, 13), (BASE, 13)],
+    ids=["base", "sc", "sc-lin", "sc-none", "sc-gaps", "sc-L1", "sc-last", "sc-T13", "base-T13"])
+def test_flops_match_the_counter(cfg, T):
+    """The analytic count is the counter's count exactly (MATH: attention counted as its two matmuls)."""
+    model = GPT(replace(cfg, attn_impl="masked"))  # the reference, whose attention is one SDPA call
+    x = tokens(B=2, T=T)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x)
     measured = counter.get_total_flops() / x.numel()
-    analytic = flops_per_token(cfg)["forward"]
-    assert abs(analytic - measured) / measured < 0.10, (analytic, measured)
+    analytic = flops_per_token(cfg, seq_len=T)
+    assert abs(analytic["forward"] - measured) <= 1e-6 * measured, (analytic, measured)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, x)[1].backward()
     measured_train = counter.get_total_flops() / x.numel()
-    assert abs(flops_per_token(cfg)["train"] - measured_train) / measured_train < 0.10, measured_train
+    assert abs(analytic["train"] - measured_train) <= 1e-6 * measured_train, (analytic, measured_train)
 
 
 def test_param_counts():
@@ -115,7 +123,100 @@ def test_tap_choices(taps, expected):
 
 
 @pytest.mark.parametrize("bad", [{"taps": [0, 7]}, {"taps": []}, {"taps": "every_0"}, {"taps": "some"},
-                                 {"taps": [1, 1]}, {"n_embd": 30, "n_head": 4}, {"dropout": 1.5}])
+                                 {"taps": [1, 1]}, {"n_embd": 30, "n_head": 4}, {"dropout": 1.5},
+                                 {"attn_impl": "fast"}])
 def test_bad_model_configs(bad):
     with pytest.raises(ValueError):
         replace(SHORTCUT, **bad)
+
+
+# --- attention implementations: each computes the masked reference's function, values and gradients ---
+
+def qkv(B, nh, K, T, hs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, nh, T, hs, generator=g)
+    # k, v as the model makes them: a (B, nh, K, T, hs) view of one (B, K, T, 2C) projection
+    kv = torch.randn(B, K, T, 2 * nh * hs, generator=g)
+    k, v = (t.view(B, K, T, nh, hs).permute(0, 3, 1, 2, 4) for t in kv.split(nh * hs, dim=-1))
+    return [t.detach().requires_grad_() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("K,T", [(1, 1), (3, 1), (1, 24), (4, 17), (2, 70), (5, 129)])
+def test_attention_impls_match_the_reference(impl, K, T):
+    device = "cuda" if impl == AttnImpl.flex else "cpu"
+    q, k, v = (t.detach().to(device).requires_grad_() for t in qkv(2, 3, K, T, 16))
+    dy = torch.randn(2, 3, T, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    outs = []
+    for f in (ATTENTION[AttnImpl.masked], ATTENTION[impl]):
+        y = f(q, k, v)
+        outs.append((y, *torch.autograd.grad(y, (q, k, v), dy)))
+    for ref, got in zip(*outs):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant,T", [({}, 1), ({}, 70), ({"taps": [3]}, 37), ({"taps": [0, 3]}, 70),
+                                       ({"taps": "every_2", "feature_map": "linear"}, 33), ({"n_layer": 1}, 70)],
+                         ids=lambda v: str(v))
+def test_models_with_each_impl_match_the_reference(impl, variant, T):
+    """Logits, loss and the gradient of every parameter, at T not a multiple of any kernel block."""
+    device = "cuda" if impl == AttnImpl.flex else "cpu"
+    cfg = replace(SHORTCUT, **{"n_layer": 4, "block_size": 80, **variant})
+    results = []
+    for attn_impl in (AttnImpl.masked, impl):
+        torch.manual_seed(0)
+        model = GPT(replace(cfg, attn_impl=attn_impl)).to(device)
+        x = tokens(B=3, T=T).to(device)
+        logits, loss, _ = model(x, x)
+        loss.backward()
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_block_mask_layout_on_cpu():
+    """flex's mask over the tap-major layout, checked where it can run here: eager, forward only."""
+    q, k, v = (t.detach() for t in qkv(2, 2, 3, 37, 16))
+    torch.testing.assert_close(ATTENTION[AttnImpl.flex](q, k, v), ATTENTION[AttnImpl.masked](q, k, v),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_an_exact_impl_for_the_device():
+    assert resolve_attn_impl(AttnImpl.auto, "cpu") in (AttnImpl.masked, AttnImpl.lse)  # never flex on CPU
+    assert resolve_attn_impl("auto", "cuda") in (AttnImpl.masked, AttnImpl.lse, AttnImpl.flex)
+    assert resolve_attn_impl("lse", "cpu") == AttnImpl.lse
+    with pytest.raises(UserError, match="needs CUDA"):
+        resolve_attn_impl("flex", "cpu")
+    with pytest.raises(UserError):  # the model says so in its first forward
+        GPT(replace(SHORTCUT, attn_impl="flex"))(tokens())
+    assert ModelConfig(attn_impl="lse").attn_impl is AttnImpl.lse
+
+
+def test_dropout_trains_with_every_impl():
+    """Attention dropout is the reference's: the fast paths hand over to it while training with dropout."""
+    for impl in IMPLS:
+        if impl == AttnImpl.flex:
+            continue
+        model = GPT(replace(SHORTCUT, dropout=0.1, attn_impl=impl)).train()
+        x = tokens()
+        model(x, x)[1].backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 4 * 2 * 3 * 4 * 30 * 7, 2**30])  # c = 1, 7 (not dividing T), T
+def test_audit_probabilities_in_chunks_match_the_reference(chunk_bytes):
+    q, k, v = (t.detach() for t in qkv(2, 3, 4, 30, 8))
+    y, probs = depth_context_attention_probs(q, k, v, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(y, ATTENTION[AttnImpl.masked](q, k, v), atol=1e-5, rtol=1e-5)
+    assert probs.shape == (2, 3, 30, 4, 30) and probs.dtype == torch.float32
+    # the explicit reference: one softmax over all K*T keys under the (T, K*T) mask
+    scores = q @ k.flatten(2, 3).transpose(-2, -1) / 8 ** 0.5
+    mask = torch.ones(30, 30, dtype=torch.bool).tril().repeat(1, 4)
+    ref = scores.masked_fill(~mask, float("-inf")).softmax(-1).view(2, 3, 30, 4, 30)
+    torch.testing.assert_close(probs, ref, atol=1e-6, rtol=1e-5)

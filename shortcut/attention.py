@@ -1,0 +1,178 @@
+"""Depth-and-context attention, three exact ways (model.attn_impl), and the audit's explicit one.
+
+All take q: (B, nh, T, hs) and k, v: (B, nh, K, T, hs) (tap l, position s) and return (B, nh, T, hs): query t
+attends, with one softmax, to every key (l, s) with s <= t (Verma & Pilanci 2024, the shortcut's final layer).
+`masked` is the readable reference; `lse` and `flex` compute the same function faster where kernels allow.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from shortcut.config import AttnImpl, UserError
+
+
+def masked_depth_context_attention(q, k, v, dropout_p: float = 0.0):
+    """The readable reference: the K taps laid end to end along the key axis, one SDPA call under a boolean mask.
+
+    A boolean mask rules out the fused causal kernels: all K·T² scores are computed, half of them to be masked."""
+    B, nh, K, T, hs = k.shape
+    k, v = k.flatten(2, 3), v.flatten(2, 3)  # (B, nh, K*T, hs), tap-major
+    # Causal in position, every tap visible: query t sees key (l, s) iff s <= t.
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = causal.repeat(1, K)  # (T, K*T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def lse_depth_context_attention(q, k, v, dropout_p: float = 0.0):
+    """The fast path: K ordinary causal attentions (one per tap), merged. On CUDA, FlashAttention-2 skips the
+    future half of each; torch's CPU kernel skips only whole blocks of 512 keys, so there it saves nothing.
+
+    Exact, not approximate: a softmax over a union of key sets is the mix of the per-set softmaxes weighted by
+    their normalisers. With m_l(t) = log Σ_{s<=t} exp(q_t·k_ls/√hs) the log-sum-exp of tap l and o_l(t) its causal
+    attention output, y(t) = Σ_l exp(m_l(t) - M(t)) o_l(t) with M(t) = log Σ_l exp(m_l(t)). The backward is exact
+    too: see _TapMergedCausalAttention. No attention dropout (the caller uses the reference when it is on)."""
+    assert dropout_p == 0.0, "the lse path has no attention dropout"
+    return _TapMergedCausalAttention.apply(q, k, v)
+
+
+class _TapMergedCausalAttention(torch.autograd.Function):
+    """Causal attention per tap with the fused kernels that also return the log-sum-exp, merged over taps.
+
+    Public SDPA returns no log-sum-exp, hence the kernels' own entry points (CPU: the flash kernel every float
+    dtype may use; CUDA: FlashAttention-2, half precision). Taps are folded into the batch, so one kernel call
+    serves all K. Backward: a causal attention's backward, handed the *merged* output y and the *merged* M instead
+    of its own, recomputes P = exp(S_l - M), the joint softmax restricted to tap l, and D = rowsum(dy ∘ y), the
+    joint one, so it returns exactly tap l's share of the gradients (dk_l, dv_l and a term of dq; the split-KV
+    identity of FlashAttention). dq sums over taps."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, nh, K, T, hs = k.shape
+        qr = q.unsqueeze(1).expand(B, K, nh, T, hs).reshape(B * K, nh, T, hs)  # q once per tap
+        kr, vr = (t.transpose(1, 2).reshape(B * K, nh, T, hs) for t in (k, v))  # tap folded into the batch
+        o, lse, state = _causal_attention_with_lse(qr, kr, vr)  # (B*K, nh, T, hs), (B*K, nh, T)
+        o, lse = o.view(B, K, nh, T, hs), lse.view(B, K, nh, T)
+        m = lse.logsumexp(dim=1)  # (B, nh, T) the joint normaliser M
+        w = (lse - m.unsqueeze(1)).exp()  # (B, K, nh, T) share of each tap, sums to 1 over K
+        y = (w.unsqueeze(-1) * o).sum(dim=1).to(q.dtype)  # (B, nh, T, hs)
+        ctx.save_for_backward(q, kr, vr, y, m)
+        ctx.shape, ctx.kernel_state = (B, nh, K, T, hs), state
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, kr, vr, y, m = ctx.saved_tensors
+        B, nh, K, T, hs = ctx.shape
+        per_tap = lambda t: t.unsqueeze(1).expand(B, K, *t.shape[1:]).reshape(B * K, *t.shape[1:])  # noqa: E731
+        dq, dk, dv = _causal_attention_backward(per_tap(dy.contiguous()), per_tap(q), kr, vr, per_tap(y),
+                                                per_tap(m), ctx.kernel_state)  # 3 x (B*K, nh, T, hs)
+        dq = dq.view(B, K, nh, T, hs).sum(dim=1)  # (B, nh, T, hs)
+        dk, dv = (t.view(B, K, nh, T, hs).transpose(1, 2) for t in (dk, dv))  # 2 x (B, nh, K, T, hs)
+        return dq, dk, dv
+
+
+def lse_kernel_available(q) -> bool:
+    """Whether _causal_attention_with_lse has a kernel for q (CUDA: FlashAttention-2 wants fp16/bf16, hs % 8 == 0,
+    sm80+); where not (float32 on CUDA, say), the reference runs instead."""
+    if q.device.type == "cpu":
+        return True
+    hs = q.size(-1)
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and hs % 8 == 0 and hs <= 256
+            and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def _causal_attention_with_lse(q, k, v):
+    """(N, nh, T, hs) x 3 -> causal attention output, its log-sum-exp (N, nh, T) float32, and the backward's state."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+        return out, lse, ()
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, True, False)
+    return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _causal_attention_backward(dy, q, k, v, y, lse, state):
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(dy, q, k, v, y, lse, 0.0, True)
+    cum_q, cum_k, max_q, max_k, seed, offset = state
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dy, q, k, v, y, lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
+
+
+def flex_depth_context_attention(q, k, v, dropout_p: float = 0.0):
+    """torch's flex_attention (compiled) with a block mask over the (T, K*T) tap-major layout: blocks wholly in
+    the future of their queries are skipped, the rest masked element-wise. CUDA only (no CPU backward in torch)."""
+    assert dropout_p == 0.0, "flex_attention has no attention dropout"
+    from torch.nn.attention.flex_attention import flex_attention
+
+    B, nh, K, T, hs = k.shape
+    block_mask = _tap_block_mask(T, K, str(q.device))
+    run = _compiled_flex() if q.device.type == "cuda" else flex_attention  # eager: forward only, for the tests
+    return run(q, k.flatten(2, 3), v.flatten(2, 3), block_mask=block_mask)  # (B, nh, T, hs)
+
+
+@functools.cache
+def _tap_block_mask(T: int, K: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q_idx, kv_idx):  # key kv_idx = l*T + s is position s of tap l
+        return kv_idx % T <= q_idx
+
+    return create_block_mask(visible, B=None, H=None, Q_LEN=T, KV_LEN=K * T, device=device)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+ATTENTION = {AttnImpl.masked: masked_depth_context_attention, AttnImpl.lse: lse_depth_context_attention,
+             AttnImpl.flex: flex_depth_context_attention}
+
+
+def resolve_attn_impl(impl: AttnImpl, device_type: str) -> AttnImpl:
+    """The implementation model.attn_impl names on this device: auto picks the fastest exact one."""
+    impl = AttnImpl(impl)
+    if impl == AttnImpl.flex and device_type != "cuda":
+        raise UserError(f"model.attn_impl=flex needs CUDA (torch's flex_attention has no backward on "
+                        f"{device_type}); use auto, lse or masked")
+    if impl == AttnImpl.auto:
+        # CPU: masked, measured fastest (benchmarks/attn_impls.py): torch's CPU flash kernel skips the future
+        # only in blocks of 512 keys, so below that a causal call costs as much as a full one and lse only adds
+        # its merge. CUDA: lse, as FlashAttention-2 skips the future half; an expectation, to be measured against
+        # flex and masked by `make gpu-check` (benchmarks/attn_impls.py).
+        return AttnImpl.masked if device_type == "cpu" else AttnImpl.lse
+    return impl
+
+
+AUDIT_CHUNK_BYTES = 256 * 2**20
+
+
+def depth_context_attention_probs(q, k, v, dropout_p: float = 0.0, chunk_bytes: int = AUDIT_CHUNK_BYTES):
+    """The reference computation, with its probabilities: y (B, nh, T, hs) and probs (B, nh, T, K, T) float32.
+
+    Queries go c at a time, c = max(1, chunk_bytes // (3·4·B·nh·K·T)), so that beside the returned probs
+    (B·nh·T·K·T floats) and one contiguous copy of k and v, the scratch is at most 3·B·nh·c·K·T floats (a
+    chunk's scores, softmax and dropout) <= chunk_bytes, 256 MiB by default. Under autograd every chunk's
+    softmax is kept for the backward, as in any explicit attention; the audit runs without."""
+    B, nh, K, T, hs = k.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    k, v = k.flatten(2, 3).contiguous(), v.flatten(2, 3).contiguous()  # (B, nh, K*T, hs), tap-major
+    # Causal in position, every tap visible: query t sees key (l, s) iff s <= t.
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().repeat(1, K)  # (T, K*T)
+    c = max(1, min(T, chunk_bytes // (3 * 4 * B * nh * K * T)))
+    probs = torch.zeros(B, nh, T, K * T, dtype=dtype, device=q.device)
+    ys = []
+    for t0 in range(0, T, c):
+        att = (q[:, :, t0:t0 + c] @ k.transpose(-2, -1)).div_(math.sqrt(hs))  # (B, nh, c, K*T), in place: lean
+        att = att.masked_fill_(~mask[t0:t0 + c], float("-inf")).to(dtype).softmax(dim=-1)
+        probs[:, :, t0:t0 + c] = att
+        ys.append(F.dropout(att, dropout_p).to(v.dtype) @ v)  # (B, nh, c, hs)
+    return torch.cat(ys, dim=2), probs.view(B, nh, T, K, T)  # (B, nh, T queries, K taps, T keys)
