@@ -30,10 +30,9 @@ test-all:
 # The main job on the embedded default dataset (the music21 chorales ship with the music21 wheel; no network).
 demo:
 	shortcut prepare domain=music
-	shortcut train -m experiment=demo model=baseline,shortcut
-	shortcut eval run_dir=runs/demo/baseline/seed0
-	shortcut eval run_dir=runs/demo/shortcut/seed0
-	shortcut compare runs=runs/demo name=demo
+	shortcut train -m experiment=demo model=baseline,shortcut seed=0,1,2
+	shortcut eval run_dir=runs/demo
+	shortcut compare runs=runs/demo name=demo wandb=off
 
 # prepare -> train (multirun) -> eval -> compare. Re-running resumes: finished runs are skipped, evaluated runs too.
 # A failed training job does not stop the others ("-"): compare then lists what is missing.
