@@ -1,6 +1,7 @@
 """The on-disk token corpus every domain prepares and training reads.
 
-<root>/<domain>/<source>-<settings hash>/ holds train.bin, val.bin, test.bin (flat unsigned-integer token arrays) and meta.json.
+<root>/<domain>/<source>-<settings hash>/ holds train.bin, val.bin, test.bin (flat unsigned-integer token arrays)
+and meta.json.
 A corpus is written into a temporary folder and renamed into place, so a half-written one never looks complete.
 Each combination of domain settings (tokenizer, codebook size, split fractions, ...) gets its own folder, so two
 settings of one source never overwrite each other and a run can never train on a corpus its config does not describe.
@@ -94,7 +95,8 @@ def up_to_date(path: Path, input_hash: str) -> bool:
     return meta.get("input_hash") == input_hash and all((Path(path) / f"{s}.bin").is_file() for s in SPLITS)
 
 
-def write_corpus(path: Path, splits: dict[str, np.ndarray], meta: dict, extra_files: dict[str, bytes] | None = None) -> dict:
+def write_corpus(path: Path, splits: dict[str, np.ndarray], meta: dict,
+                 extra_files: dict[str, bytes] | None = None) -> dict:
     """Write the three splits, meta.json and any extra files (a tokenizer, say) atomically into path."""
     path = Path(path)
     vocab_size = int(meta["vocab_size"])

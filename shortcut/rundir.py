@@ -94,7 +94,8 @@ class _Record:
                             f"shortcut (run-dir format {d.get('format')}, this one reads {FORMAT}); train it again "
                             f"with train.resume=false" + (" or re-run shortcut eval" if cls is EvalRecord else ""))
         names = {f.name for f in fields(cls)}
-        missing = sorted(f.name for f in fields(cls) if f.name not in d and f.default is MISSING and f.default_factory is MISSING)
+        missing = sorted(f.name for f in fields(cls)
+                         if f.name not in d and f.default is MISSING and f.default_factory is MISSING)
         if missing:
             raise UserError(f"{where} is incomplete (missing {', '.join(missing)}); train or evaluate it again")
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -171,7 +172,11 @@ class Summary(_Record):
     def from_dict(cls, d: dict, where: Path | str = "?"):
         s = super().from_dict(d, where)
         if isinstance(s.identity, dict):
-            s.identity = Identity(**s.identity)
+            try:
+                s.identity = Identity(**s.identity)
+            except TypeError:
+                raise UserError(f"{where} has an identity this shortcut does not read ({sorted(s.identity)}); "
+                                f"train it again with train.resume=false") from None
         return s
 
 

@@ -386,8 +386,9 @@ def summarise(job: TrainJob, loop: Loop, mcfg: ModelConfig, counts: dict, refere
               choices: dict | None, session_start: float) -> Summary:
     """summary.json: what was trained (identity, sizes, FLOPs), on what, and how it ended."""
     if reference is None:  # called without the CLI: the defaults are the dataclasses'
-        reference = TrainJob(domain=job.domain, model=ModelConfig(arch=job.model.arch, match_params=job.model.match_params,
-                                                                  match_by=job.model.match_by))
+        m = job.model
+        reference = TrainJob(domain=job.domain, model=ModelConfig(arch=m.arch, match_params=m.match_params,
+                                                                  match_by=m.match_by))
     identity = rundir.identify(plain(job.model), plain(mcfg), plain(job.train),
                                {"model": plain(reference.model), "train": plain(reference.train)}, choices or {})
     return Summary(

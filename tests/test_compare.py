@@ -223,6 +223,7 @@ def test_baseline_vs_shortcut_as_written(runs):
     assert "text/files/char" in r.stdout
 
 
+@pytest.mark.slow
 def test_two_dataset_multirun_with_a_failing_job_then_compare(tmp_path, prepared):
     """text and music train; audio was never prepared, so its job fails; the others finish and compare says so."""
     data = prepared[0].split("=", 1)[1]

@@ -19,3 +19,16 @@ def test_no_peak_on_a_cpu():
     assert peak_flops(torch.device("cpu")) == (None, None)
     d = Dist()
     assert d.main and d.world == 1 and d.gather(3) == [3] and d.mean(torch.tensor(2.0)) == 2.0
+
+
+@pytest.mark.slow
+def test_gpu_check_plumbing_runs_on_a_cpu():
+    """make gpu-check cannot run here; its --smoke mode drives the same code on tiny shapes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "all checks passed" in r.stdout and "shortcut/baseline: step time" in r.stdout

@@ -171,6 +171,7 @@ def test_wandb_online_without_a_key_fails_at_once(tmp_path, prepared, monkeypatc
     assert time.time() - t < 10
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     """The real thing: a training process killed with SIGKILL mid-run, then resumed from the command line."""
     args = [sys.executable, "-m", "shortcut.cli", "train", *prepared, *TINY, "model=shortcut",
