@@ -4,9 +4,14 @@ Prints two tables. The first: tokens/s at the demo's size (4 layers, d=128, T=25
 CUDA. The second: the shortcut's step time over the baseline's next to its analytic FLOPs over the baseline's, at
 6 layers, d=256, T=256, batch 16 (all 6 taps), for each attention implementation this device runs. The target is
 time ratio <= 1.05 x FLOP ratio: the shortcut's extra attention should cost what its FLOPs say, no more.
+With NANOGPT=<a checkout of karpathy/nanoGPT> a third table times its GPT against our baseline at the same shape
+and optimizer (target: ours >= nanoGPT's throughput); nothing of nanoGPT is copied or shipped.
 """
 
+import importlib.util
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -18,17 +23,17 @@ from shortcut.runtime import autocast, make_optimizer, peak_flops, pick_device
 WARMUP, STEPS = 3, 10
 
 
-def make_step(cfg: ModelConfig, batch: int, device: torch.device):
+def make_step(cfg: ModelConfig, batch: int, device: torch.device, model: torch.nn.Module | None = None):
     """One optimizer step of a fresh model on a fixed batch, as a closure that returns when the step is done."""
     torch.manual_seed(0)
-    model = GPT(cfg).to(device)
+    model = (model or GPT(cfg)).to(device)
     opt = make_optimizer(model, TrainConfig(), device)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
     ctx = autocast(device, Precision.auto)
 
     def step() -> None:
         with ctx:
-            loss = model(x, x)[1]
+            loss = model(x, x)[1]  # both ours and nanoGPT's return the loss second
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -109,11 +114,40 @@ def cost_ratios(device: torch.device) -> None:
                   f"{ratio / flop_ratio:9.3f}")
 
 
+def against_nanogpt(device: torch.device, checkout: str) -> None:
+    """Our baseline against nanoGPT's GPT (imported from a local checkout) at one shape, interleaved."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(checkout, "model.py"))
+    nano = importlib.util.module_from_spec(spec)
+    sys.modules["nanogpt_model"] = nano
+    spec.loader.exec_module(nano)
+    shape = dict(n_layer=6, n_head=4, n_embd=256, block_size=256)
+    ours = ModelConfig(arch="baseline", vocab_size=512, **shape)
+    theirs = nano.GPT(nano.GPTConfig(vocab_size=512, dropout=0.0, bias=True, **shape))
+    steps = {"shortcut baseline": make_step(ours, 16, device), "nanoGPT": make_step(ours, 16, device, theirs)}
+    for _ in range(WARMUP):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(STEPS):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    ratio = statistics.median(b / a for a, b in zip(times["shortcut baseline"], times["nanoGPT"]))
+    print(f"\nthroughput at L=6 d=256 T=256 batch 16: ours / nanoGPT's = {ratio:.3f} (median per round; "
+          f"target >= 1.0); ms/step ours {statistics.median(times['shortcut baseline']) * 1e3:.1f}, "
+          f"nanoGPT {statistics.median(times['nanoGPT']) * 1e3:.1f}")
+
+
 def main() -> None:
     device = pick_device(Device.auto)
     print(f"device {device}, threads {torch.get_num_threads()}")
     throughput(device)
     cost_ratios(device)
+    if os.environ.get("NANOGPT"):
+        against_nanogpt(device, os.environ["NANOGPT"])
+    else:
+        print("\n(set NANOGPT=<a karpathy/nanoGPT checkout> to time its GPT against our baseline)")
 
 
 if __name__ == "__main__":

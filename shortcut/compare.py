@@ -254,8 +254,8 @@ def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: l
             out[row.key] = scaling.compute_multiplier(ladder, points(row))
     labels = {(f"{row.variant}: ×{out[row.key]['multiplier']:.2f}" if row.key in out else row.variant): points(row)
               for row in others}
-    scaling.plot_loss_vs_compute(ladder, fit, labels, out_png, title=f"{ds_rows[0].dataset}: {metric} vs training "
-                                 f"compute; curve = baseline ladder fit")
+    scaling.plot_loss_vs_compute(ladder, fit, labels, out_png,
+                                 title=f"{ds_rows[0].dataset}\n{metric} vs training compute; curve: baseline ladder")
     return out
 
 
