@@ -67,7 +67,8 @@ def one_line(exc: BaseException) -> str:
 
 
 def _fail(message: str) -> None:
-    print(f"shortcut: error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, every process has the same reason: say it once
+        print(f"shortcut: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -104,7 +105,7 @@ def _preflight(command: str, args: list[str]) -> None:
             match = getattr(getattr(job, "train", None), "match_flops", None)
             if match:  # the model it names must compose too
                 try:
-                    compose(command, [c for c in combo if not c.startswith(("model=", "train.match_flops="))]
+                    compose(command, [c for c in combo if not c.lstrip("+~").startswith(_MATCH_DROPS)]
                             + [f"model={match}"])
                 except Exception as exc:  # noqa: BLE001
                     raise ValueError(f"train.match_flops={match}: {one_line(exc)}") from None
@@ -136,7 +137,7 @@ def _task(cfg) -> None:
             from shortcut.train import Match
 
             if job.train.nproc > 1 and not launched_by_torchrun():
-                return _launch_torchrun(job.train.nproc, list(hc.overrides.task), Path(hc.runtime.output_dir))
+                return _launch_torchrun(job, list(hc.overrides.task), Path(hc.runtime.output_dir))
 
             choices = {g: hc.runtime.choices.get(g) for g in _CHOICE_GROUPS}
             # The run's label is its difference from these config choices composed without command-line values.
@@ -144,7 +145,7 @@ def _task(cfg) -> None:
             match = None
             if job.train.match_flops:
                 other = _compose_in_app([o for o in hc.overrides.task if not o.lstrip("+~").startswith(
-                    ("model=", "train.match_flops="))] + [f"model={job.train.match_flops}"])
+                    _MATCH_DROPS)] + [f"model={job.train.match_flops}"])
                 match = Match(other.model, other.train.max_steps)
             train(job, Path(hc.runtime.output_dir), resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
                   reference=reference, choices=choices, match=match)
@@ -170,20 +171,40 @@ def _task(cfg) -> None:
 
 
 _CHOICE_GROUPS = ("domain", "dataset", "model", "train", "experiment")
+# What train.match_flops=<choice> replaces: the model's kind (its sizes stay), and the matching itself.
+_MATCH_DROPS = ("model=", "model.arch=", "model.match_params=", "model.match_by=", "train.match_flops=")
 
 
-def _launch_torchrun(nproc: int, overrides: list[str], run_dir: Path) -> None:
-    """`shortcut train train.nproc=N`: the same job as N data-parallel processes (torchrun, one machine)."""
+def _launch_torchrun(job, overrides: list[str], run_dir: Path) -> None:
+    """`shortcut train train.nproc=N`: the same job as N data-parallel processes (torchrun, one machine). What can
+    be checked here is checked before any process starts; the launcher dies with this process (even kill -9)."""
+    import signal
     import subprocess
 
+    from shortcut import corpus
     from shortcut.config import UserError
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "shortcut", "train", *overrides, f"hydra.run.dir={run_dir}"]
-    log.info("launching %d processes: %s", nproc, " ".join(cmd))
-    rc = subprocess.run(cmd).returncode
+    n, cfg = job.train.nproc, job.train
+    if (cfg.batch_size * cfg.grad_accum) % n:
+        raise UserError(f"a step's batch of train.batch_size x train.grad_accum = {cfg.batch_size * cfg.grad_accum} "
+                        f"windows cannot be split evenly over train.nproc={n} processes")
+    corpus.locate(job.data.root, job.domain)  # a missing corpus is one line here, not N tracebacks there
+    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")  # Hydra's quoted-string escapes
+    cmd = [sys.executable, "-m", "shortcut.launch", "--standalone", f"--nproc_per_node={n}",
+           "-m", "shortcut", "train", *overrides, f"hydra.run.dir='{quoted}'"]
+    log.info("launching %d processes: %s", n, " ".join(cmd))
+
+    def die_with_parent() -> None:  # Linux: the launcher (and so its workers) get SIGTERM if we are killed
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    rc = subprocess.run(cmd, preexec_fn=die_with_parent).returncode
     if rc != 0:
-        raise UserError(f"the {nproc}-process run in {run_dir} failed (exit status {rc}); its messages are above")
+        raise UserError(f"the {n}-process run in {run_dir} failed (exit status {rc}); its reason is above")
 
 
 def _compose_in_app(overrides: list[str]):

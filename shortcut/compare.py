@@ -85,6 +85,8 @@ def find_runs(patterns: str) -> tuple[list[Run], list[str], list[str]]:
     for root in sorted(roots):
         for d in sorted({root, *root.glob("**/")}):  # glob("**/") yields root itself too
             if rundir.is_run(d):
+                if _is_compare_output(d):
+                    continue
                 try:
                     runs.append(read_run(d))
                 except UserError as exc:
@@ -98,6 +100,14 @@ def find_runs(patterns: str) -> tuple[list[Run], list[str], list[str]]:
             elif (d / rundir.CKPT).is_dir() or (d / rundir.METRICS).is_file():
                 incomplete.append(f"{d} (no summary.json: still running, failed or killed)")
     return runs, incomplete, refused
+
+
+def _is_compare_output(d: Path) -> bool:
+    """compare's own results folder also holds a summary.json: it is not a run."""
+    try:
+        return json.loads((d / rundir.SUMMARY).read_text()).get("kind") == "compare"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_run(d: Path) -> Run:
@@ -212,7 +222,7 @@ def _reference(row: Row, ds_rows: list[Row], baseline: str) -> Row | None:
     """The baseline row a variant is measured against: the baseline with the same extra settings, else the plain
     baseline."""
     def is_base(r: Row) -> bool:
-        return r.variant.split()[0] == baseline or r.variant == baseline
+        return r.summary.arch == "baseline" and (r.variant.split()[0] == baseline or r.variant == baseline)
 
     extra = _label_parts(row.variant)
     return (next((r for r in ds_rows if is_base(r) and _label_parts(r.variant) == extra), None)
@@ -225,37 +235,59 @@ def _eval_settings(ds_rows: list[Row]) -> None:
     for row in ds_rows:
         for r in row.runs:
             if r.eval:
-                key = (r.eval["split"], r.eval["stride"], r.eval["max_tokens"])
+                key = (r.eval["split"], r.eval["stride"], r.eval["max_tokens"], r.eval.get("precision"))
                 settings.setdefault(key, []).append(str(r.path))
     if len(settings) > 1:
-        shown = "; ".join(f"split={k[0]} stride={k[1]} max_tokens={k[2]}: {', '.join(v[:2])}"
+        shown = "; ".join(f"split={k[0]} stride={k[1]} max_tokens={k[2]} precision={k[3]}: {', '.join(v[:2])}"
                           + (f" (+{len(v) - 2})" if len(v) > 2 else "") for k, v in settings.items())
         raise UserError(f"{ds_rows[0].dataset}: runs were evaluated with different settings ({shown}); "
                         f"evaluate them again with the same eval.stride and eval.max_tokens")
 
 
-def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: list[str]) -> dict[tuple, dict]:
-    """Fit the ladder of baseline-architecture rows, then every other row's multiplier; draws loss vs compute."""
+# Model settings that make a baseline bigger or smaller: a ladder's rungs differ in these, and in nothing else.
+SIZE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "match_params", "match_by")
+
+
+def _ladder_key(row: Row) -> str:
+    s = row.summary
+    model = {k: v for k, v in s.model.items() if k not in SIZE_KEYS and k not in rundir.EXECUTION_KEYS["model"]}
+    return rundir.short_hash([model, s.max_steps * s.tokens_per_step])  # the same architecture, the same tokens
+
+
+def compute_multipliers(ds_rows: list[Row], metric: str, baseline: str, out_png: Path,
+                        notes: list[str]) -> dict[tuple, dict]:
+    """For every non-baseline row: the ladder of baseline rows that differ from its reference baseline only in size
+    (and saw as many tokens), fitted, and the row's multiplier on it. Draws loss vs compute for the largest ladder."""
     from shortcut import scaling
 
     def points(row: Row) -> list[scaling.Point]:
         return [scaling.Point(r.seed, r.summary.train_flops, v) for r in row.runs if (v := r.value(metric)) is not None]
 
-    ladder_rows = [r for r in ds_rows if r.summary.arch == "baseline"]
-    ladder = [p for row in ladder_rows for p in points(row)]
-    others = [r for r in ds_rows if r.summary.arch != "baseline"]
-    fit, out = None, {}
-    try:
-        fit = scaling.fit_power_law(ladder)
-    except UserError as exc:
-        notes.append(f"{ds_rows[0].dataset}: no compute multiplier: {exc}")
-    if fit is not None:
-        for row in others:
-            out[row.key] = scaling.compute_multiplier(ladder, points(row))
-    labels = {(f"{row.variant}: ×{out[row.key]['multiplier']:.2f}" if row.key in out else row.variant): points(row)
-              for row in others}
-    scaling.plot_loss_vs_compute(ladder, fit, labels, out_png,
-                                 title=f"{ds_rows[0].dataset}\n{metric} vs training compute; curve: baseline ladder")
+    out, ladders = {}, {}
+    for row in ds_rows:
+        ref = _reference(row, ds_rows, baseline) if row.summary.arch != "baseline" else None
+        if ref is None:
+            continue
+        key = _ladder_key(ref)
+        if key not in ladders:
+            rungs = [r for r in ds_rows if r.summary.arch == "baseline" and _ladder_key(r) == key]
+            ladders[key] = (rungs, None)
+            try:
+                ladders[key] = (rungs, scaling.fit_power_law([p for r in rungs for p in points(r)]))
+            except UserError as exc:
+                notes.append(f"{ds_rows[0].dataset}: no compute multiplier for rows measured against "
+                             f"{ref.variant}: {exc}")
+        rungs, fit = ladders[key]
+        if fit is not None:
+            out[row.key] = {**scaling.compute_multiplier([p for r in rungs for p in points(r)], points(row)),
+                            "ladder": [r.variant for r in rungs]}
+    if ladders:
+        rungs, fit = max(ladders.values(), key=lambda v: len(v[0]))
+        variants = [r for r in ds_rows if r.key in out and out[r.key]["ladder"] == [x.variant for x in rungs]]
+        labels = {f"{r.variant}: ×{out[r.key]['multiplier']:.2f}": points(r) for r in variants}
+        scaling.plot_loss_vs_compute([p for r in rungs for p in points(r)], fit, labels, out_png,
+                                     title=f"{ds_rows[0].dataset}\n{metric} vs training compute; curve: baseline "
+                                           f"ladder ({', '.join(r.variant for r in rungs)})")
     return out
 
 
@@ -274,9 +306,12 @@ def compare(job: CompareJob) -> dict:
     if not rows:
         raise UserError(f"no finished runs match runs={job.runs!r}"
                         + (f" and variants {list(job.variants)}" if job.variants else "")
-                        + "; train some first (shortcut train ...) or point runs= at their directories")
+                        + "; train some first (shortcut train ...) or point runs= at their directories"
+                        + (f" (unfinished: {'; '.join(incomplete[:3])})" if incomplete else ""))
     out_dir = Path(job.results_root) / job.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("*.png"), out_dir / rundir.WANDB_ID]:  # a comparison never shows another's output
+        old.unlink(missing_ok=True)
     datasets = sorted({r.dataset for r in rows})
     table, pictures = [], []
     for i, ds in enumerate(datasets):
@@ -287,16 +322,22 @@ def compare(job: CompareJob) -> dict:
         if job.compute_multiplier:
             png = out_dir / ("loss_vs_compute.png" if len(datasets) == 1 else f"loss_vs_compute_{i}.png")
             metric = table[-1]["metric"]
-            for key, m in compute_multipliers(ds_rows, metric, png, notes).items():
+            found = compute_multipliers(ds_rows, metric, job.baseline, png, notes)
+            for key, m in found.items():
                 next(t for t in table if t["_key"] == key)["compute_multiplier"] = m
-            pictures.append(png)
+            for t in table:
+                t["in_ladder"] = t["in_ladder"] or any(t["variant"] in m["ladder"] for m in found.values()
+                                                       if t["dataset"] == ds)
+            if png.is_file():
+                pictures.append(png)
     md = render_markdown(table, notes, incomplete, job.compute_multiplier)
     _write(out_dir / "table.md", md)
     _write_csv(out_dir / "table.csv", table)
     pictures += plot(table, rows, out_dir)
     for t in table:
         t.pop("_key")
-    summary = {"rows": table, "notes": notes, "incomplete": incomplete, "pictures": [str(p) for p in pictures]}
+    summary = {"kind": "compare", "rows": table, "notes": notes, "incomplete": incomplete,
+               "pictures": [str(p) for p in pictures]}
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     track(job, out_dir, table, pictures)
     print(md)
@@ -311,10 +352,13 @@ def compare(job: CompareJob) -> dict:
 
 def dataset_table(ds_rows: list[Row], job: CompareJob, notes: list[str]) -> list[dict]:
     ds = ds_rows[0].dataset
-    all_test = all(r.eval and r.eval.get("test_nll") is not None for row in ds_rows for r in row.runs)
-    metric = "test_nll" if all_test else "final_val_loss"
-    if not all_test:
-        notes.append(f"{ds}: not every run has a test evaluation (shortcut eval run_dir=...); Δ uses validation NLL")
+    split = next((r.eval["split"] for row in ds_rows for r in row.runs if r.eval), "test")
+    evaluated = all(r.eval for row in ds_rows for r in row.runs)
+    metric = f"{split}_nll" if evaluated else "final_val_loss"
+    if not evaluated:
+        missing = [str(r.path) for row in ds_rows for r in row.runs if not r.eval]
+        notes.append(f"{ds}: {len(missing)} run(s) have no eval.json (e.g. {missing[0]}; shortcut eval run_dir=...):"
+                     f" Δ uses validation NLL, and rows with a missing evaluation show none")
     unit_key = next((k for k in UNIT_METRIC.get(ds_rows[0].summary.domain, ()) if all(
         r.eval and k in r.eval for row in ds_rows for r in row.runs)), None)
     seed_sets = {row.variant: sorted(r.seed for r in row.runs) for row in ds_rows}
@@ -334,13 +378,14 @@ def dataset_table(ds_rows: list[Row], job: CompareJob, notes: list[str]) -> list
             "steps": sorted({r.summary.step for r in row.runs}),
             "tokens_per_s": float(np.mean(tok_s)) if tok_s else None, "seeds": sorted(r.seed for r in row.runs),
             "n": len(row.runs), "val_nll": _mean_std(row.values("final_val_loss").values()),
-            "test_nll": _mean_std(row.values("test_nll").values()),
+            "eval_split": split,
+            "test_nll": _mean_std(row.values(f"{split}_nll").values()) if all(r.eval for r in row.runs) else None,
             "eval_stride": next((r.eval["stride"] for r in row.runs if r.eval), None),
             "mean_context": _mean_std(r.eval["mean_context"] for r in row.runs if r.eval),
             "unit": unit_key, "unit_value": _mean_std(row.values(unit_key).values()) if unit_key else None,
             "metric": metric, "reference": ref.variant if ref else None,
             "delta": None if ref is None or ref is row else delta(ref.values(metric), row.values(metric)),
-            "compute_multiplier": None,
+            "compute_multiplier": None, "in_ladder": False,
             "mean_depth_profile": _depth(row),
             "runs": [str(r.path) for r in row.runs],
         })
@@ -376,10 +421,11 @@ def render_markdown(table: list[dict], notes: list[str], incomplete: list[str], 
     for ds in sorted({r["dataset"] for r in table}):
         rows = [r for r in table if r["dataset"] == ds]
         unit = rows[0]["unit"] or "per unit"
-        metric = "test" if rows[0]["metric"] == "test_nll" else "val"
+        split = rows[0]["eval_split"]
+        metric = split if rows[0]["metric"] == f"{split}_nll" else "val"
         extra_h, extra_a = (" compute multiplier [95% CI] |", "---:|") if multiplier else ("", "")
         lines += [f"### {ds}", "",
-                  f"| variant | params | FLOPs/token | train FLOPs | tokens/s | seeds | val NLL | test NLL | {unit} "
+                  f"| variant | params | FLOPs/token | train FLOPs | tokens/s | seeds | val NLL | {split} NLL | {unit} "
                   f"| Δ {metric} NLL vs baseline [95% CI] | p | test |{extra_h}",
                   f"|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|{extra_a}"]
         for r in rows:
@@ -392,7 +438,7 @@ def render_markdown(table: list[dict], notes: list[str], incomplete: list[str], 
                 dtext = f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
                 ptext, ttext = f"{d['p_value']:.3g}", d["test"]
             tok_s = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"
-            mult = (f" {_fmt_multiplier(r['compute_multiplier']) if r['arch'] != 'baseline' else 'ladder'} |"
+            mult = (f" {'ladder' if r['in_ladder'] else _fmt_multiplier(r['compute_multiplier'])} |"
                     if multiplier else "")
             lines.append(f"| {r['variant']} | {r['params']:,} | {r['flops_per_token']:.3g} | "
                          f"{r['train_flops'][0]:.3g} | {tok_s} | {','.join(map(str, r['seeds']))} | "
@@ -401,8 +447,8 @@ def render_markdown(table: list[dict], notes: list[str], incomplete: list[str], 
         stride = rows[0]["eval_stride"]
         if stride:
             ctx = rows[0]["mean_context"]
-            lines += ["", f"Test NLL: sliding window, stride {stride}" + (f", mean context {ctx[0]:.0f} tokens"
-                                                                          if ctx else "") + "."]
+            context = f", mean context {ctx[0]:.0f} tokens" if ctx else ""
+            lines += ["", f"{split.capitalize()} NLL: sliding window, stride {stride}{context}."]
         lines.append("")
     lines.append("NLL in nats/token, mean ± sample std over seeds. Δ < 0: lower NLL than the baseline row. "
                  "The interval, not the sign, says whether a difference is real. Settings in {braces} are shared "

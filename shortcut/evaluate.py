@@ -21,23 +21,32 @@ from shortcut.config import EvalConfig, EvalJob, ModelConfig, Precision, UserErr
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token
 from shortcut.rundir import Checkpoint, EvalRecord, Summary
-from shortcut.runtime import autocast, pick_device
+from shortcut.runtime import autocast, effective_precision, pick_device
 
 log = logging.getLogger(__name__)
 
 
-def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, TokenData, Checkpoint]:
-    """The trained model (eval mode), its corpus and the checkpoint it came from."""
+def load_run(run_dir: Path, device: torch.device | str = "cpu", data_root: str | None = None
+             ) -> tuple[GPT, TokenData, Checkpoint]:
+    """The trained model (eval mode), its corpus and the checkpoint it came from. A finished run is evaluated at
+    its final checkpoint or not at all (an unreadable final checkpoint is not silently replaced by an older one)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run_dir={str(run_dir)!r} is not a directory")
     state = Checkpoint.latest(run_dir)
     if state is None:
         raise UserError(f"{run_dir} has no usable checkpoint in ckpt/ (train it first: shortcut train ...)")
+    summary = Summary.read(run_dir)
+    if summary is not None and state.weights_hash != summary.checkpoint_hash:
+        raise UserError(f"the final checkpoint of {run_dir} (step {summary.step}) is missing or unreadable; the newest "
+                        f"readable one is step {state.step}. Run the same `shortcut train` command again: it "
+                        f"resumes from there and rebuilds it")
     mcfg = ModelConfig(**state.model_config)
     data_dir = Path(state.data_dir)
-    if not (data_dir / corpus.META).is_file():  # moved data root: where the saved settings put the corpus now
-        data_dir = corpus.corpus_dir(state.config["data"]["root"], state.config["domain"])
+    if data_root is not None:  # the corpora moved: the same settings' folder under the new root
+        data_dir = corpus.locate(data_root, state.config["domain"])
+    elif not (data_dir / corpus.META).is_file():
+        data_dir = corpus.locate(state.config["data"]["root"], state.config["domain"])
     data = TokenData(data_dir, mcfg.block_size)
     if state.data_hash != data.meta["content_hash"]:
         raise UserError(f"the corpus at {data.path} changed since {run_dir} was trained (hash {state.data_hash} "
@@ -130,7 +139,7 @@ def needs_eval(run: Path, cfg: EvalConfig) -> str | None:
     if stale:
         return stale
     want = {"split": cfg.split, "stride": resolved_stride(cfg, summary.model["block_size"], run),
-            "max_tokens": cfg.max_tokens}
+            "max_tokens": cfg.max_tokens, "precision": effective_precision(Precision.auto, pick_device(cfg.device))}
     if record.settings() != want:
         return f"it was measured with {record.settings()}, now {want}"
     depth = rundir.read_depth(run)
@@ -142,10 +151,11 @@ def needs_eval(run: Path, cfg: EvalConfig) -> str | None:
 def evaluate_run(job: EvalJob) -> dict:
     cfg, run_dir = job.eval, Path(job.run_dir)
     device = pick_device(cfg.device)
-    model, data, state = load_run(run_dir, device)
+    model, data, state = load_run(run_dir, device, job.data_root)
     stride = resolved_stride(cfg, model.cfg.block_size, run_dir)
     total, n, mean_context = split_nll(model, data, cfg.split, stride, cfg.max_tokens, cfg.batch_size,
                                        autocast(device, Precision.auto))
+    precision = effective_precision(Precision.auto, device)
     nll = total / n
     # Per unit of the domain (character of text, note of music, second of audio): total nats over the units the
     # scored tokens cover (the split's units in proportion; exact for char-level text, where a token is a unit).
@@ -159,7 +169,8 @@ def evaluate_run(job: EvalJob) -> dict:
                         max_tokens=cfg.max_tokens, checkpoint_step=state.step, checkpoint_hash=state.weights_hash,
                         checkpoint=state.path, data_hash=data.meta["content_hash"],
                         flops_per_token=flops_per_token(model.cfg)["forward"], domain=data.meta["domain"],
-                        source=data.meta["source"], tokenizer=data.meta["tokenizer"], units=units)
+                        source=data.meta["source"], tokenizer=data.meta["tokenizer"], units=units,
+                        precision=precision)
     audit_dir = run_dir / rundir.AUDIT
     depth = rundir.read_depth(run_dir)
     if cfg.audit:

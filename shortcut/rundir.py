@@ -79,6 +79,20 @@ def reset(run_dir: Path) -> list[str]:
 
 # --- records -------------------------------------------------------------------------------------------------
 
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,),
+          "None": (type(None),), "Identity": (dict,)}
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """A JSON value against a field's annotation ("int", "float | None", ...); bool is not a number here."""
+    allowed = [_TYPES.get(a.strip()) for a in str(annotation).split("|")]
+    if any(a is None for a in allowed):  # an annotation this check does not know: accept
+        return True
+    if isinstance(value, bool) and ("bool" not in str(annotation)):
+        return False
+    return any(isinstance(value, t) for a in allowed for t in a)
+
+
 class _Record:
     """A dataclass written as JSON with its format version, read back refusing other versions."""
 
@@ -93,6 +107,11 @@ class _Record:
             raise UserError(f"{where} was written by {'an older' if (d.get('format') or 0) < FORMAT else 'a newer'} "
                             f"shortcut (run-dir format {d.get('format')}, this one reads {FORMAT}); train it again "
                             f"with train.resume=false" + (" or re-run shortcut eval" if cls is EvalRecord else ""))
+        wrong = [f"{f.name}={d[f.name]!r} (not {f.type})" for f in fields(cls)
+                 if f.name in d and not _type_ok(d[f.name], f.type)]
+        if wrong:
+            raise UserError(f"{where} holds values of the wrong type ({', '.join(wrong[:3])}); it was edited or "
+                            f"damaged: train or evaluate the run again")
         names = {f.name for f in fields(cls)}
         missing = sorted(f.name for f in fields(cls)
                          if f.name not in d and f.default is MISSING and f.default_factory is MISSING)
@@ -202,6 +221,7 @@ class EvalRecord(_Record):
     tokenizer: str
     units: dict = field(default_factory=dict)  # {"char": {"nll": ..., "bits": ...}, ...}
     audit: dict | None = None
+    precision: str = "float32"  # of the forward passes: bfloat16 on CUDA, float32 on CPUs
 
     def to_dict(self) -> dict:
         """The JSON keeps today's flat keys (test_nll, test_ppl, bits_per_token, bits_per_char, ...) for readers."""
@@ -214,7 +234,7 @@ class EvalRecord(_Record):
         return {**super().to_dict(), **flat}
 
     def settings(self) -> dict:
-        return {"split": self.split, "stride": self.stride, "max_tokens": self.max_tokens}
+        return {"split": self.split, "stride": self.stride, "max_tokens": self.max_tokens, "precision": self.precision}
 
     def stale_reason(self, summary: Summary | None, checkpoint_hash: str | None = None) -> str | None:
         """Why this record no longer describes the run (None when it does)."""
@@ -235,18 +255,22 @@ def _diff(values: dict, reference: dict, prefix: str, skip) -> list[str]:
             if k not in skip and v != reference.get(k)]
 
 
-def identify(model: dict, resolved_model: dict, train: dict, reference: dict, choices: dict) -> Identity:
-    """A run's identity from plain dicts of its configs. model: the job's model section as configured; resolved_model:
-    after the corpus' vocabulary and parameter matching; reference: {"model": ..., "train": ...} composed from the
-    same config choices without command-line values (the "defaults"); choices: {"model", "train", "experiment"}."""
-    setup = {k: v for k, v in train.items() if k not in EXECUTION_KEYS["train"] and k not in LENGTH_KEYS}
-    length = {k: train[k] for k in LENGTH_KEYS if train.get(k) is not None}
-    if "flops_budget" in length or "match_flops" in length:
-        length.pop("max_steps", None)  # derived from the budget
+def identify(model: dict, resolved_model: dict, train: dict, effective: dict, reference: dict, choices: dict
+             ) -> Identity:
+    """A run's identity from plain dicts of its configs. model, train: the job's sections as configured;
+    resolved_model: after the corpus' vocabulary and parameter matching; effective: the train section as run
+    (max_steps set by a FLOP budget, precision resolved for the device); reference: {"model": ..., "train": ...}
+    composed from the same config choices without command-line values (the "defaults"); choices: {"model",
+    "train", "experiment"}."""
+    setup = {k: v for k, v in effective.items() if k not in EXECUTION_KEYS["train"] and k not in LENGTH_KEYS}
+    # How long it trains: the settings as given, and the steps they came to (a budget depends on the model).
+    length = {**{k: train[k] for k in LENGTH_KEYS if train.get(k) is not None}, "steps": effective["max_steps"]}
     variant = {k: v for k, v in resolved_model.items() if k not in EXECUTION_KEYS["model"]}
     model_choice = choices.get("model") or str(model["arch"])
+    if model["arch"] != reference["model"]["arch"]:  # e.g. model=baseline model.arch=shortcut: name what it is
+        model_choice = str(model["arch"])
     variant_label = " ".join([model_choice,
-                              *_diff(model, reference["model"], "model", EXECUTION_KEYS["model"]),
+                              *_diff(model, reference["model"], "model", (*EXECUTION_KEYS["model"], "arch")),
                               *_diff({k: train.get(k) for k in LENGTH_KEYS}, reference["train"], "train", ())])
     setup_label = " ".join([*([f"experiment={choices['experiment']}"] if choices.get("experiment") else []),
                             *([f"train={choices['train']}"] if choices.get("train") not in (None, "default") else []),
@@ -314,7 +338,8 @@ class Checkpoint:
 
 
 def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
+    """UTC, so that runs finished on machines in other time zones order correctly (duplicates=newest)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def read_depth(run_dir: Path) -> dict | None:

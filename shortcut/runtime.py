@@ -31,8 +31,15 @@ def pick_device(choice: Device, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def effective_precision(precision: Precision, device: torch.device) -> str:
+    """What `auto` means on this device: bfloat16 autocast on CUDA, float32 elsewhere."""
+    if precision == Precision.auto:
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return str(precision)
+
+
 def autocast(device: torch.device, precision: Precision):
-    if precision == Precision.bfloat16 or (precision == Precision.auto and device.type == "cuda"):
+    if effective_precision(precision, device) == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 

@@ -24,8 +24,7 @@ class MetricsLog:
         self.path = Path(path)
         lines = []
         if resume_step and self.path.is_file():
-            lines = [ln for ln in self.path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            lines = [json.dumps(row) for row in self.read(self.path) if row["step"] <= resume_step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in lines))
         tmp.replace(self.path)
@@ -36,7 +35,18 @@ class MetricsLog:
 
     @staticmethod
     def read(path: Path) -> list[dict]:
-        return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+        """The rows; a last line cut short (a process killed while appending) is dropped, a damaged one inside is
+        refused."""
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+        rows = []
+        for i, ln in enumerate(lines):
+            try:
+                rows.append(json.loads(ln))
+            except ValueError:
+                if i == len(lines) - 1:
+                    break
+                raise UserError(f"{path} line {i + 1} is damaged; train the run again") from None
+        return rows
 
 
 class Tracker:

@@ -27,8 +27,8 @@ from shortcut.config import ModelConfig, TrainConfig, TrainJob, UserError
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token, match_params, param_counts
 from shortcut.rundir import Checkpoint, Summary
-from shortcut.runtime import (Dist, allow_fast_math, autocast, close_distributed, init_distributed, make_optimizer,
-                              model_device, peak_flops, pick_device)
+from shortcut.runtime import (Dist, allow_fast_math, autocast, close_distributed, effective_precision, init_distributed,
+                              make_optimizer, model_device, peak_flops, pick_device)
 from shortcut.tracking import MetricsLog, Tracker, open_tracker
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,7 @@ def resume_or_reset(job: TrainJob, run_dir: Path, data: TokenData, dist: Dist = 
             log.info("fresh start in %s: removed %s", run_dir, ", ".join(removed))
         return None
     # Where the inputs came from does not matter once prepared; the corpus itself must be the same.
-    differ = _diff(state.config, plain(job), ignore={"train.resume", "wandb", "domain.files", "domain.path"}
-                   | {f"train.{k}" for k in rundir.EXECUTION_KEYS["train"]}
-                   | {f"model.{k}" for k in rundir.EXECUTION_KEYS["model"]})
+    differ = _diff(state.config, plain(job), ignore=RESUME_IGNORES)
     if state.data_hash != data.meta["content_hash"]:
         differ.append(f"the corpus at {data.path} (data hash {state.data_hash} then, {data.meta['content_hash']} now)")
     if differ:
@@ -114,6 +112,12 @@ def resume_or_reset(job: TrainJob, run_dir: Path, data: TokenData, dist: Dist = 
     if dist.main:
         (run_dir / rundir.FAILED).unlink(missing_ok=True)
     return state
+
+
+# What may change between a run and its resumption: how it executes and where its inputs and corpus live.
+RESUME_IGNORES = ({"train.resume", "wandb", "domain.files", "domain.path", "data.root"}
+                  | {f"train.{k}" for k in rundir.EXECUTION_KEYS["train"]}
+                  | {f"model.{k}" for k in rundir.EXECUTION_KEYS["model"]})
 
 
 def _diff(a, b, ignore: set[str], prefix: str = "") -> list[str]:
@@ -339,10 +343,38 @@ def _check_processes(cfg: TrainConfig, dist: Dist) -> None:
                         f"windows cannot be split evenly over {dist.world} processes")
 
 
+def lock_run_dir(run_dir: Path, dist: Dist):
+    """One trainer per run dir: the first process holds an exclusive lock on run_dir/.lock while it trains (the
+    operating system drops it when the process dies, kill -9 included). Every process learns whether it got it."""
+    handle = None
+    if dist.main:
+        import fcntl
+
+        handle = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            handle = None
+    if not dist.gather(handle is not None or not dist.main)[0]:
+        raise UserError(f"another `shortcut train` is running in {run_dir}; wait for it to finish or stop it first")
+    return handle
+
+
 def _train(job: TrainJob, run_dir: Path, resolved_yaml: str | None, reference: TrainJob | None,
            choices: dict | None, match: Match | None, dist: Dist) -> Summary:
     _check_processes(job.train, dist)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir, dist)
+    try:
+        return _train_locked(job, run_dir, resolved_yaml, reference, choices, match, dist)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_locked(job: TrainJob, run_dir: Path, resolved_yaml: str | None, reference: TrainJob | None,
+                  choices: dict | None, match: Match | None, dist: Dist) -> Summary:
     data = open_corpus(job)
     mcfg = resolve_model(job.model, data.vocab_size)
     cfg = effective_train(job.train, mcfg, data.vocab_size, match)
@@ -389,7 +421,8 @@ def summarise(job: TrainJob, loop: Loop, mcfg: ModelConfig, counts: dict, refere
         m = job.model
         reference = TrainJob(domain=job.domain, model=ModelConfig(arch=m.arch, match_params=m.match_params,
                                                                   match_by=m.match_by))
-    identity = rundir.identify(plain(job.model), plain(mcfg), plain(job.train),
+    effective = {**plain(loop.cfg), "precision": effective_precision(loop.cfg.precision, loop.device)}
+    identity = rundir.identify(plain(job.model), plain(mcfg), plain(job.train), effective,
                                {"model": plain(reference.model), "train": plain(reference.train)}, choices or {})
     return Summary(
         identity=identity, domain=job.domain.name, source=str(job.domain.source), tokenizer=loop.data.meta["tokenizer"],

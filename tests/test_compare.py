@@ -21,14 +21,14 @@ SC_TEST = {0: 1.45, 1: 1.50, 2: 1.46}
 
 def fake_run(root, name, arch, seed, test_nll, data_hash="abc", domain="text", train_flops=3000.0,
              val_curve=(3.0, 2.0, 1.6), label=None, variant_hash=None, setup_label="", setup_hash="s0",
-             finished_at="2026-01-01T00:00:00", stride=16, evaluated=True, params=None):
+             finished_at="2026-01-01T00:00:00Z", stride=16, evaluated=True, params=None, model=None, split="test"):
     """A finished run dir as train and eval write it; the identity is given (train computes it)."""
     d = root / name
     d.mkdir(parents=True)
     label = label or arch
     identity = Identity(setup_hash=setup_hash, variant_hash=variant_hash or f"h-{label}", variant_label=label,
                         setup_label=setup_label, model_choice=label.split()[0])
-    Summary(identity=identity, domain=domain, source="files", tokenizer="char", arch=arch, model={}, train={},
+    Summary(identity=identity, domain=domain, source="files", tokenizer="char", arch=arch, model=model or {}, train={},
             seed=seed, params=params or (1000 if arch == "baseline" else 1100), non_embedding_params=900,
             flops_per_token=10, train_flops_per_token=30, tokens_per_step=10, max_steps=30, data_hash=data_hash,
             data_dir="data", git_commit=None, device="cpu", step=30, train_flops=train_flops,
@@ -38,7 +38,7 @@ def fake_run(root, name, arch, seed, test_nll, data_hash="abc", domain="text", t
              "tokens_per_s": 500.0} for i, v in enumerate(val_curve)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if evaluated:
-        EvalRecord(split="test", nll=test_nll, n_tokens=1000, stride=stride, mean_context=24.0, max_tokens=None,
+        EvalRecord(split=split, nll=test_nll, n_tokens=1000, stride=stride, mean_context=24.0, max_tokens=None,
                    checkpoint_step=30, checkpoint_hash=f"w-{name}", checkpoint="ckpt/step_00000030.pt",
                    data_hash=data_hash, flops_per_token=10, domain=domain, source="files", tokenizer="char",
                    units={"char": {"nll": test_nll, "bits": test_nll / np.log(2)}}).write(d)
@@ -93,7 +93,7 @@ def test_unpaired_rows_use_welch():
 
 def test_duplicate_seeds_are_refused_or_the_newest_kept(runs, tmp_path):
     """Defect 2: a fourth baseline run of seed 1 used to overwrite another in the row (n=4, statistics over 3)."""
-    fake_run(tmp_path / "runs", "b1-again", "baseline", 1, 1.70, finished_at="2026-02-01T00:00:00")
+    fake_run(tmp_path / "runs", "b1-again", "baseline", 1, 1.70, finished_at="2026-02-01T00:00:00Z")
     with pytest.raises(UserError, match=r"seed 1: .*b1.*b1-again.*duplicates=newest"):
         compare(job(runs))
     summary = compare(job(runs, "duplicates=newest"))
@@ -253,3 +253,43 @@ def test_a_run_named_directly_counts_once(runs, tmp_path):
     summary = compare(compose("compare", [f"runs='{tmp_path / 'runs' / 'b0'},{tmp_path / 'runs'}/b*'",
                                           f"results_root={tmp_path / 'results'}", "wandb=off"]))
     assert [(r["variant"], r["n"]) for r in summary["rows"]] == [("baseline", 3)]
+
+
+def test_the_ladder_holds_only_sizes_of_the_reference(tmp_path):
+    """An ablation of the baseline (here: dropout) is not a rung of the size ladder."""
+    ladder(tmp_path, 1.25)
+    for s in range(3):
+        fake_run(tmp_path / "runs", f"drop{s}", "baseline", s, 0.5, train_flops=1e13,
+                 label="baseline model.n_embd=m model.dropout=0.3", model={"dropout": 0.3})
+    summary = compare(job(tmp_path, "compute_multiplier=true"))
+    rows = rows_of(summary)
+    assert rows["shortcut model.n_embd=m"]["compute_multiplier"]["multiplier"] == pytest.approx(1.25, rel=0.02)
+    assert "baseline model.n_embd=m model.dropout=0.3" not in rows["shortcut model.n_embd=m"]["compute_multiplier"][
+        "ladder"]
+    assert not rows["baseline model.n_embd=m model.dropout=0.3"]["in_ladder"]
+
+
+def test_damaged_records_are_one_line_refusals(runs, tmp_path):
+    path = tmp_path / "runs" / "b1" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "seed": "zero"}))
+    with pytest.raises(UserError, match=r"b1/summary.json holds values of the wrong type \(seed='zero'"):
+        compare(job(runs))
+
+
+def test_compare_output_is_not_a_run_and_old_pictures_go(runs, tmp_path):
+    inside = compose("compare", [f"runs={tmp_path / 'runs'}", f"results_root={tmp_path / 'runs' / 'results'}",
+                                 "wandb=off"])
+    compare(inside)
+    (tmp_path / "runs" / "results" / "compare" / "curves_7.png").write_bytes(b"old")
+    summary = compare(inside)  # its own summary.json under runs/ is not taken for a run
+    assert {r["variant"] for r in summary["rows"]} == {"baseline", "shortcut"}
+    assert not (tmp_path / "runs" / "results" / "compare" / "curves_7.png").exists()
+
+
+def test_a_validation_evaluation_is_labelled_as_one(tmp_path):
+    for s in range(2):
+        fake_run(tmp_path / "runs", f"b{s}", "baseline", s, 1.5 + s / 100, split="val")
+        fake_run(tmp_path / "runs", f"s{s}", "shortcut", s, 1.4 + s / 100, split="val")
+    compare(job(tmp_path))
+    md = (tmp_path / "results" / "compare" / "table.md").read_text()
+    assert "| val NLL | val NLL |" in md and "Val NLL: sliding window" in md and "test NLL" not in md

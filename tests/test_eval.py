@@ -121,3 +121,27 @@ def test_sweep_eval_reruns_what_changed(trained):
     ev.write_text(json.dumps({**json.loads(ev.read_text()), "checkpoint_hash": "0" * 16}))  # another model's record
     assert list(evaluate(compose("eval", [f"run_dir={sweep}"]))) == [str(trained)]
     assert json.loads(ev.read_text())["checkpoint_hash"] != "0" * 16
+
+
+def test_an_unreadable_final_checkpoint_is_not_replaced_by_an_older_one(tmp_path, prepared):
+    run = tmp_path / "r"
+    train(compose("train", prepared + TINY + ["train.max_steps=20", "train.ckpt_every=10"]), run)
+    last = sorted((run / "ckpt").glob("step_*.pt"))[-1]
+    last.write_bytes(last.read_bytes()[:1000])  # truncated
+    with pytest.raises(UserError, match=r"final checkpoint .* \(step 20\) is missing or unreadable.*step 10.*"
+                                        r"shortcut train"):
+        evaluate(compose("eval", [f"run_dir={run}", "eval.audit=false"]))
+    train(compose("train", prepared + TINY + ["train.max_steps=20", "train.ckpt_every=10"]), run)  # rebuilds it
+    assert evaluate(compose("eval", [f"run_dir={run}", "eval.audit=false"]))["checkpoint_step"] == 20
+
+
+def test_eval_finds_a_moved_corpus(tmp_path, prepared):
+    import shutil
+
+    run = tmp_path / "r"
+    train(compose("train", prepared + TINY + ["train.max_steps=5"]), run)
+    data = prepared[0].split("=", 1)[1]
+    shutil.move(data, tmp_path / "moved")
+    with pytest.raises(UserError, match="no prepared corpus"):
+        evaluate(compose("eval", [f"run_dir={run}", "eval.audit=false"]))
+    assert evaluate(compose("eval", [f"run_dir={run}", "eval.audit=false", f"data_root={tmp_path / 'moved'}"]))

@@ -246,7 +246,8 @@ def test_fresh_start_removes_everything_derived(tmp_path, prepared):
     (run / "wandb_id").write_text("abc")
     (run / "failed.txt").write_text("old failure")
     train(job(prepared, "train.max_steps=10", "model.n_layer=1", "train.resume=false"), run)
-    assert sorted(p.name for p in run.iterdir()) == ["ckpt", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["ckpt", "metrics.jsonl",
+                                                                                  "summary.json"]
 
 
 def test_flops_budget_sets_the_steps(tmp_path, prepared):
@@ -260,6 +261,9 @@ def test_flops_budget_sets_the_steps(tmp_path, prepared):
     assert sc.train["max_steps"] == sc.max_steps  # its own full schedule: the cosine ends at its last step
     assert lr_at(sc.max_steps, compose("train", [f"train.max_steps={sc.max_steps}", "train.warmup_steps=5"]).train) \
         == pytest.approx(sc.train["min_lr"])
+    other = train(job(prepared, "model=shortcut", f"train.flops_budget={budget / 2}", "train.warmup_steps=5"),
+                  tmp_path / "s2")
+    assert other.identity.variant_hash != sc.identity.variant_hash  # another budget is another row
     with pytest.raises(UserError, match="less than one step"):
         train(job(prepared, "train.flops_budget=10"), tmp_path / "tiny")
     with pytest.raises(UserError, match="needs the command line"):
@@ -275,5 +279,34 @@ def test_match_flops_from_the_command_line(tmp_path, prepared):
     assert s["max_steps"] < 30 and s["train_flops"] <= b["train_flops"] < s["train_flops"] + \
         s["tokens_per_step"] * s["train_flops_per_token"]
     assert "train.match_flops=baseline" in s["identity"]["variant_label"]
+    # the model's kind given as a key is replaced too: this run matches the baseline's budget, and says it is one
+    subprocess.run(args + ["model.arch=shortcut", "train.match_flops=baseline", f"hydra.run.dir={tmp_path / 'a'}"],
+                   check=True, capture_output=True)
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert a["max_steps"] == s["max_steps"] and a["identity"]["variant_label"].startswith("shortcut ")
     r = subprocess.run(args + ["model=shortcut", "train.match_flops=nosuchmodel"], capture_output=True, text=True)
     assert r.returncode == 2 and "train.match_flops=nosuchmodel" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_one_trainer_per_run_dir(tmp_path, prepared):
+    import fcntl
+
+    run = tmp_path / "r"
+    run.mkdir()
+    with open(run / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `shortcut train` holds it
+        with pytest.raises(UserError, match="another `shortcut train` is running in"):
+            train(job(prepared, "train.max_steps=5"), run)
+    train(job(prepared, "train.max_steps=5"), run)  # released: trains
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, prepared):
+    cfg = job(prepared, "train.max_steps=20", "train.ckpt_every=10", "train.log_every=5")
+    full = train(cfg, tmp_path / "full")
+    train(cfg, tmp_path / "r")
+    sorted((tmp_path / "r" / "ckpt").glob("step_*.pt"))[-1].unlink()
+    (tmp_path / "r" / "summary.json").unlink()
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 25, "tok')  # killed while appending
+    assert train(cfg, tmp_path / "r").final_val_loss == full.final_val_loss
+    assert [r["step"] for r in MetricsLog.read(tmp_path / "r" / "metrics.jsonl")] == [5, 10, 15, 20]
