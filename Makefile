@@ -6,12 +6,16 @@ TEXT ?= /usr/share/common-licenses/*
 LAUNCHER ?=
 SWEEP = $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
 
-.PHONY: help install test test-all gpu-check demo reproduce-paper reproduce-paper-cpu scaling scaling-cpu bench
+.PHONY: help install test test-all gpu-check demo reproduce-paper reproduce-paper-cpu scaling scaling-cpu bench \
+	peers peers-cpu ablations-cpu
 help:
 	@echo "make reproduce-paper      the paper's table on one GPU (downloads text8, WikiText-103, MAESTRO, LibriSpeech)"
 	@echo "make reproduce-paper-cpu  the same table at CPU scale on offline data, under 30 min (TEXT='books/*.txt')"
 	@echo "make scaling-cpu  compute multiplier of the shortcut on a ladder of baseline sizes, chorales, CPU (~40 min)"
 	@echo "make scaling      the same at GPT-2-small scale on text8, for one GPU"
+	@echo "make peers-cpu    shortcut vs DenseFormer, AttnRes, MUDD, value residual, chorales, CPU (MODERN=1: RoPE/RMSNorm/SwiGLU)"
+	@echo "make peers        the same on text8, WikiText-103, MAESTRO, LibriSpeech, 12 and 24 layers (~47 GPU-hours)"
+	@echo "make ablations-cpu  the shortcut's own ablations (taps, feature map, depth embedding), chorales, CPU"
 	@echo "make gpu-check  on a CUDA device: fused kernels, bf16 vs fp32, resume, tokens/s and MFU (< 8 min on an H200)"
 	@echo "make bench     speed benchmarks (tokenization real-time factor, training throughput)"
 	@echo "make demo      offline demo: Bach chorales, baseline vs shortcut, eval, comparison table (~5 min on CPU)"
@@ -64,6 +68,36 @@ scaling:
 	shortcut eval run_dir=runs/scaling
 	shortcut compare runs=runs/scaling name=scaling compute_multiplier=true
 
+# The layer-aggregation family (issue 11): every variant, the baseline and a parameter-matched baseline, plus a
+# ladder of baseline widths for the compute multiplier. MODERN=1: the same on the modern baseline, in its own folder.
+PEERS_MODERN = $(if $(MODERN),model.pos=rope model.norm=rmsnorm model.mlp=swiglu)
+PEERS_STYLE = $(if $(MODERN),rope-rmsnorm-swiglu,learned-layernorm-gelu)
+
+peers-cpu:
+	shortcut prepare domain=music
+	-shortcut train -m experiment=peers_cpu $(PEERS_MODERN)
+	-shortcut train -m experiment=peers_cpu model=baseline model.n_embd=64,192 $(PEERS_MODERN)
+	shortcut eval run_dir=runs/peers_cpu/$(PEERS_STYLE) eval.audit_sequences=8
+	shortcut compare runs=runs/peers_cpu/$(PEERS_STYLE) name=peers_cpu-$(PEERS_STYLE) compute_multiplier=true wandb=off
+
+peers:
+	shortcut prepare -m dataset=text8,wikitext103,maestro,librispeech
+	-shortcut train -m experiment=peers $(PEERS_MODERN) $(SWEEP)
+	-shortcut train -m experiment=peers model=baseline model.n_layer=12 model.n_head=8 model.n_embd=512,1024 \
+		$(PEERS_MODERN) $(SWEEP)
+	shortcut eval run_dir=runs/peers/$(PEERS_STYLE)
+	shortcut compare runs=runs/peers/$(PEERS_STYLE) name=peers-$(PEERS_STYLE) compute_multiplier=true
+
+# One sweep per switch, each away from the default shortcut (taps=all, feature_map=mlp, depth_embedding=true).
+ablations-cpu:
+	shortcut prepare domain=music
+	-shortcut train -m experiment=ablations_cpu model=baseline,shortcut
+	-shortcut train -m experiment=ablations_cpu model=shortcut "model.taps=every_2,[0,2,3],[3]"
+	-shortcut train -m experiment=ablations_cpu model=shortcut model.feature_map=linear,none
+	-shortcut train -m experiment=ablations_cpu model=shortcut model.depth_embedding=false
+	shortcut eval run_dir=runs/ablations_cpu eval.audit_sequences=8
+	shortcut compare runs=runs/ablations_cpu name=ablations_cpu wandb=off
+
 # On a CUDA machine: every attention implementation against the reference, then the GPU path end to end (~6 min).
 gpu-check:
 	$(PY) benchmarks/attn_impls.py
@@ -71,4 +105,5 @@ gpu-check:
 
 bench:
 	$(PY) benchmarks/tokenize_audio.py
+	$(PY) benchmarks/prepare_memory.py
 	$(PY) benchmarks/train_step.py

@@ -1,5 +1,10 @@
 """The depth audit: which layer each token draws on (shortcut), and how early the answer is there (logit lens).
 
+For every model that weighs earlier layers' outputs (the shortcut's attention mass on each tap, DenseFormer's DWA
+coefficients, Attention Residuals' softmax weights, MUDD's dynamic weights) the same comparable summary,
+depth.json's "layer_weights": the mean weight the mix nearest the output puts on each source layer (0 the
+embeddings, l block l's output), every mix's row, and layer_weights.png.
+
 From the final layer's attention probabilities (B, nh, T queries, K taps, T keys), a token's *depth profile* is
 the mass it puts on each tap, summed over key positions: K numbers that sum to one. Its *mean depth* is the
 expected layer index under that profile. Verma & Pilanci (2024) read these maps to argue the model is depth and
@@ -68,7 +73,7 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
     starts = data.fixed_starts("val", cfg.audit_sequences, T)
     device = next(model.parameters()).device
     out = {"starts": starts, "inputs": [], "targets": [], "loss": [], "profile": [], "profile_heads": [],
-           "attn": None, "lens": []}
+           "attn": None, "lens": [], "layer_weights": [], "layer_weights_info": None}
     for i in range(0, len(starts), 8):
         x, y = data.windows("val", starts[i:i + 8], T)
         x, y = x.to(device), y.to(device)
@@ -82,8 +87,16 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
             out["profile"].append(heads.mean(dim=1))  # (B, T, K)
             if out["attn"] is None:
                 out["attn"] = probs[0].mean(dim=0).float().cpu()  # (T, K, T) of the first sequence
+        elif model.weighs_layers:
+            lw = model.layer_weights(x)
+            out["layer_weights"].append(lw.pop("weights").cpu())  # (B, T, consumers, sources)
+            out["layer_weights_info"] = lw
         out["lens"].append(logit_lens(model, x, y, out["loss"][-1].mean().item()))
-    for key in ("inputs", "targets", "loss", "profile", "profile_heads"):
+    if model.shortcut:  # the final block's mass on each tap, as every layer-weighing model reports it
+        out["layer_weights"] = [torch.cat(out["profile"])[:, :, None, :]]
+        out["layer_weights_info"] = {"kind": "shortcut attention mass", "sources": list(model.taps),
+                                     "consumers": ["final block"], "normalised": True}
+    for key in ("inputs", "targets", "loss", "profile", "profile_heads", "layer_weights"):
         out[key] = torch.cat(out[key]) if out[key] else None
     out["lens"] = np.mean(np.stack(out["lens"]), axis=0)
     return out
@@ -211,6 +224,8 @@ def summarise(m: dict, taps: list[int], n_layer: int, classes: list[str], n_boot
 
     result = {"logit_lens_nll": [float(v) for v in m["lens"]],
               "logit_lens_layers": list(range(n_layer + 1)), "n_sequences": int(len(m["starts"]))}
+    if m.get("layer_weights") is not None:
+        result["layer_weights"] = summarise_layer_weights(m["layer_weights"], m["layer_weights_info"])
     if m["profile"] is None:
         return result
     p = m["profile"].reshape(-1, len(taps)).double()  # (N tokens, K)
@@ -255,6 +270,22 @@ def summarise(m: dict, taps: list[int], n_layer: int, classes: list[str], n_boot
             entry["spearman_depth_vs_loss"] = {"rho": _num(r), **_interval(boot)}
         result["by_class"][name] = entry
     return result
+
+
+def summarise_layer_weights(w: torch.Tensor, info: dict) -> dict:
+    """depth.json's layer_weights from w (tokens..., consumers, sources): "mean" is what the mix nearest the output
+    (the head's input; the shortcut's final block) puts on each source, averaged over tokens; "matrix" every mix's
+    row; "token_std" how much the last mix varies between tokens (0 for static DWA weights); "mean_depth" the
+    expected source layer under the last mix, where its weights are a distribution."""
+    w = w.reshape(-1, *w.shape[-2:]).double()  # (N tokens, A, S)
+    last = w[:, -1]  # (N, S)
+    layers = torch.tensor(info["sources"], dtype=torch.float64)
+    out = {"kind": info["kind"], "sources": list(info["sources"]), "mean": last.mean(dim=0).tolist(),
+           "token_std": last.std(dim=0, correction=0).tolist(), "consumers": list(info["consumers"]),
+           "matrix": w.mean(dim=0).tolist(), "normalised": bool(info["normalised"]), "n_tokens": int(len(w))}
+    if info["normalised"]:
+        out["mean_depth"] = float((last @ layers).mean())
+    return out
 
 
 # --- pictures ---
@@ -315,6 +346,33 @@ def draw(m: dict, summary: dict, taps: list[int], labels: list[str], axis: str, 
     return paths
 
 
+def draw_layer_weights(lw: dict, out: Path, title: str = "") -> Path:
+    """layer_weights.png: the last mix's mean weight per source layer (the comparable bar chart), and every mix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources, matrix = lw["sources"], np.array(lw["matrix"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 0.9 + max(2.6, 0.3 * len(matrix))), layout="constrained",
+                                 gridspec_kw={"width_ratios": [1, 1.3]})
+    ax.bar(range(len(sources)), lw["mean"], yerr=lw["token_std"], color="tab:blue", capsize=2)
+    ax.set_xticks(range(len(sources)), ["emb" if l == 0 else f"h{l}" for l in sources])
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set(xlabel="source layer (emb: embeddings, hl: output of block l)",
+           ylabel="mean weight (bar: ± std over tokens)", title=f"{lw['consumers'][-1]} reads ({lw['kind']})")
+    lim = max(1e-6, float(np.abs(matrix).max()))
+    im = bx.imshow(matrix, aspect="auto", cmap="RdBu_r" if (matrix < 0).any() else "viridis",
+                   vmin=-lim if (matrix < 0).any() else 0, vmax=lim)
+    bx.set_xticks(range(len(sources)), ["emb" if l == 0 else f"h{l}" for l in sources])
+    bx.set_yticks(range(len(matrix)), lw["consumers"], fontsize=7)
+    bx.set(xlabel="source layer", ylabel="mix (who reads it)", title="every mix, mean over tokens")
+    fig.colorbar(im, ax=bx, fraction=0.04)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, out / "layer_weights.png")
+
+
 def draw_logit_lens(summary: dict, out: Path) -> Path:
     import matplotlib
 
@@ -345,6 +403,11 @@ def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig, checkpoint_ha
     taps = model.taps if model.shortcut else []
     summary = summarise(m, taps, model.cfg.n_layer, classes)
     pictures = [draw_logit_lens(summary, out)]
+    if "layer_weights" in summary:
+        pictures.append(draw_layer_weights(summary["layer_weights"], out, f"{model.cfg.arch}, "
+                                           f"{summary['layer_weights']['n_tokens']:,} validation tokens"))
+    if model.variant is not None and hasattr(model.variant, "lambdas"):  # value residual: (own V_n, first V_1)
+        summary["value_lambdas"] = [[float(v) for v in lam.detach().cpu()] for lam in model.variant.lambdas]
     if model.shortcut:
         sec = data.meta.get("seconds_per_token")
         pictures += draw(m, summary, taps, labels, axis, sec, out, cfg)
@@ -364,4 +427,8 @@ def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig, checkpoint_ha
                  sp["n_tokens"], out)
     else:
         log.info("logit lens NLL by layer: %s -> %s", np.round(summary["logit_lens_nll"], 3).tolist(), out)
+    if "layer_weights" in summary:
+        lw = summary["layer_weights"]
+        log.info("layer weights (%s) of the %s mix over sources %s: %s", lw["kind"], lw["consumers"][-1],
+                 lw["sources"], np.round(lw["mean"], 3).tolist())
     return summary

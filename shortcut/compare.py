@@ -393,10 +393,18 @@ def dataset_table(ds_rows: list[Row], job: CompareJob, notes: list[str]) -> list
 
 
 def _depth(row: Row) -> dict | None:
-    audits = [r.eval["audit"] for r in row.runs if r.eval and (r.eval.get("audit") or {}).get("mean_profile")]
-    if not audits:
+    """The row's mean weight per source layer, averaged over seeds: the audit's `layer_weights` (every variant that
+    weighs layers: shortcut attention mass, DWA coefficients, AttnRes / MUDD weights), else the shortcut profile."""
+    audits = [(r.eval or {}).get("audit") or {} for r in row.runs]
+    weights = [a["layer_weights"] for a in audits if (a.get("layer_weights") or {}).get("mean") is not None]
+    if weights and len(weights) == len(audits):
+        return {"taps": weights[0]["sources"], "profile": np.mean([w["mean"] for w in weights], axis=0).tolist(),
+                "kind": weights[0].get("kind")}
+    profiles = [a for a in audits if a.get("mean_profile")]
+    if not profiles or len(profiles) < len(audits):
         return None
-    return {"taps": audits[0].get("taps"), "profile": np.mean([a["mean_profile"] for a in audits], axis=0).tolist()}
+    return {"taps": profiles[0].get("taps"), "profile": np.mean([a["mean_profile"] for a in profiles], axis=0).tolist(),
+            "kind": "shortcut attention mass"}
 
 
 # --- output ---------------------------------------------------------------------------------------------------
@@ -538,14 +546,18 @@ def plot(table: list[dict], rows: list[Row], out_dir: Path) -> list[Path]:
         plt.close(fig)
         depth_rows = [r for r in table if r["dataset"] == ds and r["mean_depth_profile"]]
         if depth_rows:
-            fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+            fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
             width = 0.8 / len(depth_rows)
-            for k, r in enumerate(depth_rows):
+            sources: set[int] = set()
+            for k, r in enumerate(depth_rows):  # bars at their source layer, so rows with other taps line up
                 taps = r["mean_depth_profile"]["taps"] or list(range(len(r["mean_depth_profile"]["profile"])))
-                ax.bar(np.arange(len(taps)) + k * width, r["mean_depth_profile"]["profile"], width,
-                       label=r["variant"])
-                ax.set_xticks(np.arange(len(taps)) + 0.4 - width / 2, [f"h{t}" for t in taps])
-            ax.set(xlabel="tap layer", ylabel="mean attention mass", title=f"{ds}: which depth tokens draw on")
+                sources.update(taps)
+                ax.bar(np.array(taps) + k * width, r["mean_depth_profile"]["profile"], width,
+                       label=f"{r['variant']} ({r['mean_depth_profile'].get('kind')})")
+            ticks = sorted(sources)
+            ax.set_xticks(np.array(ticks) + 0.4 - width / 2, [f"h{t}" for t in ticks])
+            ax.set(xlabel="source layer (h0 = embeddings)", ylabel="mean weight (per method's own scale)",
+                   title=f"{ds}: which depth the output draws on")
             ax.legend(fontsize=8)
             pictures.append(out_dir / f"depth_{i}.png")
             fig.savefig(pictures[-1], dpi=110)

@@ -18,8 +18,29 @@ class UserError(Exception):
 
 
 class Arch(enum.StrEnum):
-    baseline = "baseline"
-    shortcut = "shortcut"
+    """How later layers read earlier ones (one paper each; code in shortcut/model.py and shortcut/variants/)."""
+    baseline = "baseline"  # GPT-2: each block reads only the residual stream
+    shortcut = "shortcut"  # Verma & Pilanci 2024: the final block attends over (layer, position)
+    denseformer = "denseformer"  # Pagliardini et al. 2024: a depth-weighted average after every block
+    connect_last = "connect_last"  # the same paper's ablation: one depth-weighted average, after the last block
+    attnres = "attnres"  # Kimi Team 2026: each layer's input is a softmax over earlier layer outputs
+    mudd = "mudd"  # Xiao et al. 2025: per-position dynamic dense weights for the q, k, v and residual streams
+    value_residual = "value_residual"  # Zhou et al. 2024 (ResFormer): every layer's values mix in the first's
+
+
+class PosEmb(enum.StrEnum):
+    learned = "learned"  # GPT-2: a learned table added to the token embeddings (wpe)
+    rope = "rope"  # rotary embeddings on queries and keys (Su et al. 2021), no table
+
+
+class Norm(enum.StrEnum):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class MLPKind(enum.StrEnum):
+    gelu = "gelu"  # GPT-2: W2·gelu(W1·x)
+    swiglu = "swiglu"  # Shazeer 2020: W2·(silu(W1·x) * W3·x), hidden 8/3·n_embd so parameters match gelu's
 
 
 class FeatureMap(enum.StrEnum):
@@ -69,6 +90,11 @@ class AudioTokenizer(enum.StrEnum):
     encodec = "encodec"  # EnCodec 24 kHz codes (needs transformers and the hub weights)
 
 
+class OnError(enum.StrEnum):
+    skip = "skip"  # an unreadable or missing input is left out, counted and named in the summary and meta.json
+    fail = "fail"  # stop at the first one, naming it
+
+
 class Duplicates(enum.StrEnum):
     refuse = "refuse"  # two runs of one (dataset, variant, seed): stop and list them
     newest = "newest"  # keep the one that finished last
@@ -103,6 +129,17 @@ class DataConfig:
 
 
 @dataclass
+class PrepareConfig:
+    """How `shortcut prepare` runs: never what it writes (the corpus and its hash do not depend on these)."""
+    workers: Optional[int] = None  # processes decoding and tokenizing; None: all cores
+    max_memory_mb: int = 2048  # peak memory the prepare aims to stay under, whatever the corpus size
+
+    def __post_init__(self) -> None:
+        _check(self.workers is None or self.workers >= 1, "prepare.workers", "must be at least 1 (or null: all cores)")
+        _check(self.max_memory_mb >= 256, "prepare.max_memory_mb", "must be at least 256")
+
+
+@dataclass
 class TextDomain:
     name: str = "text"
     source: TextSource = TextSource.files
@@ -111,6 +148,7 @@ class TextDomain:
     tokenizer: TextTokenizer = TextTokenizer.char
     val_frac: float = 0.05  # source=files: fraction of the characters held out for validation (taken after train)
     test_frac: float = 0.05  # source=files: fraction held out for test (the end of the text)
+    on_error: OnError = OnError.skip  # a non-UTF-8 or binary file: skip it (named in meta.json) or stop
 
     def __post_init__(self) -> None:
         _check(self.name == "text", "domain.name", "must be 'text' for the text domain")
@@ -141,6 +179,7 @@ class MusicDomain:
     use_time_signatures: bool = True
     use_sustain_pedals: bool = False
     use_programs: bool = True  # one token stream for all tracks, Program tokens name the instrument
+    on_error: OnError = OnError.skip  # an unreadable or missing MIDI file: skip it (named in meta.json) or stop
 
     def __post_init__(self) -> None:
         _check(self.name == "music", "domain.name", "must be 'music' for the music domain")
@@ -162,9 +201,10 @@ class AudioDomain:
     source: AudioSource = AudioSource.espeak
     files: Optional[str] = None  # source=files: a glob or folder of wav/flac/ogg
     path: Optional[str] = None  # source=librispeech: a local LibriSpeech/ folder (default: download the subsets)
-    train_subset: str = "train-clean-100"
-    val_subset: str = "dev-clean"
-    test_subset: str = "test-clean"
+    # source=librispeech: the official subsets each split reads (the paper's 960 h: all three train subsets)
+    train_subsets: List[str] = field(default_factory=lambda: ["train-clean-100"])
+    val_subsets: List[str] = field(default_factory=lambda: ["dev-clean"])
+    test_subsets: List[str] = field(default_factory=lambda: ["test-clean"])
     by_speaker: bool = False  # source=files: split by speaker (SPEAKER-CHAPTER-UTT names, else the parent folder)
     max_files: Optional[int] = None  # use at most this many files (the first by name); None: all
     val_frac: float = 0.1  # files/espeak: share of files (or speakers) for validation
@@ -181,9 +221,10 @@ class AudioDomain:
     hop_ms: float = 10.0
     codebook_size: int = 512
     kmeans_iters: int = 30
-    kmeans_max_frames: int = 200_000  # frames sampled from train to fit the codebook
+    kmeans_frames: int = 200_000  # the codebook is fitted on a uniform sample of this many training frames
     collapse_repeats: bool = False  # kmeans: merge runs of the same code into one token
     encodec_codebooks: int = 2  # encodec: codebooks per frame (2 = 1.5 kbps), flattened frame by frame
+    on_error: OnError = OnError.skip  # an unreadable or missing audio file: skip it (named in meta.json) or stop
 
     def __post_init__(self) -> None:
         _check(self.name == "audio", "domain.name", "must be 'audio' for the audio domain")
@@ -197,6 +238,13 @@ class AudioDomain:
         _check(len(self.voices) > 0 and len(self.rates) > 0, "domain.voices/rates", "must not be empty")
         _check(self.encodec_codebooks in (2, 4, 8, 16, 32), "domain.encodec_codebooks", "must be 2, 4, 8, 16 or 32")
         _check(self.max_files is None or self.max_files >= 3, "domain.max_files", "must be at least 3")
+        _check(self.kmeans_frames >= 1, "domain.kmeans_frames", "must be at least 1")
+        subsets = {"train": self.train_subsets, "val": self.val_subsets, "test": self.test_subsets}
+        for split, names in subsets.items():
+            _check(len(names) > 0, f"domain.{split}_subsets", "must name at least one LibriSpeech subset")
+        named = [n for names in subsets.values() for n in names]
+        _check(len(set(named)) == len(named), "domain.train_subsets/val_subsets/test_subsets",
+               f"a subset is named twice: {sorted(n for n in set(named) if named.count(n) > 1)}")
 
     @property
     def rate(self) -> int:
@@ -229,8 +277,21 @@ class ModelConfig:
     feature_hidden: Optional[int] = None  # hidden width of the mlp feature map; None: n_embd // 2
     depth_embedding: bool = True  # learned e_l added to each tap's features
     attn_impl: AttnImpl = AttnImpl.auto  # speed only: every choice computes the same function
+    # --- the modern baseline, for every arch (the shortcut included); the defaults are GPT-2's ---
+    pos: PosEmb = PosEmb.learned  # learned | rope (chosen: theta 10000, rotate-half pairs, on every attention)
+    norm: Norm = Norm.layernorm  # layernorm | rmsnorm (every norm of the model, the feature maps' too)
+    mlp: MLPKind = MLPKind.gelu  # gelu | swiglu (the blocks' MLPs; the shortcut's feature maps stay gelu)
+    # --- denseformer / connect_last (Pagliardini et al. 2024, arXiv 2402.02622) ---
+    dwa_dilation: int = 1  # the paper's k: block i's average reads the outputs j <= i with (i - j) % k == 0
+    dwa_period: int = 1  # the paper's p: an average after every p-th block only (denseformer)
+    # --- attnres (Kimi Team 2026, arXiv 2603.15031) ---
+    attnres_block: Optional[int] = None  # Block AttnRes: S sublayers per block (attention and MLP count one
+    # each; the paper's S, its 54-layer model uses 12); None: Full AttnRes (every sublayer output a source)
+    # --- value_residual (Zhou et al. 2024, arXiv 2410.17897) ---
+    value_residual_init: float = 0.5  # lambda_2, the first layer's values' weight at init (own values: 1 - it);
+    # chosen: 0.5, the paper's ResFormer U_n = A_n (V_n + V_1) / 2, learned from there; 0 starts as the baseline
     # --- parameter matching: grow this model until its parameter count matches another arch's ---
-    match_params: Optional[Arch] = None  # e.g. arch=baseline match_params=shortcut
+    match_params: Optional[Arch] = None  # e.g. arch=baseline match_params=shortcut (or mudd, attnres, ...)
     match_by: MatchBy = MatchBy.width
 
     def __post_init__(self) -> None:
@@ -242,16 +303,26 @@ class ModelConfig:
         _check(self.vocab_size is None or self.vocab_size >= 2, "model.vocab_size", "must be at least 2")
         _check(self.mlp_hidden is None or self.mlp_hidden >= 1, "model.mlp_hidden", "must be at least 1")
         _check(self.feature_hidden is None or self.feature_hidden >= 1, "model.feature_hidden", "must be at least 1")
-        _check(self.match_params != self.arch, "model.match_params", "must name the other arch")
+        _check(self.match_params != self.arch, "model.match_params", "must name an arch other than model.arch")
         self.tap_layers()  # validates taps
-        try:  # a plain string (Python callers, tests) becomes the enum
-            self.attn_impl = AttnImpl(self.attn_impl)
-        except ValueError:
-            raise ValueError(f"model.attn_impl: {self.attn_impl!r} is not one of {', '.join(AttnImpl)}") from None
+        for key, choices in (("arch", Arch), ("attn_impl", AttnImpl), ("pos", PosEmb), ("norm", Norm),
+                             ("mlp", MLPKind)):
+            try:  # a plain string (Python callers, tests) becomes the enum
+                setattr(self, key, choices(getattr(self, key)))
+            except ValueError:
+                raise ValueError(f"model.{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}") from None
+        _check(self.dwa_dilation >= 1, "model.dwa_dilation", "must be at least 1")
+        _check(1 <= self.dwa_period <= self.n_layer, "model.dwa_period", f"must be in 1..model.n_layer={self.n_layer}")
+        _check(self.attnres_block is None or self.attnres_block >= 1, "model.attnres_block",
+               "must be at least 1 (sublayers per block), or null for Full AttnRes")
+        _check(0.0 <= self.value_residual_init <= 1.0, "model.value_residual_init", "must be in [0, 1]")
+        _check(self.pos != PosEmb.rope or (self.n_embd // self.n_head) % 2 == 0, "model.pos",
+               f"rope needs an even head size (n_embd / n_head = {self.n_embd // self.n_head})")
 
     @property
     def d_mlp(self) -> int:
-        return self.mlp_hidden or 4 * self.n_embd
+        """MLP hidden width: 4·n_embd for gelu; for swiglu 8/3·n_embd, so its three matrices hold gelu's 8·n_embd²."""
+        return self.mlp_hidden or (4 * self.n_embd if self.mlp == MLPKind.gelu else (8 * self.n_embd + 1) // 3)
 
     @property
     def d_feature(self) -> int:
@@ -358,6 +429,7 @@ class EvalConfig:
 class PrepareJob:
     domain: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
 @dataclass
@@ -377,6 +449,7 @@ class TrainJob:
 class EvalJob:
     run_dir: str = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    data_root: Optional[str] = None  # where the prepared corpora are now, if they moved since training
 
 
 @dataclass

@@ -2,15 +2,19 @@
 
 <root>/<domain>/<source>-<settings hash>/ holds train.bin, val.bin, test.bin (flat unsigned-integer token arrays)
 and meta.json.
-A corpus is written into a temporary folder and renamed into place, so a half-written one never looks complete.
+A corpus is streamed into a hidden work folder beside it (.<name>.partial/, with a journal of the shards written so
+far, so an interrupted prepare resumes) and renamed into place once meta.json is written, so a half-written one never
+looks complete.
 Each combination of domain settings (tokenizer, codebook size, split fractions, ...) gets its own folder, so two
 settings of one source never overwrite each other and a run can never train on a corpus its config does not describe.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,11 +26,14 @@ from shortcut.config import UserError
 
 SPLITS = ("train", "val", "test")
 META = "meta.json"
-FORMAT = 2  # bump when what prepare writes changes, so existing corpora are rebuilt rather than reused
+FORMAT = 3  # bump when what prepare writes changes, so existing corpora are rebuilt rather than reused
+JOURNAL = "journal.json"  # in the work folder: how far an unfinished prepare got
 
+log = logging.getLogger(__name__)
 
 # Where a corpus' inputs live is not a setting of the corpus: the same files moved elsewhere make the same corpus.
-NOT_SETTINGS = ("files", "path")
+# Nor is on_error: it decides whether prepare stops at a bad input, never what a finished corpus holds.
+NOT_SETTINGS = ("files", "path", "on_error")
 
 
 def settings_of(domain) -> dict:
@@ -67,15 +74,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def hash_files(paths: list[Path], extra: str = "") -> str:
-    """sha256 over the inputs' bytes and names plus the settings that shape the corpus."""
+def manifest_hash(paths: list[Path], extra: str = "") -> tuple[str, list[Path]]:
+    """A hash of the inputs' (path, size, mtime) plus the settings that shape the corpus, and the paths that are not
+    there. Reading a file's metadata, never its bytes, decides whether a corpus is up to date (issue 14)."""
     h = hashlib.sha256(f"format={FORMAT}|{extra}".encode())
+    missing = []
     for p in paths:
-        h.update(str(p.name).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+        try:
+            st = os.stat(p)
+        except OSError:
+            missing.append(Path(p))
+            continue
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest(), missing
 
 
 def read_meta(path: Path) -> dict:
@@ -90,44 +101,188 @@ def up_to_date(path: Path, input_hash: str) -> bool:
     """True when path holds a complete corpus made from exactly these inputs and settings."""
     try:
         meta = json.loads((Path(path) / META).read_text())
-    except (OSError, ValueError):
+        size = np.dtype(meta["dtype"]).itemsize
+        return meta.get("input_hash") == input_hash and all(
+            (Path(path) / f"{s}.bin").stat().st_size == meta["tokens"][s] * size for s in SPLITS)
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    return meta.get("input_hash") == input_hash and all((Path(path) / f"{s}.bin").is_file() for s in SPLITS)
+
+
+class CorpusWriter:
+    """Streams a corpus into .<name>.partial/ beside its final place and renames it there when complete.
+
+    Tokens are appended split by split (train, then val, then test) in chunks. `commit(done, stats)` makes what was
+    appended durable and journals how many work units are done, the splits' lengths and the running statistics; a
+    later writer for the same inputs and settings (input_hash) resumes there: `done` and `stats` come back, the split
+    files are cut back to their committed length. Intermediate results (a plan, a fitted codebook) survive too
+    (`save`/`load`). The content hash is computed while appending, once (on resume, the committed part is read back).
+    Only one prepare writes a corpus at a time (a lock beside it)."""
+
+    def __init__(self, path: Path, input_hash: str, resume: bool = True):
+        self.path = Path(path)
+        self.work = self.path.parent / f".{self.path.name}.partial"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A POSIX record lock: released when this process dies, and not held by its forked workers.
+        self._lock = open(self.path.parent / f".{self.path.name}.lock", "a+")
+        try:
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise UserError(f"another `shortcut prepare` is writing {self.path} now; let it finish (or stop it), "
+                            f"then run again") from None
+        state = None
+        if resume:
+            try:
+                state = json.loads((self.work / JOURNAL).read_text())
+            except (OSError, ValueError):
+                state = None
+        if state and state.get("format") == FORMAT and state.get("input_hash") == input_hash:
+            self.state = state
+            self.resumed = True
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+            (self.work / "stage").mkdir(parents=True)
+            self.state = {"format": FORMAT, "input_hash": input_hash, "done": 0, "dtype": None,
+                          "tokens": {s: 0 for s in SPLITS}, "stats": {}}
+            self.resumed = False
+            self._write_journal()
+        self._files: dict = {}
+        self._content = None
+        self._split = 0  # index in SPLITS of the split being appended to; earlier ones are closed for appends
+
+    # --- the journal and intermediate results ---
+
+    @property
+    def done(self) -> int:
+        """Work units completed and committed (0 for a fresh corpus)."""
+        return int(self.state["done"])
+
+    @property
+    def stats(self) -> dict:
+        return self.state["stats"]
+
+    @staticmethod
+    def _write_durably(target: Path, blob: bytes) -> None:
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+    def _write_journal(self) -> None:
+        self._write_durably(self.work / JOURNAL, json.dumps(self.state).encode())
+
+    def save(self, name: str, blob: bytes) -> None:
+        """Keep an intermediate result (a plan, a codebook) so that a resumed prepare need not compute it again."""
+        self._write_durably(self.work / "stage" / name, blob)
+
+    def load(self, name: str) -> bytes | None:
+        target = self.work / "stage" / name
+        return target.read_bytes() if target.is_file() else None
+
+    # --- streaming the tokens ---
+
+    def begin(self, dtype, limit: int | None = None) -> None:
+        """Open the split files for appending tokens of `dtype`, each checked to lie in [0, limit)."""
+        dtype = np.dtype(dtype)
+        if self.state["dtype"] not in (None, dtype.name):
+            raise RuntimeError(f"corpus dtype changed on resume ({self.state['dtype']} -> {dtype.name})")
+        self.state["dtype"] = dtype.name
+        self.dtype, self.limit = dtype, limit
+        self._content = hashlib.sha256()
+        for i, name in enumerate(SPLITS):
+            file = self.work / f"{name}.bin"
+            f = open(file, "r+b" if file.exists() else "w+b")
+            keep = self.state["tokens"][name] * dtype.itemsize
+            f.truncate(keep)  # whatever follows the last commit was never journaled: drop it
+            f.seek(0)
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                self._content.update(chunk)
+            f.seek(keep)
+            self._files[name] = f
+            if keep:
+                self._split = i
+        if self.resumed and self.done:
+            log.info("resuming %s: %d work unit(s) already done (tokens so far %s)", self.path, self.done,
+                     "/".join(f"{self.state['tokens'][s]:,}" for s in SPLITS))
+
+    def append(self, split: str, tokens) -> None:
+        i = SPLITS.index(split)
+        if i < self._split:
+            raise RuntimeError(f"{split} tokens after {SPLITS[self._split]} tokens: splits are written in order")
+        arr = np.asarray(tokens)
+        if arr.size == 0:
+            return
+        self._split = i
+        if self.limit is not None and (int(arr.max()) >= self.limit or (arr.dtype.kind != "u" and int(arr.min()) < 0)):
+            raise ValueError(f"{split} split has a token outside [0, {self.limit}): {int(arr.min())}..{int(arr.max())}")
+        data = memoryview(np.ascontiguousarray(arr, dtype=self.dtype)).cast("B")
+        self._files[split].write(data)
+        self._content.update(data)
+        self.state["tokens"][split] += int(arr.size)
+
+    def tokens(self, split: str) -> int:
+        return int(self.state["tokens"][split])
+
+    def commit(self, done: int, stats: dict) -> None:
+        """Make everything appended so far durable and record that `done` work units are finished."""
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        self.state["done"], self.state["stats"] = int(done), stats
+        self._write_journal()
+
+    def finish(self, meta: dict, extra_files: dict[str, bytes] | None = None) -> dict:
+        """Write meta.json (plus extra files, e.g. a tokenizer) and move the finished corpus into place."""
+        if self._content is None:
+            raise RuntimeError("finish() before begin()")
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        self._files = {}
+        content = self._content
+        for name, blob in (extra_files or {}).items():
+            (self.work / name).write_bytes(blob)
+            content.update(blob)
+        meta = {**meta, "format": FORMAT, "dtype": self.dtype.name, "tokens": {s: self.tokens(s) for s in SPLITS},
+                "content_hash": content.hexdigest()[:16], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        shutil.rmtree(self.work / "stage", ignore_errors=True)
+        (self.work / JOURNAL).unlink(missing_ok=True)
+        self._write_durably(self.work / META, json.dumps(meta, indent=2).encode())  # from here on it is complete
+        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+        if self.path.exists():
+            self.path.rename(old)
+        self.work.rename(self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        self.close()
+        return meta
+
+    def close(self) -> None:
+        """Release the corpus (an unfinished one stays in .<name>.partial/ to be resumed)."""
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        if not self._lock.closed:
+            self._lock.close()
+
+    def __enter__(self) -> "CorpusWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_corpus(path: Path, splits: dict[str, np.ndarray], meta: dict,
                  extra_files: dict[str, bytes] | None = None) -> dict:
-    """Write the three splits, meta.json and any extra files (a tokenizer, say) atomically into path."""
-    path = Path(path)
+    """Write whole in-memory splits, meta.json and any extra files atomically into path (small corpora, tests)."""
     vocab_size = int(meta["vocab_size"])
-    dtype = token_dtype(vocab_size)
-    for name, arr in splits.items():
-        if arr.size and int(arr.max()) >= vocab_size:
-            raise ValueError(f"{name} split has token {int(arr.max())} >= vocab_size {vocab_size}")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        content = hashlib.sha256()
+    with CorpusWriter(path, str(meta.get("input_hash", "")), resume=False) as w:
+        w.begin(token_dtype(vocab_size), limit=vocab_size)
         for name in SPLITS:
-            data = np.ascontiguousarray(splits[name], dtype=dtype)
-            data.tofile(tmp / f"{name}.bin")
-            content.update(data.tobytes())
-        for name, blob in (extra_files or {}).items():
-            (tmp / name).write_bytes(blob)
-            content.update(blob)
-        meta = {**meta, "dtype": dtype.name, "tokens": {s: int(splits[s].size) for s in SPLITS},
-                "content_hash": content.hexdigest()[:16], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-    return meta
+            w.append(name, splits[name])
+        return w.finish(meta, extra_files)
 
 
 def load_split(path: Path, split: str, meta: dict | None = None) -> np.memmap:

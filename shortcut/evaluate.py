@@ -178,7 +178,7 @@ def evaluate_run(job: EvalJob) -> dict:
 
         summary = audit(model, data, audit_dir, cfg, checkpoint_hash=state.weights_hash)
         record.audit = {k: summary[k] for k in ("taps", "mean_profile", "mean_depth", "spearman_depth_vs_loss",
-                                                "pictures", "logit_lens_nll") if k in summary}
+                                                "pictures", "logit_lens_nll", "layer_weights") if k in summary}
     elif depth is not None and depth.get("checkpoint_hash") != state.weights_hash:
         import shutil
 

@@ -1,9 +1,11 @@
 """The baseline GPT and the layerwise-attention-shortcut GPT, side by side, with parameter and FLOP counts.
 
-Baseline: GPT-2 (pre-LayerNorm, learned positions, tied head). Shortcut (Verma & Pilanci 2024, arXiv 2409.10870):
-the final block's self-attention is replaced by attention over (layer, position) pairs, so each token chooses how
-deep a representation it reads. Everything else is shared code. That attention's kernels (a readable masked
-reference and faster exact implementations of the same function, model.attn_impl) are in shortcut/attention.py.
+Baseline: GPT-2 (pre-LayerNorm, learned positions, GELU MLP, tied head); model.pos/norm/mlp turn it into a modern
+one (RoPE, RMSNorm, SwiGLU) for every arch. Shortcut (Verma & Pilanci 2024, arXiv 2409.10870): the final block's
+self-attention is replaced by attention over (layer, position) pairs, so each token chooses how deep a
+representation it reads. That attention's kernels (a readable masked reference and faster exact implementations of
+the same function, model.attn_impl) are in shortcut/attention.py. The other ways of reading earlier layers
+(DenseFormer, Attention Residuals, MUDD, value residual) run these same blocks in their own loop: shortcut/variants/.
 """
 
 from __future__ import annotations
@@ -17,17 +19,52 @@ import torch.nn.functional as F
 
 from shortcut.attention import (ATTENTION, depth_context_attention_probs, lse_kernel_available,
                                 resolve_attn_impl)
-from shortcut.config import Arch, AttnImpl, FeatureMap, MatchBy, ModelConfig
+from shortcut.config import Arch, AttnImpl, FeatureMap, MatchBy, MLPKind, ModelConfig, Norm, PosEmb
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """model.norm: LayerNorm (GPT-2; bias per model.bias) or RMSNorm (a gain only). Both start as a plain norm."""
+    dim = dim or cfg.n_embd
+    return nn.LayerNorm(dim, bias=cfg.bias) if cfg.norm == Norm.layernorm else nn.RMSNorm(dim, eps=1e-5)
+
+
+class Rotary(nn.Module):
+    """RoPE (Su et al. 2021, arXiv 2104.09864): channel pairs (i, i + hs/2) of queries and keys rotated by angle
+    t·theta^(-2i/hs) at position t, so q·k depends on positions only through their difference. Chosen: theta 10000,
+    every layer, the whole head. Tables are buffers outside the state dict (a function of the config)."""
+
+    def __init__(self, head_size: int, block_size: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = theta ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+        angle = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hs/2)
+        self.register_buffer("cos", angle.cos(), persistent=False)
+        self.register_buffer("sin", angle.sin(), persistent=False)
+
+    def forward(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[:T], self.sin[:T]  # 2 x (T, hs/2)
+
+
+def apply_rope(x, rope):
+    """x: (..., T, hs), rope: the (T, hs/2) cos and sin tables. Elementwise (no matmul: no FLOPs in the counts)."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
 
 class MLP(nn.Module):
-    def __init__(self, d_in: int, d_hidden: int, bias: bool, dropout: float = 0.0):
+    """gelu: W2·gelu(W1·x) (GPT-2). swiglu: W2·(silu(W1·x) * W3·x) (Shazeer 2020), W1 and W3 stacked in c_fc."""
+
+    def __init__(self, d_in: int, d_hidden: int, bias: bool, dropout: float = 0.0, kind: MLPKind = MLPKind.gelu):
         super().__init__()
-        self.c_fc = nn.Linear(d_in, d_hidden, bias=bias)
+        self.gated = kind == MLPKind.swiglu
+        self.c_fc = nn.Linear(d_in, 2 * d_hidden if self.gated else d_hidden, bias=bias)
         self.c_proj = nn.Linear(d_hidden, d_in, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
+        if self.gated:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.dropout(self.c_proj(F.silu(gate) * up))
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
@@ -45,12 +82,28 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
 
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (self.heads(t) for t in self.c_attn(x).split(C, dim=2))  # 3 x (B, nh, T, hs)
+    def project(self, x, xk=None, xv=None, rope=None):
+        """q, k, v: 3 x (B, nh, T, hs) from the normalised input x, or (MUDD) from three different inputs x, xk, xv
+        through the same three matrices. RoPE, when on, rotates q and k."""
+        C = self.n_embd
+        if xk is None:
+            q, k, v = (self.heads(t) for t in self.c_attn(x).split(C, dim=-1))  # 3 x (B, nh, T, hs)
+        else:
+            bias = self.c_attn.bias.split(C) if self.c_attn.bias is not None else (None,) * 3
+            q, k, v = (self.heads(F.linear(t, w, b)) for t, w, b in zip((x, xk, xv), self.c_attn.weight.split(C), bias))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k, v
+
+    def attend(self, q, k, v):
+        """Causal attention of (B, nh, T, hs) heads, merged and projected back: (B, T, C)."""
+        B, nh, T, hs = q.shape
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def forward(self, x, rope=None):
+        return self.attend(*self.project(x, rope=rope))
 
 
 class DepthContextAttention(CausalSelfAttention):
@@ -64,7 +117,7 @@ class DepthContextAttention(CausalSelfAttention):
         super().__init__(cfg)
         self.attn_impl = cfg.attn_impl
 
-    def forward(self, x, z, need_weights: bool = False):
+    def forward(self, x, z, need_weights: bool = False, rope=None):
         # x: (B, T, C) normalised h_{L-1};  z: (B, K, T, C) normalised f_l(h_l) + e_l for the K taps
         B, K, T, C = z.shape
         nh = self.n_head
@@ -73,6 +126,8 @@ class DepthContextAttention(CausalSelfAttention):
         q = self.heads(F.linear(x, w_q, b_q))  # (B, nh, T, hs)
         k, v = F.linear(z, w_kv, b_kv).split(C, dim=3)  # 2 x (B, K, T, C)
         k, v = (t.view(B, K, T, nh, C // nh).permute(0, 3, 1, 2, 4) for t in (k, v))  # 2 x (B, nh, K, T, hs)
+        if rope is not None:  # key (l, s) sits at position s, whatever its tap
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         dropout_p = self.dropout if self.training else 0.0
         probs = None
         if need_weights:  # explicit softmax so the probabilities can be audited
@@ -89,13 +144,13 @@ class DepthContextAttention(CausalSelfAttention):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, attn: type[CausalSelfAttention] = CausalSelfAttention):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = attn(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg.n_embd, cfg.d_mlp, cfg.bias, cfg.dropout)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg.n_embd, cfg.d_mlp, cfg.bias, cfg.dropout, cfg.mlp)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, rope=None):
+        x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -105,10 +160,10 @@ class ShortcutBlock(Block):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, attn=DepthContextAttention)
 
-    def forward(self, x, z, need_weights: bool = False):
+    def forward(self, x, z, need_weights: bool = False, rope=None):
         # x: (B, T, C) = h_{L-1};  z: (B, K, T, C) = f_l(h_l) + e_l.  One LayerNorm for queries and keys, as in
         # the baseline block, which keeps the degenerate single-tap model identical to the baseline.
-        a, probs = self.attn(self.ln_1(x), self.ln_1(z), need_weights)
+        a, probs = self.attn(self.ln_1(x), self.ln_1(z), need_weights, rope)
         x = x + a
         return x + self.mlp(self.ln_2(x)), probs
 
@@ -118,8 +173,8 @@ class FeatureMapMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg.n_embd, cfg.d_feature, cfg.bias)
+        self.ln = make_norm(cfg)
+        self.mlp = MLP(cfg.n_embd, cfg.d_feature, cfg.bias)  # gelu whatever model.mlp: the feature map is the paper's
         nn.init.zeros_(self.mlp.c_proj.weight)
         self.mlp.c_proj.is_zero_init = True
 
@@ -143,6 +198,12 @@ class FeatureMapLinear(nn.Module):
 FEATURE_MAPS = {FeatureMap.mlp: FeatureMapMLP, FeatureMap.linear: FeatureMapLinear, FeatureMap.none: None}
 
 
+def _variants() -> dict:
+    from shortcut.variants import VARIANTS  # imported here: the variants build on this module's blocks
+
+    return VARIANTS
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -152,7 +213,10 @@ class GPT(nn.Module):
         self.shortcut = cfg.arch == Arch.shortcut
         L = cfg.n_layer
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.pos == PosEmb.learned:
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        else:
+            self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(L - 1 if self.shortcut else L)])
         if self.shortcut:
@@ -161,7 +225,9 @@ class GPT(nn.Module):
             fmap = FEATURE_MAPS[cfg.feature_map]
             self.feature_maps = nn.ModuleList([fmap(cfg) for _ in self.taps]) if fmap else None
             self.depth_emb = nn.Parameter(torch.zeros(len(self.taps), cfg.n_embd)) if cfg.depth_embedding else None
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        elif cfg.arch != Arch.baseline:  # its own parameters under its own name (denseformer.alphas.0, mudd....)
+            self.add_module(str(cfg.arch), _variants()[cfg.arch](cfg))
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init_weights)
@@ -169,34 +235,47 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight") and "feature_maps" not in name:
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * L))
 
+    @property
+    def variant(self) -> nn.Module | None:
+        """The module that runs the blocks its own way (shortcut/variants/), or None (baseline, shortcut)."""
+        return None if self.cfg.arch in (Arch.baseline, Arch.shortcut) else getattr(self, str(self.cfg.arch))
+
     @staticmethod
     def _init_weights(m):
         if isinstance(m, nn.Linear):
             if not getattr(m, "is_zero_init", False):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                nn.init.normal_(m.weight, mean=0.0, std=getattr(m, "init_std", 0.02))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def embed(self, idx):
+        """h_0 (B, T, C) before dropout, and the RoPE tables (None with learned positions)."""
+        T = idx.size(1)
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        if self.cfg.pos == PosEmb.learned:
+            return self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)), None
+        return self.wte(idx), self.rotary(T)
 
     def forward(self, idx, targets=None, return_attn: bool = False, per_head: bool = False):
         """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None, attention probabilities or None).
 
         With return_attn (shortcut only) the probabilities of the final layer over (tap, key position) come back
         head-averaged, (B, T queries, K taps, T keys), or per head with per_head, (B, nh, T, K, T)."""
-        B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # h_0: (B, T, C)
+        x, rope = self.embed(idx)
+        x = self.drop(x)  # h_0: (B, T, C)
         probs = None
-        if not self.shortcut:
+        if self.variant is not None:
+            x = self.variant(x, self.blocks, rope)
+        elif not self.shortcut:
             for block in self.blocks:
-                x = block(x)
+                x = block(x, rope)
         else:
             hs = [x]  # h_0 .. h_{L-1}
             for block in self.blocks[:-1]:
-                x = block(x)
+                x = block(x, rope)
                 hs.append(x)
             feats = [hs[l] for l in self.taps]  # K x (B, T, C)
             if self.feature_maps is not None:
@@ -204,7 +283,7 @@ class GPT(nn.Module):
             z = torch.stack(feats, dim=1)  # (B, K, T, C)
             if self.depth_emb is not None:
                 z = z + self.depth_emb[None, :, None, :].to(z.dtype)
-            x, probs = self.blocks[-1](x, z, need_weights=return_attn or per_head)
+            x, probs = self.blocks[-1](x, z, need_weights=return_attn or per_head, rope=rope)
             if probs is not None and not per_head:
                 probs = probs.mean(dim=1)  # (B, T, K, T)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
@@ -215,14 +294,41 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx) -> list[torch.Tensor]:
         """h_0 .. h_{L-1}, each (B, T, C): the residual stream after the embeddings and after every block but the
-        last (the inputs the final block reads, in both architectures)."""
-        pos = torch.arange(idx.size(1), device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
+        last (the inputs the final block reads, in both architectures). For a variant, the residual stream each
+        block reads (DenseFormer: the averages; AttnRes: the attention sublayers' inputs; MUDD: the R stream)."""
+        x, rope = self.embed(idx)
+        if self.variant is not None:
+            record = {}
+            self.variant(x, self.blocks, rope, record)
+            return record["states"]
         states = [x]
         for block in self.blocks[:-1]:
-            x = block(x)
+            x = block(x, rope)
             states.append(x)
         return states
+
+    @property
+    def weighs_layers(self) -> bool:
+        """Whether this model weighs earlier layers' outputs (what the depth audit's layer_weights reports)."""
+        return self.shortcut or getattr(self.variant, "kind", None) is not None
+
+    def layer_weights(self, idx) -> dict | None:
+        """How the model weighs the outputs of earlier layers, per token (None for a model that does not).
+
+        Returns {"kind", "sources" (layer indices: 0 the embeddings, l the output of block l), "consumers" (who
+        reads each mix; the last one feeds the head or, for the shortcut, the final block), "weights" (B, T, A
+        consumers, S sources) float32, a source's weight summed over its parts, 0 where a mix does not read it),
+        "normalised" (every row sums to one)}."""
+        if self.shortcut:
+            _, _, probs = self(idx, return_attn=True)  # (B, T, K, T)
+            return {"kind": "shortcut attention mass", "sources": list(self.taps), "consumers": ["final block"],
+                    "weights": probs.sum(dim=-1).float()[:, :, None, :], "normalised": True}
+        if not self.weighs_layers:
+            return None
+        x, rope = self.embed(idx)
+        record = {}
+        self.variant(x, self.blocks, rope, record)
+        return {"kind": self.variant.kind, **record["weights"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,7 +339,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     with torch.device("meta"):
         model = GPT(cfg)
     total = sum(p.numel() for p in model.parameters())
-    return {"params": total, "non_embedding_params": total - model.wte.weight.numel() - model.wpe.weight.numel()}
+    tables = model.wte.weight.numel() + (model.wpe.weight.numel() if cfg.pos == PosEmb.learned else 0)
+    return {"params": total, "non_embedding_params": total - tables}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, int]:
@@ -241,19 +348,22 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, i
 
     Attention is counted over the full T x T score matrix (what a dense kernel computes), like torchtitan's
     6N + 12·L·H·d_head·T. The shortcut's final layer attends over |taps|·T keys and runs its K/V projections and
-    feature maps on every tap.
+    feature maps on every tap. A variant adds its own matmuls (variants' `extra_flops`); its weighted sums over
+    depth, like norms, softmax and RoPE, are elementwise work the counter does not count.
     """
     C, T, V, L, H = cfg.n_embd, seq_len or cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.d_mlp
-    block_dense = 2 * (3 * C * C + C * C + 2 * C * H)  # qkv, out proj, mlp
+    mlp = 2 * (3 if cfg.mlp == MLPKind.swiglu else 2) * C * H  # gelu: C->H->C; swiglu: C->2H, H->C
+    block_dense = 2 * (3 * C * C + C * C) + mlp  # qkv, out proj, mlp
     attn = 2 * 2 * T * C  # q·k and p·v over T keys
     head = 2 * C * V
-    if cfg.arch == Arch.baseline:
-        fwd = L * (block_dense + attn) + head
-    else:
+    if cfg.arch == Arch.shortcut:
         K = len(cfg.tap_layers())
         fmap = {FeatureMap.mlp: 2 * 2 * C * cfg.d_feature, FeatureMap.linear: 2 * C * C, FeatureMap.none: 0}
-        final = 2 * (C * C + 2 * C * C * K + C * C + 2 * C * H) + 2 * 2 * K * T * C + K * fmap[cfg.feature_map]
+        final = 2 * (C * C + 2 * C * C * K + C * C) + mlp + 2 * 2 * K * T * C + K * fmap[cfg.feature_map]
         fwd = (L - 1) * (block_dense + attn) + final + head
+    else:
+        extra = 0 if cfg.arch == Arch.baseline else _variants()[cfg.arch].extra_flops(cfg)
+        fwd = L * (block_dense + attn) + head + extra
     return {"forward": fwd, "train": 3 * fwd}
 
 
@@ -272,7 +382,7 @@ def match_params(cfg: ModelConfig) -> ModelConfig:
         raise ValueError(f"model.match_params: this {cfg.arch} model already has more parameters "
                          f"({count(base):,}) than the {cfg.match_params} target ({target:,})")
     grow = "n_embd" if cfg.match_by == MatchBy.width else "n_layer"
-    step = cfg.n_head if grow == "n_embd" else 1
+    step = (2 if cfg.pos == PosEmb.rope else 1) * cfg.n_head if grow == "n_embd" else 1  # rope: even head sizes
     while True:
         bigger = replace(base, **{grow: getattr(base, grow) + step})
         if grow == "n_embd":  # keep the MLP ratio while widening

@@ -96,12 +96,14 @@ def test_split_rules(tmp_path, by_speaker):
 
 def test_kmeans_corpus_codebook_from_train_only(tmp_path, audio_folder, monkeypatch):
     seen = []
-    real_fit = audio_mod.KMeansCodes.fit
-    monkeypatch.setattr(audio_mod.KMeansCodes, "fit", lambda self, wavs: (seen.append(len(wavs)), real_fit(self, wavs)))
-    out = prep(tmp_path, "domain.source=files", f"domain.files={audio_folder}", "domain.codebook_size=16",
-               "domain.by_speaker=true")
+    real = audio_mod._features
+    monkeypatch.setattr(audio_mod, "_features", lambda path: (seen.append(path), real(path))[1])
+    args = ["domain.source=files", f"domain.files={audio_folder}", "domain.codebook_size=16", "domain.by_speaker=true"]
+    out = prep(tmp_path, *args, "prepare.workers=1")
     meta = corpus.read_meta(out)
-    assert seen == [meta["files"]["train"]]  # fitted on the training files only
+    usable = sorted(p for p in audio_folder.iterdir() if p.name not in ("corrupt.wav", "empty.wav"))
+    train = split_files(usable, 0.1, 0.1, by_speaker=True)["train"]
+    assert sorted(seen) == sorted(map(str, train)) and len(seen) == meta["files"]["train"]  # train files only
     assert sorted(meta["skipped"]) == sorted(str(audio_folder / n) for n in ("corrupt.wav", "empty.wav"))
     assert meta["vocab_size"] == 16 and meta["sample_rate"] == 16000
     assert meta["tokens_per_second"]["train"] == pytest.approx(100, rel=0.02)  # 10 ms hop
@@ -109,11 +111,12 @@ def test_kmeans_corpus_codebook_from_train_only(tmp_path, audio_folder, monkeypa
     # the codebook persists: re-tokenising a test file with the saved codebook gives the stored tokens
     tok = load_tokenizer(out, compose("prepare", ["domain=audio", "domain.codebook_size=16"]).domain)
     assert torch.equal(tok.codebook, torch.from_numpy(np.load(out / "codebook.npy")))
-    # deterministic: a second corpus from the same inputs is identical
-    again = prepare(compose("prepare", [f"data.root={tmp_path / 'again'}", "domain=audio", "domain.source=files",
-                                        f"domain.files={audio_folder}", "domain.codebook_size=16",
-                                        "domain.by_speaker=true"]))
+    # deterministic, and the same whatever the number of workers: byte-identical corpus and codebook
+    monkeypatch.setattr(audio_mod, "_features", real)
+    again = prepare(compose("prepare", [f"data.root={tmp_path / 'again'}", "domain=audio", *args, "prepare.workers=2"]))
     assert corpus.read_meta(again)["content_hash"] == meta["content_hash"]
+    for name in ("train.bin", "val.bin", "test.bin", "codebook.npy"):
+        assert (again / name).read_bytes() == (out / name).read_bytes()
 
 
 def test_mulaw_corpus_and_smoke_training(tmp_path, audio_folder):
@@ -143,7 +146,7 @@ def test_librispeech_layout(tmp_path):
     meta = corpus.read_meta(out)
     assert meta["files"] == {"train": 6, "val": 2, "test": 2} and meta["n_transcripts"] == 10
     with pytest.raises(UserError, match="no other-clean.*it has dev-clean, test-clean, train-clean-100"):
-        prep(tmp_path, "domain.source=librispeech", f"domain.path={root}", "domain.test_subset=other-clean")
+        prep(tmp_path, "domain.source=librispeech", f"domain.path={root}", "domain.test_subsets=[other-clean]")
 
 
 def test_offline_and_missing_pieces_fail_clearly(tmp_path, monkeypatch):

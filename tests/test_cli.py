@@ -84,7 +84,7 @@ def test_hydra_flags_still_work():
     r = shortcut("train", "model=shortcut", "--cfg", "job")
     assert r.returncode == 0 and "arch: shortcut" in r.stdout
     r = shortcut("train", "--help")
-    assert r.returncode == 0 and "model: baseline, baseline_matched, shortcut" in r.stdout
+    assert r.returncode == 0 and "model: attnres, baseline, baseline_matched, connect_last," in r.stdout
     r = shortcut("--help")
     assert r.returncode == 0 and "prepare" in r.stdout
 

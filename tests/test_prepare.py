@@ -94,7 +94,7 @@ def test_interrupted_prepare_leaves_the_old_corpus(tmp_path, text_files, monkeyp
 
     real, calls = np.ascontiguousarray, []
 
-    def dies_on_second_split(*a, **k):  # train.bin is written, then the process "dies"
+    def dies_on_second_split(*a, **k):  # the first tokens are written, then the process "dies"
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -105,11 +105,15 @@ def test_interrupted_prepare_leaves_the_old_corpus(tmp_path, text_files, monkeyp
         prep(tmp_path, *args, "domain.tokenizer=byte")
     assert (out / "meta.json").read_text() == before
     assert corpus.read_meta(out)["tokenizer"] == "char"
-    # A first prepare that dies leaves nothing that looks like a corpus.
+    # A first prepare that dies leaves nothing that looks like a corpus: only the hidden work folder.
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         prep(tmp_path / "other", *args)
-    assert not (tmp_path / "other" / "data" / "text" / "files" / "meta.json").exists()
+    job = compose("prepare", [f"data.root={tmp_path / 'other' / 'data'}", "domain=text", *args])
+    with pytest.raises(UserError, match="no prepared corpus"):
+        corpus.locate(job.data.root, job.domain)
+    partial = corpus.corpus_dir(job.data.root, job.domain)
+    assert not partial.exists() and (partial.parent / f".{partial.name}.partial").is_dir()
 
 
 def test_text8_from_local_zip(tmp_path):
@@ -165,5 +169,7 @@ def test_bad_sources(tmp_path, overrides, match):
 def test_non_utf8_file_is_named(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
-    with pytest.raises(UserError, match="latin1.txt is not UTF-8"):
+    with pytest.raises(UserError, match=r"no usable text left: 1 file\(s\) skipped, e.g. .*latin1.txt: not UTF-8"):
         prep(tmp_path, "domain.source=files", f"domain.files={bad}")
+    with pytest.raises(UserError, match=r"latin1.txt: not UTF-8 text \(bad byte at offset 3\).*domain.on_error=skip"):
+        prep(tmp_path, "domain.source=files", f"domain.files={bad}", "domain.on_error=fail")

@@ -12,13 +12,13 @@ def prepare(job: PrepareJob) -> Path:
     if isinstance(job.domain, TextDomain):
         from shortcut.prepare.text import prepare_text
 
-        return prepare_text(job.domain, root)
+        return prepare_text(job.domain, root, job.prepare)
     if isinstance(job.domain, MusicDomain):
         from shortcut.prepare.music import prepare_music
 
-        return prepare_music(job.domain, root)
+        return prepare_music(job.domain, root, job.prepare)
     if isinstance(job.domain, AudioDomain):
         from shortcut.prepare.audio import prepare_audio
 
-        return prepare_audio(job.domain, root)
+        return prepare_audio(job.domain, root, job.prepare)
     raise ValueError(f"domain {job.domain.name!r} has no prepare step")

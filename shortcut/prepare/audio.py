@@ -3,6 +3,10 @@ codes of log-mel frames, or EnCodec codes.
 
 Audio is read with soundfile, down-mixed to mono, resampled to the tokenizer's rate and peak-normalised. Splits are
 by utterance (or speaker), never inside one. Each utterance is a run of tokens; utterances are concatenated.
+Streaming (issue 14): file headers are checked first (the split is made among readable files); the k-means codebook
+is fitted on a uniform sample of `domain.kmeans_frames` training frames drawn from a seeded selection of training
+files, so the fit costs the same for 2 hours or 960; then every file is decoded and tokenized by parallel workers,
+one at a time each, and the tokens are appended in order. Memory holds a few utterances, never the corpus.
 """
 
 from __future__ import annotations
@@ -24,15 +28,25 @@ import torch
 from tqdm import tqdm
 
 from shortcut import corpus
-from shortcut.config import AudioDomain, AudioSource, AudioTokenizer, UserError
+from shortcut.config import AudioDomain, AudioSource, AudioTokenizer, PrepareConfig, UserError
 from shortcut.download import download, require_network
-from shortcut.prepare.common import (check_inputs, find_files, inputs_of, read_and_split, report_skipped,
-                                     split_whole)
+from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, ordered_map,
+                                     split_whole, survey, worker_count)
 
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif")
 LIBRISPEECH_URL = "https://www.openslr.org/resources/12/{subset}.tar.gz"
+# sha256 of the official archives as torchaudio.datasets.librispeech records them (it checks downloads with them).
+LIBRISPEECH_SHA256 = {
+    "dev-clean": "76f87d090650617fca0cac8f88b9416e0ebf80350acb97b343a85fa903728ab3",
+    "dev-other": "12661c48e8c3fe1de2c1caa4c3e135193bfb1811584f11f569dd12645aa84365",
+    "test-clean": "39fde525e59672dc6d1551919b1478f724438a95aa55f874b576be21967e6c23",
+    "test-other": "d09c181bba5cf717b3dee7d4d592af11a3ee3a09e08ae025c5506f6ebe961c29",
+    "train-clean-100": "d4ddd1d5a6ab303066f14971d768ee43278a5f2a0aa43dc716b0e64ecbbbf6e2",
+    "train-clean-360": "146a56496217e96c14334a160df97fffedd6e0a04e66b9c5af0d40be3c792ecf",
+    "train-other-500": "ddb22f27f96ec163645d53215559df6aa36515f26e01dd70798188350adcb6d2",
+}
 ENCODEC_MODEL = "facebook/encodec_24khz"
 
 # Sentences for the offline speech corpus, written for this project: varied phonetics, numbers and punctuation.
@@ -127,31 +141,123 @@ class LogMel:
         return (self.mel(torch.from_numpy(wav)) + 1e-6).log().T.contiguous()  # (frames, n_mels)
 
 
-def kmeans_fit(x: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tensor:
+_KM: dict = {}  # in a k-means worker: the sample being clustered
+
+
+def _km_init(x: torch.Tensor) -> None:
+    torch.set_num_threads(1)
+    _KM["x"] = x
+
+
+def _km_chunk(job: tuple[np.ndarray, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One Lloyd step's share: float64 sums and counts of the rows [lo, hi) nearest to each centre. Arrays cross
+    processes as numpy: torch would move every tensor sent through a pipe into shared memory, and keep it."""
+    c, lo, hi = job
+    c = torch.from_numpy(c)
+    part = _KM["x"][lo:hi]
+    assign = torch.addmm((c * c).sum(1), part, (-2 * c).T).argmin(1)  # the nearest centre (|x|^2 is the same for all)
+    sums = torch.zeros(c.shape, dtype=torch.float64).index_add_(0, assign, part.double())
+    return sums.numpy(), torch.bincount(assign, minlength=len(c)).numpy()
+
+
+def kmeans_fit(x: torch.Tensor, k: int, iters: int, seed: int = 0, chunk: int = 1 << 14,
+               workers: int = 1) -> torch.Tensor:
     """k-means with k-means++ initialisation (Arthur & Vassilvitskii 2007), in torch. x: (N, D) -> (k, D).
 
-    Distances in float32 (the costly part), centroid sums in float64."""
+    Distances in float32 (the costly part), in chunks of rows so the (N, k) distance matrix is never whole; centroid
+    sums in float64, added chunk by chunk in order. The Lloyd steps' chunks are spread over `workers` processes; the
+    chunks and their order do not depend on that number, so neither does the result."""
     g = torch.Generator().manual_seed(seed)
-    x = x.float()
+    x = x.float().contiguous()
     k = min(k, len(x))
+    xx = (x * x).sum(1)
+
+    def dist2(c: torch.Tensor) -> torch.Tensor:  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: one pass over x, no (N, D) temp
+        return (xx - 2 * (x @ c) + c @ c).clamp_min_(0)
+
     centres = [x[torch.randint(len(x), (1,), generator=g)].squeeze(0)]
-    d2 = ((x - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
-        c = x[torch.multinomial(probs, 1, generator=g)].squeeze(0)
+    d2 = dist2(centres[0])
+    for _ in range(1, k):  # the next centre with probability proportional to d2 (inverse CDF: one cumsum)
+        cum = torch.cumsum(d2.double(), 0)
+        if cum[-1] > 0:
+            pick = torch.searchsorted(cum, torch.rand(1, generator=g, dtype=torch.float64) * cum[-1])
+        else:
+            pick = torch.randint(len(x), (1,), generator=g)
+        c = x[pick.clamp_max(len(x) - 1)].squeeze(0)
         centres.append(c)
-        d2 = torch.minimum(d2, ((x - c) ** 2).sum(1))
+        d2 = torch.minimum(d2, dist2(c))
     c = torch.stack(centres)
-    x64 = x.double()
-    for _ in range(iters):
-        assign = torch.cdist(x, c).argmin(1)
-        sums = torch.zeros(c.shape, dtype=torch.float64).index_add_(0, assign, x64)
-        counts = torch.bincount(assign, minlength=len(c)).unsqueeze(1)
-        moved = torch.where(counts > 0, sums / counts.clamp_min(1), c.double()).float()  # empty: keep the centre
-        if torch.equal(moved, c):
-            break
-        c = moved
+    bounds = [(lo, min(lo + chunk, len(x))) for lo in range(0, len(x), chunk)]
+    workers = max(1, min(workers, len(bounds)))
+    if workers > 1:
+        from shortcut.prepare.common import process_pool
+
+        pool = process_pool(workers, _km_init, (x,))
+        step = pool.map
+    else:
+        _KM["x"], pool, step = x, None, map
+    try:
+        for _ in range(iters):
+            sums = torch.zeros(c.shape, dtype=torch.float64)
+            counts = torch.zeros(len(c), dtype=torch.int64)
+            for part_sums, part_counts in step(_km_chunk, [(c.numpy(), lo, hi) for lo, hi in bounds]):
+                sums += torch.from_numpy(part_sums)
+                counts += torch.from_numpy(part_counts)
+            counts = counts.unsqueeze(1)
+            moved = torch.where(counts > 0, sums / counts.clamp_min(1), c.double()).float()  # empty: keep the centre
+            if torch.equal(moved, c):
+                break
+            c = moved
+    finally:
+        _KM.clear()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return c
+
+
+class FrameSample:
+    """A uniform sample without replacement of at most k frames from a stream of utterances: every frame gets a
+    random key from (seed, utterance name, frame index) and the k smallest keys are kept (bottom-k sampling). The
+    sample depends on the frames and the seed only, not on how the stream was cut or how many workers made it."""
+
+    def __init__(self, k: int, seed: int):
+        self.k, self.seed = k, seed
+        self.keys, self.frames = np.zeros(0), None
+        self._keys: list[np.ndarray] = []
+        self._frames: list[np.ndarray] = []
+        self._rows = 0
+        self.seen = 0
+
+    def add(self, name: str, frames: np.ndarray) -> None:
+        entropy = int(hashlib.sha1(name.encode()).hexdigest()[:15], 16)
+        keys = np.random.default_rng([self.seed, entropy]).random(len(frames))
+        self.seen += len(frames)
+        if len(self.keys) == self.k:  # full: a frame whose key is above the largest kept one can never get in
+            keep = keys < self.keys.max()
+            keys, frames = keys[keep], frames[keep]
+        self._keys.append(keys)
+        self._frames.append(np.asarray(frames, dtype=np.float32))
+        self._rows += len(keys)
+        if self._rows >= max(1, self.k // 4):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._keys:
+            return
+        keys = np.concatenate([self.keys, *self._keys])
+        frames = np.concatenate(([self.frames] if self.frames is not None else []) + self._frames)
+        if len(keys) > self.k:
+            keep = np.argpartition(keys, self.k - 1)[: self.k]
+            keys, frames = keys[keep], frames[keep]
+        self.keys, self.frames = keys, frames
+        self._keys, self._frames, self._rows = [], [], 0
+
+    def result(self) -> torch.Tensor:
+        self._merge()
+        if self.frames is None:
+            return torch.zeros(0)
+        order = np.argsort(self.keys, kind="stable")
+        return torch.from_numpy(self.frames[order])
 
 
 class KMeansCodes:
@@ -167,12 +273,15 @@ class KMeansCodes:
     def vocab_size(self) -> int:
         return len(self.codebook)
 
-    def fit(self, wavs: list[np.ndarray]) -> None:
-        frames = torch.cat([self.features(w) for w in tqdm(wavs, desc="log-mel (fit)", disable=len(wavs) < 50)])
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        if len(frames) > self.cfg.kmeans_max_frames:
-            frames = frames[torch.randperm(len(frames), generator=g)[: self.cfg.kmeans_max_frames]]
+    def fit_sample(self, frames: torch.Tensor) -> None:
         self.codebook = kmeans_fit(frames, self.cfg.codebook_size, self.cfg.kmeans_iters, self.cfg.seed)
+
+    def fit(self, wavs: list[np.ndarray]) -> None:
+        """Fit on waveforms in memory (small inputs, benchmarks); prepare streams the frames instead."""
+        sample = FrameSample(self.cfg.kmeans_frames, self.cfg.seed)
+        for i, w in enumerate(wavs):
+            sample.add(str(i), self.features(w).numpy())
+        self.fit_sample(sample.result())
 
     def encode(self, wav: np.ndarray) -> np.ndarray:
         codes = torch.cdist(self.features(wav), self.codebook).argmin(1).numpy().astype(np.int64)
@@ -234,40 +343,62 @@ def split_files(paths: list[Path], val_frac: float, test_frac: float, by_speaker
     return split_whole(paths, val_frac, test_frac, unit="file")
 
 
-def _files_source(cfg: AudioDomain, root: Path):
+def _files_source(cfg: AudioDomain, root: Path, problems: Problems):
     paths = find_files(cfg.files, "speech/**/*.wav", AUDIO_SUFFIXES)
-    return paths[: cfg.max_files] if cfg.max_files else paths
+    return (paths[: cfg.max_files] if cfg.max_files else paths), None
 
 
-def librispeech_subset(folder: Path, subset: str) -> list[Path]:
-    """Utterance files of one subset in LibriSpeech's own layout: SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac."""
+def librispeech_subset(folder: Path, subset: str) -> tuple[list[Path], list[Path], list[Path], set[str]]:
+    """One subset in LibriSpeech's own layout, SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac beside
+    SPEAKER-CHAPTER.trans.txt: (its utterance files, the utterances its transcripts list whose audio is not there,
+    the utterance files no transcript lists, the ids the transcripts list)."""
     base = folder / subset
     if not base.is_dir():
-        have = sorted(p.name for p in folder.iterdir() if p.is_dir() and list(p.glob("*/*/*.flac"))[:1])
+        have = sorted(p.name for p in folder.iterdir() if p.is_dir() and next(p.glob("*/*/*.flac"), None))
         raise UserError(f"{folder} has no {subset}/ subset folder (LibriSpeech layout: LibriSpeech/{subset}/SPEAKER/"
                         f"CHAPTER/SPEAKER-CHAPTER-UTT.flac); it has {', '.join(have) or 'no subsets'}: choose with "
-                        f"domain.train_subset=, domain.val_subset=, domain.test_subset=, or use domain.source=files "
-                        f"domain.by_speaker=true to split what you have")
-    paths = sorted(base.glob("*/*/*.flac"))
-    if not paths:
-        raise UserError(f"{base} holds no SPEAKER/CHAPTER/*.flac utterances")
-    return paths
+                        f"domain.train_subsets=[...], domain.val_subsets=[...], domain.test_subsets=[...], or use "
+                        f"domain.source=files domain.by_speaker=true to split what you have")
+    flacs = sorted(base.glob("*/*/*.flac"))
+    present = {p.stem for p in flacs}
+    listed: set[str] = set()
+    no_audio = []
+    for trans in sorted(base.glob("*/*/*.trans.txt")):
+        for line in trans.read_text(encoding="utf-8", errors="replace").splitlines():
+            utt = line.split(" ", 1)[0].strip()
+            if utt:
+                listed.add(utt)
+                if utt not in present:
+                    no_audio.append(trans.parent / f"{utt}.flac")
+    if not flacs:
+        raise UserError(f"{base} holds no SPEAKER/CHAPTER/*.flac utterances"
+                        f"{f' ({len(no_audio)} listed in its transcripts are missing)' if no_audio else ''}; "
+                        f"is its extraction complete?")
+    return flacs, no_audio, [p for p in flacs if p.stem not in listed], listed
 
 
-def read_transcripts(paths: list[Path]) -> dict[str, str]:
-    """Utterance id -> transcript, from the *.trans.txt files beside the utterances."""
-    out = {}
-    for trans in sorted({p.parent for p in paths}):
-        for f in trans.glob("*.trans.txt"):
-            for line in f.read_text().splitlines():
-                if " " in line:
-                    utt, text = line.split(" ", 1)
-                    out[utt] = text
-    return out
+def _extract_librispeech(root: Path, folder: Path, subset: str, alternative: str) -> None:
+    sha = LIBRISPEECH_SHA256.get(subset)
+    archive = download(LIBRISPEECH_URL.format(subset=subset), root / "downloads" / f"{subset}.tar.gz",
+                       f"LibriSpeech {subset}", alternative, known_hash=f"sha256:{sha}" if sha else None)
+    tmp = root / "downloads" / f".extract-{subset}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{archive} could not be extracted ({type(exc).__name__}: {exc}); delete it and run again "
+                        f"to download it anew. {alternative}") from None
+    if not (tmp / "LibriSpeech" / subset).is_dir():
+        raise UserError(f"{archive} holds no LibriSpeech/{subset}/ folder; is it the right archive?")
+    folder.mkdir(parents=True, exist_ok=True)
+    (tmp / "LibriSpeech" / subset).rename(folder / subset)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _librispeech_source(cfg: AudioDomain, root: Path):
-    subsets = {"train": cfg.train_subset, "val": cfg.val_subset, "test": cfg.test_subset}
+def _librispeech_source(cfg: AudioDomain, root: Path, problems: Problems):
+    subsets = {"train": cfg.train_subsets, "val": cfg.val_subsets, "test": cfg.test_subsets}
     if cfg.path:
         folder = Path(os.path.expanduser(cfg.path))
         if (folder / "LibriSpeech").is_dir():
@@ -278,21 +409,21 @@ def _librispeech_source(cfg: AudioDomain, root: Path):
         folder = root / "downloads" / "LibriSpeech"
         alternative = ("Give a local extracted copy with domain.path=/path/to/LibriSpeech, or use "
                        "domain.source=espeak (offline) or domain.source=files domain.files='speech/*.flac'.")
-        for subset in subsets.values():
+        for subset in (name for names in subsets.values() for name in names):
             if not (folder / subset).is_dir():
-                archive = download(LIBRISPEECH_URL.format(subset=subset), root / "downloads" / f"{subset}.tar.gz",
-                                   f"LibriSpeech {subset}", alternative)
-                tmp = root / "downloads" / f".extract-{subset}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                with tarfile.open(archive) as tar:
-                    tar.extractall(tmp, filter="data")
-                folder.mkdir(parents=True, exist_ok=True)
-                (tmp / "LibriSpeech" / subset).rename(folder / subset)
-                shutil.rmtree(tmp, ignore_errors=True)
-    splits = {s: librispeech_subset(folder, sub) for s, sub in subsets.items()}
+                _extract_librispeech(root, folder, subset, alternative)
+    splits, listed = {}, set()
+    for split, names in subsets.items():
+        splits[split] = []
+        for name in names:
+            flacs, no_audio, untranscribed, ids = librispeech_subset(folder, name)
+            problems.absent(split, no_audio, "audio")
+            problems.absent(split, [f"transcript of {p}" for p in untranscribed], "transcript")
+            splits[split] += flacs
+            listed |= ids
     if cfg.max_files:
         splits = {s: p[: max(1, cfg.max_files // 3)] for s, p in splits.items()}
-    return splits
+    return splits, sum(p.stem in listed for s in corpus.SPLITS for p in splits[s])
 
 
 class Espeak:
@@ -345,7 +476,7 @@ class Espeak:
         return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
 
 
-def _espeak_source(cfg: AudioDomain, root: Path):
+def _espeak_source(cfg: AudioDomain, root: Path, problems: Problems):
     """Synthesise domain.utterances sentences into WAV files once (cached by settings), deterministic in seed."""
     import soundfile as sf
 
@@ -378,7 +509,7 @@ def _espeak_source(cfg: AudioDomain, root: Path):
         if cache.exists():
             shutil.rmtree(cache)
         tmp.rename(cache)
-    return sorted(cache.glob("*.wav"))
+    return sorted(cache.glob("*.wav")), None
 
 
 SOURCES = {AudioSource.files: _files_source, AudioSource.librispeech: _librispeech_source,
@@ -401,48 +532,203 @@ def load_tokenizer(corpus_path: Path, cfg: AudioDomain):
     return tok
 
 
-def prepare_audio(cfg: AudioDomain, root: Path) -> Path:
-    out = corpus.corpus_dir(root, cfg)
-    found = SOURCES[cfg.source](cfg, root)
-    input_hash, done = check_inputs(out, inputs_of(found), json.dumps(corpus.settings_of(cfg), sort_keys=True))
-    if done:
-        return out
+# --- the work, in worker processes ---
+
+POOL = 4  # the codebook's sample is drawn from the frames of about POOL * kmeans_frames frames of training audio
+_WORKER: dict = {}
+
+
+def _probe(path: str) -> float | str:
+    """Seconds of audio the file's header announces, or why it cannot be used."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the file is skipped and named
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+    if info.frames <= 0 or info.samplerate <= 0:
+        return "no samples"
+    return info.frames / info.samplerate
+
+
+def _init_worker(cfg: AudioDomain, codebook: np.ndarray | None, threads: int) -> None:
+    # One torch thread per worker: the workers are the parallelism, and one thread gives the same numbers whatever
+    # their number (a matrix product's sums can be ordered differently with more threads).
+    torch.set_num_threads(threads)
     tok = make_tokenizer(cfg)
-    skipped: dict[str, str] = {}
-    splits, wavs = read_and_split(found, lambda p: load_audio(p, tok.rate), skipped,
-                                  lambda paths: split_files(paths, cfg.val_frac, cfg.test_frac, cfg.by_speaker), "audio")
-    if isinstance(tok, KMeansCodes):
-        tok.fit([wavs[p] for p in splits["train"]])  # the training split only
-    tokens, seconds, files, rtf = {}, {}, {}, {}
-    for split in corpus.SPLITS:
-        t0 = time.perf_counter()
-        ids = [tok.encode(wavs[p]) for p in tqdm(splits[split], desc=f"tokenize {split}", disable=len(splits[split]) < 20)]
-        elapsed = time.perf_counter() - t0
-        tokens[split] = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        seconds[split] = float(sum(len(wavs[p]) for p in splits[split]) / tok.rate)
-        files[split] = len(splits[split])
-        rtf[split] = seconds[split] / elapsed if elapsed > 0 else None  # x faster than real time
-    extra = {}
-    if isinstance(tok, KMeansCodes):
-        buf = io.BytesIO()
-        np.save(buf, tok.codebook.numpy())
-        extra["codebook.npy"] = buf.getvalue()
-    transcripts = read_transcripts(inputs_of(found)) if cfg.source != AudioSource.espeak else {}
-    meta = {
-        "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer), "vocab_size": tok.vocab_size,
-        "sample_rate": tok.rate, "files": files, "seconds": seconds, "hours": {s: v / 3600 for s, v in seconds.items()},
-        "units": {"second": seconds},
-        "tokens_per_second": {s: len(tokens[s]) / seconds[s] for s in corpus.SPLITS},
-        "seconds_per_token": seconds["val"] / max(1, len(tokens["val"])),
-        "token_classes": tok.token_classes(), "realtime_factor": rtf, "skipped": skipped,
-        "n_skipped": len(skipped), "n_transcripts": len(transcripts), "settings": corpus.settings_of(cfg),
-        "input_hash": input_hash,
-    }
-    meta = corpus.write_corpus(out, tokens, meta, extra_files=extra)
+    if codebook is not None:
+        tok.codebook = torch.from_numpy(codebook)
+    _WORKER["tok"] = tok
+
+
+def _features(path: str) -> np.ndarray | str:
+    try:
+        return _WORKER["tok"].features(load_audio(Path(path), _WORKER["tok"].rate)).numpy()
+    except Exception as exc:  # noqa: BLE001 - named when the tokenizing pass skips it
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def _tokenize(path: str) -> tuple[np.ndarray, float] | str:
+    tok = _WORKER["tok"]
+    try:
+        wav = load_audio(Path(path), tok.rate)
+        return tok.encode(wav).astype(corpus.token_dtype(tok.vocab_size)), len(wav) / tok.rate
+    except Exception as exc:  # noqa: BLE001 - unreadable audio is skipped and named
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+# --- the stages: plan (headers, split), fit (codebook), tokenize ---
+
+def _plan(found, cfg: AudioDomain, opts: PrepareConfig, problems: Problems) -> dict:
+    inputs = inputs_of(found)
+    seconds: dict[Path, float] = {}
+    probes = ordered_map(_probe, [str(p) for p in inputs], worker_count(opts, len(inputs) // 500 + 1))
+    for path, res in zip(inputs, probes):
+        if isinstance(res, str):
+            problems.skip(path, res)
+        else:
+            seconds[path] = res
+    if isinstance(found, list):
+        splits = split_files([p for p in found if p in seconds], cfg.val_frac, cfg.test_frac, cfg.by_speaker)
+    else:
+        splits = {s: [p for p in found[s] if p in seconds] for s in corpus.SPLITS}
+    _check_splits({s: len(v) for s, v in splits.items()}, problems)
+    return {"splits": {s: [str(p) for p in v] for s, v in splits.items()},
+            "train_seconds": [seconds[p] for p in splits["train"]], "problems": problems.state()}
+
+
+def _check_splits(counts: dict[str, int], problems: Problems) -> None:
+    empty = [s for s in corpus.SPLITS if not counts[s]]
+    if empty:
+        raise UserError(f"no usable audio left for the {'/'.join(empty)} split(s) ({problems.n_skipped} file(s) "
+                        f"skipped: {', '.join(list(problems.skipped)[:5])})")
+
+
+def _fit_codebook(plan: dict, cfg: AudioDomain, opts: PrepareConfig) -> np.ndarray:
+    """k-means on a uniform sample of kmeans_frames training frames, drawn from training files taken in a seeded
+    order until they hold POOL times that many frames: the fit's time and memory do not grow with the corpus."""
+    train, seconds = plan["splits"]["train"], plan["train_seconds"]
+    order = sorted(range(len(train)), key=lambda i: hashlib.sha1(f"{cfg.seed}:{Path(train[i]).name}".encode())
+                   .hexdigest())
+    chosen, frames = [], 0.0
+    for i in order:
+        chosen.append(train[i])
+        frames += seconds[i] * 1000 / cfg.hop_ms
+        if frames >= POOL * cfg.kmeans_frames:
+            break
+    t0 = time.perf_counter()
+    sample = FrameSample(cfg.kmeans_frames, cfg.seed)
+    workers = worker_count(opts, len(chosen), per_worker_mb=WORKER_MB)
+    feats = ordered_map(_features, chosen, workers, _init_worker, (cfg, None, 1))
+    for path, res in zip(chosen, tqdm(feats, total=len(chosen), desc="log-mel (codebook sample)",
+                                      disable=len(chosen) < 50)):
+        if not isinstance(res, str):  # an unreadable file is named by the tokenizing pass
+            sample.add(Path(path).name, res)
+    frames = sample.result()
+    if len(frames) < 2:
+        raise UserError("the training audio holds fewer than 2 log-mel frames; give longer or more files")
+    t1 = time.perf_counter()
+    # One thread per process: the same codebook on any machine and for any number of workers (a product's sums are
+    # not ordered the same with more threads), and no slow-down when other processes hold the cores (the
+    # k-means++ loop ran 10x slower with 2 threads on 2 busy cores).
+    torch.set_num_threads(1)
+    codebook = kmeans_fit(frames, cfg.codebook_size, cfg.kmeans_iters, cfg.seed, workers=workers)
+    log.info("codebook: %d codes fitted on %d frames sampled from %d of %d training files (%.0f s of audio) in "
+             "%.1f s + %.1f s", len(codebook), len(frames), len(chosen), len(train), sample.seen * cfg.hop_ms / 1000,
+             t1 - t0, time.perf_counter() - t1)
+    return codebook.numpy()
+
+
+WORKER_MB = 400  # a worker's footprint: the interpreter with torch, torchaudio and one decoded utterance
+
+
+def prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig | None = None) -> Path:
+    opts = opts or PrepareConfig()
+    threads = torch.get_num_threads()
+    try:
+        return _prepare_audio(cfg, root, opts)
+    finally:
+        torch.set_num_threads(threads)  # a one-worker prepare runs in this process with one thread
+
+
+def _prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig) -> Path:
+    out = corpus.corpus_dir(root, cfg)
+    problems = Problems(cfg.on_error, "audio")
+    found, n_transcripts = SOURCES[cfg.source](cfg, root, problems)
+    found, input_hash = survey(found, json.dumps(corpus.settings_of(cfg), sort_keys=True), problems)
+    if already_done(out, input_hash, problems):
+        return out
+    with corpus.CorpusWriter(out, input_hash) as w:
+        blob = w.load("plan.json")
+        plan = json.loads(blob) if blob is not None else _plan(found, cfg, opts, problems)
+        if blob is None:
+            w.save("plan.json", json.dumps(plan).encode())
+        splits = plan["splits"]
+        codebook = None
+        if cfg.tokenizer == AudioTokenizer.kmeans:
+            blob = w.load("codebook.npy")
+            if blob is None:
+                codebook = _fit_codebook(plan, cfg, opts)
+                buf = io.BytesIO()
+                np.save(buf, codebook)
+                w.save("codebook.npy", buf.getvalue())
+            else:
+                codebook = np.load(io.BytesIO(blob))
+        jobs = [(s, p) for s in corpus.SPLITS for p in splits[s]]
+        if cfg.tokenizer == AudioTokenizer.encodec:  # one model, its own torch threads, in this process
+            tok = _WORKER["tok"] = make_tokenizer(cfg)
+            workers, init, initargs = 1, None, ()
+        else:
+            tok = make_tokenizer(cfg)
+            if codebook is not None:
+                tok.codebook = torch.from_numpy(codebook)
+            workers = worker_count(opts, len(jobs) - w.done, per_worker_mb=WORKER_MB)
+            init, initargs = _init_worker, (cfg, codebook, 1)
+        w.begin(corpus.token_dtype(tok.vocab_size), tok.vocab_size)
+        problems = Problems(cfg.on_error, "audio", w.stats.get("problems", plan["problems"]))
+        zero = {s: 0 for s in corpus.SPLITS}
+        stats = {"files": dict(zero), "seconds": dict(zero), **{k: v for k, v in w.stats.items() if k != "problems"}}
+        state = lambda: {**stats, "problems": problems.state()}  # noqa: E731
+        commit = Committer(w)
+        rtf, done_seconds, t_split = {}, 0.0, time.perf_counter()
+        results = ordered_map(_tokenize, [p for _, p in jobs[w.done:]], workers, init, initargs)
+        for k, res in enumerate(tqdm(results, total=len(jobs) - w.done, desc="tokenize audio",
+                                     disable=len(jobs) < 50), w.done):
+            split, path = jobs[k]
+            if isinstance(res, str):
+                problems.skip(path, res)
+            else:
+                w.append(split, res[0])
+                stats["files"][split] += 1
+                stats["seconds"][split] += res[1]
+                done_seconds += res[1]
+            if k + 1 == len(jobs) or jobs[k + 1][0] != split:  # the split's last file: its speed in this run
+                now = time.perf_counter()
+                rtf[split] = done_seconds / (now - t_split) if done_seconds else None
+                done_seconds, t_split = 0.0, now
+            commit(k + 1, state)
+        commit(len(jobs), state, force=True)
+        files, seconds = stats["files"], stats["seconds"]
+        _check_splits(files, problems)
+        extra = {}
+        if codebook is not None:
+            buf = io.BytesIO()
+            np.save(buf, codebook)
+            extra["codebook.npy"] = buf.getvalue()
+        meta = {
+            "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
+            "vocab_size": tok.vocab_size, "sample_rate": tok.rate, "files": files, "seconds": seconds,
+            "hours": {s: v / 3600 for s, v in seconds.items()}, "units": {"second": seconds},
+            "tokens_per_second": {s: w.tokens(s) / seconds[s] for s in corpus.SPLITS},
+            "seconds_per_token": seconds["val"] / max(1, w.tokens("val")),
+            "token_classes": tok.token_classes(), "realtime_factor": rtf, **problems.state(),
+            "n_transcripts": n_transcripts or 0, "settings": corpus.settings_of(cfg), "input_hash": input_hash,
+        }
+        meta = w.finish(meta, extra_files=extra)
     log.info("wrote %s: %s tokens at %d Hz, vocab %d; files %s, hours %s, tokens %s; tokenizing ran %s x real time",
              out, cfg.tokenizer, tok.rate, tok.vocab_size, "/".join(str(files[s]) for s in corpus.SPLITS),
              "/".join(f"{seconds[s] / 3600:.3f}" for s in corpus.SPLITS),
              "/".join(f"{meta['tokens'][s]:,}" for s in corpus.SPLITS),
-             "/".join(f"{v:.0f}" if v else "-" for v in rtf.values()))
-    report_skipped(skipped)
+             "/".join(f"{rtf[s]:.0f}" if rtf.get(s) else "-" for s in corpus.SPLITS))
+    problems.report()
     return out

@@ -1,18 +1,20 @@
-"""What the domains' prepare steps share: finding input files and splitting them whole (by piece, file, speaker)."""
+"""What the domains' prepare steps share: finding inputs, splitting them whole (by piece, file, speaker), counting
+the ones left out, and running the work in parallel processes whose results come back in order."""
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import logging
 import os
+import time
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable
-
-from tqdm import tqdm
+from typing import Callable, Iterable, Iterator
 
 from shortcut import corpus
-from shortcut.config import UserError
+from shortcut.config import OnError, PrepareConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,38 +54,185 @@ def inputs_of(found: list[Path] | dict[str, list[Path]]) -> list[Path]:
     return found if isinstance(found, list) else [p for s in corpus.SPLITS for p in found[s]]
 
 
-def check_inputs(out: Path, inputs: list[Path], settings: str) -> tuple[str, bool]:
-    """The inputs' hash, and whether out already holds the corpus they make (then prepare is a no-op)."""
-    input_hash = corpus.hash_files(inputs, settings)
-    done = corpus.up_to_date(out, input_hash)
-    if done:
-        log.info("%s is up to date (inputs unchanged); nothing to do", out)
-    return input_hash, done
+# --- inputs that are missing or unusable ---
+
+class Problems:
+    """Inputs left out of a corpus: unusable ones (skipped, with the reason) and ones a dataset lists that are not
+    there (missing). With domain.on_error=fail the first of either stops the prepare in one line."""
+
+    SHOWN = 1000  # names kept in meta.json; the counts are always exact
+
+    def __init__(self, on_error: OnError, what: str, state: dict | None = None):
+        self.fail = on_error == OnError.fail
+        self.what = what
+        state = state or {}
+        self.skipped: dict[str, str] = dict(state.get("skipped", {}))
+        self.n_skipped = int(state.get("n_skipped", len(self.skipped)))
+        self.missing: dict[str, list[str]] = {s: list(v) for s, v in state.get("missing", {}).items()}
+        self.n_missing: dict[str, int] = dict(state.get("n_missing", {s: len(v) for s, v in self.missing.items()}))
+
+    def skip(self, path, reason: str) -> None:
+        if self.fail:
+            raise UserError(f"{path}: {reason} (domain.on_error=fail; use domain.on_error=skip to leave such "
+                            f"{self.what} files out)")
+        self.n_skipped += 1
+        if len(self.skipped) < self.SHOWN:
+            self.skipped[str(path)] = reason
+
+    def absent(self, split: str, paths: list, kind: str = "") -> None:
+        """Inputs the dataset lists for `split` that are not there (an interrupted extraction, a partial copy)."""
+        if not paths:
+            return
+        key = f"{split}{'/' + kind if kind else ''}"
+        if self.fail:
+            raise UserError(f"{len(paths)} {kind or self.what} file(s) of the {split} split are missing, e.g. "
+                            f"{', '.join(str(p) for p in paths[:3])} (domain.on_error=fail; complete the dataset "
+                            f"folder, or use domain.on_error=skip to go on without them)")
+        self.n_missing[key] = self.n_missing.get(key, 0) + len(paths)
+        self.missing.setdefault(key, []).extend(str(p) for p in paths[: self.SHOWN])
+
+    def state(self) -> dict:
+        return {"skipped": self.skipped, "n_skipped": self.n_skipped, "missing": self.missing,
+                "n_missing": self.n_missing}
+
+    def report(self) -> None:
+        if self.n_missing:
+            counts = ", ".join(f"{n} of {k}" for k, n in self.n_missing.items())
+            first = [p for v in self.missing.values() for p in v[:2]][:4]
+            log.warning("went on without %d missing input(s) (%s), e.g. %s; they are listed under 'missing' in "
+                        "meta.json", sum(self.n_missing.values()), counts, ", ".join(first))
+        report_skipped(self.skipped, self.n_skipped)
 
 
-def read_and_split(found: list[Path] | dict[str, list[Path]], read: Callable[[Path], Any], skipped: dict[str, str],
-                   split: Callable[[list[Path]], dict[str, list[Path]]], what: str) -> tuple[dict, dict]:
-    """Read every input with `read`, skipping (and naming in `skipped`) the ones it cannot use, then split the
-    rest: a flat list with `split`, an official split (a dict) as given. Returns ({split: [paths]}, {path: data})."""
-    inputs = inputs_of(found)
-    data = {}
-    for path in tqdm(inputs, desc=f"read {what}", disable=len(inputs) < 20):
-        try:
-            data[path] = read(path)
-        except Exception as exc:  # noqa: BLE001 - unreadable files are skipped and named
-            skipped[str(path)] = f"{type(exc).__name__}: {str(exc)[:120]}"
-    splits = split(list(data)) if isinstance(found, list) else {s: [p for p in found[s] if p in data]
-                                                                  for s in corpus.SPLITS}
-    empty = [s for s in corpus.SPLITS if not splits[s]]
-    if empty:
-        raise UserError(f"no usable {what} left for the {'/'.join(empty)} split(s) "
-                        f"({len(skipped)} file(s) skipped: {', '.join(list(skipped)[:5])})")
-    return splits, data
+def survey(found: list[Path] | dict[str, list[Path]], identity: str, problems: Problems):
+    """Drop the inputs that are not there (counted per split in `problems`) and hash the rest's manifest.
+
+    Returns (what is there, in the same shape as found; the input hash)."""
+    input_hash, missing = corpus.manifest_hash(inputs_of(found), identity)
+    if missing:
+        gone = set(missing)
+        if isinstance(found, list):
+            problems.absent("all", missing)
+            found = [p for p in found if p not in gone]
+        else:
+            for s in corpus.SPLITS:
+                problems.absent(s, [p for p in found[s] if p in gone])
+            found = {s: [p for p in found[s] if p not in gone] for s in corpus.SPLITS}
+    return found, input_hash
 
 
-def report_skipped(skipped: dict[str, str]) -> None:
-    if skipped:
+def already_done(out: Path, input_hash: str, problems: Problems) -> bool:
+    """Whether out holds the corpus these inputs make (then prepare is a no-op). With domain.on_error=fail, a corpus
+    made without some of its inputs is refused rather than reused."""
+    if not corpus.up_to_date(out, input_hash):
+        return False
+    meta = corpus.read_meta(out)
+    if problems.fail and (meta.get("n_skipped") or meta.get("n_missing")):
+        first = next(iter(meta.get("skipped", {}).items()), None)
+        example = f"{first[0]}: {first[1]}" if first else next(p for v in meta["missing"].values() for p in v)
+        raise UserError(f"{out} was prepared without {meta.get('n_skipped', 0)} unusable and "
+                        f"{sum(meta.get('n_missing', {}).values())} missing input(s), e.g. {example} "
+                        f"(domain.on_error=fail; fix or remove them, or use domain.on_error=skip)")
+    log.info("%s is up to date (inputs unchanged); nothing to do", out)
+    return True
+
+
+# --- running the work: parallel, bounded, in order ---
+
+def worker_count(opts: PrepareConfig | None, units: int, per_worker_mb: float = 0) -> int:
+    """prepare.workers (default: all cores), no more than there are units of work, and no more than
+    prepare.max_memory_mb leaves room for at `per_worker_mb` each."""
+    opts = opts or PrepareConfig()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = max(1, min(opts.workers or cores, units))
+    if per_worker_mb > 0:
+        fits = max(1, int(opts.max_memory_mb // per_worker_mb))
+        if fits < n:
+            log.info("prepare.max_memory_mb=%d leaves room for %d worker(s) of ~%.0f MB; using %d", opts.max_memory_mb,
+                     fits, per_worker_mb, fits)
+            n = fits
+    return n
+
+
+def _die_with_parent() -> None:
+    """A worker ends when the prepare that started it ends, even by kill -9 (Linux), instead of lingering."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _start_worker(initializer, initargs) -> None:
+    _die_with_parent()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def process_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()):
+    """A pool of `workers` forked processes, started now. The parent's objects are frozen out of the garbage
+    collector while the workers fork, so that a collection in a worker does not write to (and so copy) every page
+    that holds them: without this, each worker soon held a private copy of most of the parent's heap."""
+    import gc
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(initializer, initargs))
+    gc.collect()
+    gc.freeze()
+    try:
+        pool.submit(int).result()  # forks every worker (fork start method: all at the first submit)
+    finally:
+        gc.unfreeze()
+    return pool
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int, initializer: Callable | None = None,
+                initargs: tuple = (), window: int | None = None) -> Iterator:
+    """fn(item) for each item, computed by `workers` processes and yielded in the order of items, so what is written
+    does not depend on the number of workers. At most `window` items (default 2 per worker) are in flight, which
+    bounds memory. With one worker, runs in this process."""
+    if workers <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        for item in items:
+            yield fn(item)
+        return
+    window = window or 2 * workers
+    pool = process_pool(workers, initializer, initargs)
+    try:
+        it = iter(items)
+        pending = deque(pool.submit(fn, item) for item in itertools.islice(it, window))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(it, 1):
+                pending.append(pool.submit(fn, item))
+            if not pending:  # the last result: let the workers go now, not when the caller drops this generator
+                pool.shutdown(wait=True)
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Committer:
+    """Commits a CorpusWriter every few seconds of work (and at the end), so a kill loses at most that much."""
+
+    SECONDS = 2.0
+
+    def __init__(self, writer: corpus.CorpusWriter):
+        self.writer, self.last = writer, time.monotonic()
+
+    def __call__(self, done: int, stats: Callable[[], dict], force: bool = False) -> None:
+        if force or time.monotonic() - self.last >= self.SECONDS:
+            self.writer.commit(done, stats())
+            self.last = time.monotonic()
+
+
+def report_skipped(skipped: dict[str, str], total: int | None = None) -> None:
+    total = len(skipped) if total is None else total
+    if total:
         shown = [f"{k}: {v}" for k, v in list(skipped.items())[:10]]
-        more = f"\n  ... and {len(skipped) - 10} more (all are listed under 'skipped' in meta.json)" \
-            if len(skipped) > 10 else ""
-        log.warning("skipped %d input(s) that could not be used:\n  %s%s", len(skipped), "\n  ".join(shown), more)
+        more = (f"\n  ... and {total - len(shown)} more (listed under 'skipped' in meta.json)"
+                if total > len(shown) else "")
+        log.warning("skipped %d input(s) that could not be used:\n  %s%s", total, "\n  ".join(shown), more)

@@ -2,6 +2,9 @@
 
 Splits are by piece, never inside one. Each piece becomes BOS, its tokens, EOS. The fitted tokenizer is saved as
 tokenizer.json beside the corpus, so tokens decode back to MIDI and eval can report NLL per note.
+Streaming (issue 14): a first parallel pass reads every file once to find the usable ones (the split is made among
+those), a second tokenizes them piece by piece in parallel and appends the tokens in order, so memory holds a few
+pieces at a time, never the collection.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import numpy as np
 from tqdm import tqdm
 
 from shortcut import corpus
-from shortcut.config import MusicDomain, MusicSource, UserError
+from shortcut.config import MusicDomain, MusicSource, PrepareConfig, UserError
 from shortcut.download import local_or_download
-from shortcut.prepare.common import (check_inputs, find_files, inputs_of, read_and_split, report_skipped,
-                                     split_whole)
+from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, ordered_map,
+                                     split_whole, survey, worker_count)
 
 log = logging.getLogger(__name__)
 
 MAESTRO_URL = "https://storage.googleapis.com/magentadata/datasets/maestro/v3.0.0/maestro-v3.0.0-midi.zip"
+# The MAESTRO page publishes the archive's size but no checksum we could confirm: none is checked.
+MAESTRO_HASH = None
 MAESTRO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 MIDI_SUFFIXES = (".mid", ".midi")
 
@@ -53,6 +58,18 @@ def load_tokenizer(corpus_path: Path):
     params = Path(corpus_path) / "tokenizer.json"
     name = json.loads(params.read_text())["tokenization"]
     return getattr(miditok, name)(params=params)
+
+
+def tokenizer_blob(tok) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tok.save(tmp_dir)
+        return (Path(tmp_dir) / "tokenizer.json").read_bytes()
+
+
+def tokenizer_from_blob(blob: bytes):
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        (Path(tmp_dir) / "tokenizer.json").write_bytes(blob)
+        return load_tokenizer(tmp_dir)
 
 
 def encode_piece(tok, score) -> list[int]:
@@ -113,14 +130,14 @@ def music21_works(collection: str) -> list[str]:
     return works
 
 
-def _music21_source(cfg: MusicDomain, root: Path):
+def _music21_source(cfg: MusicDomain, root: Path, opts: PrepareConfig):
     """Convert the collection's scores to MIDI once, cached under <root>/downloads/music21/<collection>/."""
     works = music21_works(cfg.collection)
     cache = root / "downloads" / "music21" / cfg.collection
     cache.mkdir(parents=True, exist_ok=True)
     index_file = cache / "index-v2.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    workers = os.cpu_count() or 1
+    workers = worker_count(opts, len(works))
     # Convert in batches, in order, and stop once max_pieces pieces exist (an opus holds hundreds of songs).
     needed = []
     with ProcessPoolExecutor(workers) as pool, tqdm(total=len(works), desc=f"music21 {cfg.collection} -> MIDI") as bar:
@@ -143,22 +160,26 @@ def _music21_source(cfg: MusicDomain, root: Path):
     return (paths[: cfg.max_pieces] if cfg.max_pieces else paths), failed
 
 
-def _files_source(cfg: MusicDomain, root: Path):
+def _files_source(cfg: MusicDomain, root: Path, opts: PrepareConfig):
     paths = find_files(cfg.files, "midi/**/*.mid", MIDI_SUFFIXES)
     return (paths[: cfg.max_pieces] if cfg.max_pieces else paths), {}
 
 
-def _maestro_source(cfg: MusicDomain, root: Path):
+def _maestro_source(cfg: MusicDomain, root: Path, opts: PrepareConfig):
     alternative = ("Give a local copy with domain.path=/path/to/maestro-v3.0.0-midi.zip (or its extracted folder), "
                    "or use domain.source=music21 (offline) or domain.source=files domain.files='midi/*.mid'.")
     src = local_or_download(cfg.path, MAESTRO_URL, root / "downloads" / "maestro-v3.0.0-midi.zip", "MAESTRO v3",
-                            "the MAESTRO zip or its folder", alternative, want_file=False)
+                            "the MAESTRO zip or its folder", alternative, want_file=False, known_hash=MAESTRO_HASH)
     if src.is_file():  # extract once next to the cache
         folder = root / "downloads" / "maestro-v3.0.0"
         if not (folder / ".complete").is_file():
             tmp = folder.with_name(folder.name + ".tmp")
-            with zipfile.ZipFile(src) as z:
-                z.extractall(tmp)
+            try:
+                with zipfile.ZipFile(src) as z:
+                    z.extractall(tmp)
+            except (zipfile.BadZipFile, EOFError) as exc:
+                raise UserError(f"{src} is a damaged zip archive ({exc}); download it again or give the "
+                                f"extracted folder with domain.path=") from None
             inner = [p for p in tmp.iterdir() if p.is_dir()]
             tmp_root = inner[0] if len(inner) == 1 and not list(tmp.glob("*.csv")) else tmp
             (tmp_root / ".complete").write_text("")
@@ -175,6 +196,9 @@ def _maestro_source(cfg: MusicDomain, root: Path):
     splits: dict[str, list[Path]] = {"train": [], "val": [], "test": []}
     with open(csvs[0], newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
+            if row.get("split") not in MAESTRO_SPLITS or not row.get("midi_filename"):
+                raise UserError(f"{csvs[0]} has a row without a known split or midi_filename ({dict(row)}); is it "
+                                f"the MAESTRO metadata file?")
             splits[MAESTRO_SPLITS[row["split"]]].append(base / row["midi_filename"])
     if cfg.max_pieces:
         splits = {s: p[: max(1, cfg.max_pieces // 3)] for s, p in splits.items()}
@@ -193,42 +217,116 @@ def _read_score(path: Path):
     return score
 
 
-def prepare_music(cfg: MusicDomain, root: Path) -> Path:
+def _check(path: str) -> str | None:
+    """Worker: None when the file is usable MIDI, else why not."""
+    try:
+        _read_score(Path(path))
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the file is skipped and named
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+    return None
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(blob: bytes, cfg: MusicDomain) -> None:
+    _WORKER["tok"], _WORKER["cfg"] = tokenizer_from_blob(blob), cfg
+
+
+def _tokenize(path: str):
+    """Worker: (token ids, notes) of one piece, or why it cannot be read."""
+    try:
+        score = _read_score(Path(path))
+        ids = np.asarray(encode_piece(_WORKER["tok"], score), dtype=np.int64)
+        return ids, count_notes(score, _WORKER["cfg"])
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def _plan(found, cfg: MusicDomain, opts: PrepareConfig, problems: Problems) -> dict:
+    """Check every input once (in parallel), then split the usable ones (or keep the dataset's own split)."""
+    inputs = inputs_of(found)
+    usable = set()
+    checks = ordered_map(_check, [str(p) for p in inputs], worker_count(opts, len(inputs)))
+    for path, error in zip(inputs, tqdm(checks, total=len(inputs), desc="check MIDI", disable=len(inputs) < 200)):
+        if error:
+            problems.skip(path, error)
+        else:
+            usable.add(path)
+    if isinstance(found, list):
+        splits = split_whole([p for p in found if p in usable], cfg.val_frac, cfg.test_frac)
+    else:
+        splits = {s: [p for p in found[s] if p in usable] for s in corpus.SPLITS}
+    empty = [s for s in corpus.SPLITS if not splits[s]]
+    if empty:
+        raise UserError(f"no usable MIDI left for the {'/'.join(empty)} split(s) ({problems.n_skipped} file(s) "
+                        f"skipped: {', '.join(list(problems.skipped)[:5])})")
+    return {"splits": {s: [str(p) for p in v] for s, v in splits.items()}, "problems": problems.state()}
+
+
+def prepare_music(cfg: MusicDomain, root: Path, opts: PrepareConfig | None = None) -> Path:
+    opts = opts or PrepareConfig()
     out = corpus.corpus_dir(root, cfg)
-    found, failed = SOURCES[cfg.source](cfg, root)
-    input_hash, done = check_inputs(out, inputs_of(found), json.dumps(corpus.settings_of(cfg), sort_keys=True))
-    if done:
+    found, failed = SOURCES[cfg.source](cfg, root, opts)
+    problems = Problems(cfg.on_error, "MIDI")
+    for name, error in failed.items():
+        problems.skip(name, error)
+    found, input_hash = survey(found, json.dumps(corpus.settings_of(cfg), sort_keys=True), problems)
+    if already_done(out, input_hash, problems):
+        problems.report()
         return out
-    tok = make_tokenizer(cfg)
-    skipped: dict[str, str] = {str(k): v for k, v in failed.items()}
-    splits, readable = read_and_split(found, _read_score, skipped,
-                                      lambda paths: split_whole(paths, cfg.val_frac, cfg.test_frac), "MIDI")
-    scores = {s: [(p, readable[p]) for p in splits[s]] for s in corpus.SPLITS}
-    if cfg.bpe_vocab:
-        if cfg.bpe_vocab <= len(tok):
-            raise UserError(f"domain.bpe_vocab={cfg.bpe_vocab} must exceed the base vocabulary ({len(tok)})")
-        tok.train(vocab_size=cfg.bpe_vocab, model="BPE", files_paths=[p for p, _ in scores["train"]])
-    tokens, notes, pieces = {}, {}, {}
-    for split in corpus.SPLITS:
-        ids: list[int] = []
-        for path, score in tqdm(scores[split], desc=f"tokenize {split}", disable=len(scores[split]) < 20):
-            ids.extend(encode_piece(tok, score))
-        tokens[split] = np.asarray(ids, dtype=np.int64)
-        notes[split] = sum(count_notes(s, cfg) for _, s in scores[split])
-        pieces[split] = len(scores[split])
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tok.save(tmp_dir)
-        blob = (Path(tmp_dir) / "tokenizer.json").read_bytes()
-    meta = {
-        "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer), "bpe_vocab": cfg.bpe_vocab,
-        "vocab_size": len(tok), "pieces": pieces, "notes": notes, "units": {"note": notes},
-        "skipped": skipped, "n_skipped": len(skipped), "settings": corpus.settings_of(cfg),
-        "input_hash": input_hash,
-    }
-    meta = corpus.write_corpus(out, tokens, meta, extra_files={"tokenizer.json": blob})
+    with corpus.CorpusWriter(out, input_hash) as w:
+        blob = w.load("plan.json")
+        plan = json.loads(blob) if blob is not None else _plan(found, cfg, opts, problems)
+        if blob is None:
+            w.save("plan.json", json.dumps(plan).encode())
+        splits = plan["splits"]
+        tok_blob = w.load("tokenizer.json")
+        if tok_blob is None:
+            tok = make_tokenizer(cfg)
+            if cfg.bpe_vocab:
+                if cfg.bpe_vocab <= len(tok):
+                    raise UserError(f"domain.bpe_vocab={cfg.bpe_vocab} must exceed the base vocabulary ({len(tok)})")
+                # miditok reads the training pieces itself; it holds their token ids while it learns the merges.
+                tok.train(vocab_size=cfg.bpe_vocab, model="BPE", files_paths=[Path(p) for p in splits["train"]])
+            tok_blob = tokenizer_blob(tok)
+            w.save("tokenizer.json", tok_blob)
+        tok = tokenizer_from_blob(tok_blob)
+        vocab_size = len(tok)
+        w.begin(corpus.token_dtype(vocab_size), vocab_size)
+        problems = Problems(cfg.on_error, "MIDI", w.stats.get("problems", plan["problems"]))
+        stats = {"notes": {s: 0 for s in corpus.SPLITS}, "pieces": {s: 0 for s in corpus.SPLITS},
+                 **{k: v for k, v in w.stats.items() if k != "problems"}}
+        jobs = [(s, p) for s in corpus.SPLITS for p in splits[s]]
+        workers = worker_count(opts, len(jobs) - w.done)
+        commit = Committer(w)
+        results = ordered_map(_tokenize, [p for _, p in jobs[w.done:]], workers, _init_worker, (tok_blob, cfg))
+        for k, result in enumerate(tqdm(results, total=len(jobs) - w.done, desc="tokenize MIDI",
+                                        disable=len(jobs) < 200), w.done):
+            split, path = jobs[k]
+            if isinstance(result, str):
+                problems.skip(path, result)
+            else:
+                w.append(split, result[0])
+                stats["notes"][split] += result[1]
+                stats["pieces"][split] += 1
+            commit(k + 1, lambda: {**stats, "problems": problems.state()})
+        commit(len(jobs), lambda: {**stats, "problems": problems.state()}, force=True)
+        pieces, notes = stats["pieces"], stats["notes"]
+        empty = [s for s in corpus.SPLITS if not pieces[s]]
+        if empty:
+            raise UserError(f"no usable MIDI left for the {'/'.join(empty)} split(s) ({problems.n_skipped} file(s) "
+                            f"skipped: {', '.join(list(problems.skipped)[:5])})")
+        meta = {
+            "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
+            "bpe_vocab": cfg.bpe_vocab, "vocab_size": vocab_size, "pieces": pieces, "notes": notes,
+            "units": {"note": notes}, **problems.state(), "settings": corpus.settings_of(cfg),
+            "input_hash": input_hash,
+        }
+        meta = w.finish(meta, extra_files={"tokenizer.json": tok_blob})
     log.info("wrote %s: %s tokenizer%s, vocab %d; pieces %s, notes %s, tokens %s", out, cfg.tokenizer,
-             f" + BPE {cfg.bpe_vocab}" if cfg.bpe_vocab else "", len(tok),
+             f" + BPE {cfg.bpe_vocab}" if cfg.bpe_vocab else "", vocab_size,
              "/".join(str(pieces[s]) for s in corpus.SPLITS), "/".join(f"{notes[s]:,}" for s in corpus.SPLITS),
              "/".join(f"{meta['tokens'][s]:,}" for s in corpus.SPLITS))
-    report_skipped(skipped)
+    problems.report()
     return out

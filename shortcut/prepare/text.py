@@ -1,27 +1,39 @@
-"""Text corpora: text8, WikiText-103 (raw) and local UTF-8 files, tokenized by character or by byte."""
+"""Text corpora: text8, WikiText-103 (raw) and local UTF-8 files, tokenized by character or by byte.
+
+Streaming (issue 14): files are read in byte ranges that never cut a character or a CR LF pair. A first pass checks
+each range (UTF-8, not binary), counts its characters and, for the char tokenizer, its character histogram; the split
+points and the training vocabulary follow from those counts. A second pass tokenizes the ranges in parallel and
+appends them in order to the split files, so memory depends on the range size (prepare.max_memory_mb), never on the
+corpus. Newlines are read as Python's text mode reads them (CR LF and CR become LF).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from shortcut import corpus
-from shortcut.config import TextDomain, TextSource, TextTokenizer, UserError
+from shortcut.config import PrepareConfig, TextDomain, TextSource, TextTokenizer, UserError
 from shortcut.download import local_or_download, require_network
-from shortcut.prepare.common import check_inputs, find_files
+from shortcut.prepare.common import (Committer, Problems, already_done, find_files, ordered_map, survey,
+                                     worker_count)
 
 log = logging.getLogger(__name__)
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
+# Neither Matt Mahoney's page nor any other authority we found publishes a checksum of text8.zip: none is checked.
+TEXT8_HASH = None
 WIKITEXT_HF = ("Salesforce/wikitext", "wikitext-103-raw-v1")
 WIKITEXT_FILES = {"train": "wiki.train.raw", "val": "wiki.valid.raw", "test": "wiki.test.raw"}
-CHUNK = 1 << 23  # characters per tokenization chunk
+SMALL = 4 << 20  # inputs below this many bytes are tokenized in this process: workers would cost more than they save
+NEWLINE = 10
 
 
 class ByteTokenizer:
@@ -47,10 +59,7 @@ class CharTokenizer:
 
     @classmethod
     def fit(cls, text: str) -> "CharTokenizer":
-        counts = np.zeros(0x110000, dtype=np.int64)
-        for i in range(0, len(text), CHUNK):
-            counts += np.bincount(_codepoints(text[i:i + CHUNK]), minlength=0x110000)
-        return cls([chr(c) for c in np.flatnonzero(counts)])
+        return cls([chr(c) for c in histogram(_codepoints(text))[0]])
 
     def with_unk(self) -> "CharTokenizer":
         return self if self.unk_id is not None else CharTokenizer(self.chars + [self.UNK], unk=True)
@@ -74,6 +83,13 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def table(self, dtype=np.uint32) -> np.ndarray:
+        """Code point -> id for every code point (unseen ones -> the <unk> id, len(known chars)): one gather
+        tokenizes a whole array of code points."""
+        table = np.full(0x110000, len(self.codepoints), dtype=dtype)
+        table[self.codepoints] = np.arange(len(self.codepoints), dtype=dtype)
+        return table
+
 
 def tokenizer_from_meta(meta: dict):
     if meta["tokenizer"] == TextTokenizer.char:
@@ -85,115 +101,362 @@ def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
-def _encode(tok, text: str, name: str) -> np.ndarray:
-    chunks = range(0, len(text), CHUNK)
-    parts = [tok.encode(text[i:i + CHUNK]) for i in tqdm(chunks, desc=f"tokenize {name}", disable=len(chunks) < 4)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def _split_by_fractions(text: str, val_frac: float, test_frac: float) -> dict[str, str]:
-    n = len(text)
-    n_val, n_test = int(n * val_frac), int(n * test_frac)
-    n_train = n - n_val - n_test
-    return {"train": text[:n_train], "val": text[n_train:n_train + n_val], "test": text[n_train + n_val:]}
-
-
 def read_utf8(path: Path) -> str:
+    """A whole (small) UTF-8 text file, or a one-line error naming it."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}); convert it or leave it out "
-                        f"of domain.files") from None
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}); convert it or leave it out") \
+            from None
 
 
-# --- sources: each returns (inputs to hash, a loader of the three split texts) ---
+# --- reading byte ranges (in worker processes) ---
 
-def _files_source(cfg: TextDomain, root: Path):
-    paths = find_files(cfg.files, "books/*.txt")
+def byte_ranges(path: Path, size: int, unit: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of about `unit` bytes covering the file, cut just before a byte that starts a UTF-8
+    character and does not follow a CR, so each range decodes (and translates newlines) on its own."""
+    cuts = [0]
+    with open(path, "rb") as f:
+        pos = unit
+        while pos < size:
+            f.seek(pos - 1)
+            window = f.read(4097)  # the byte before pos, then what follows
+            cut = pos - 1 + len(window)
+            for i in range(1, len(window)):
+                if window[i] & 0xC0 != 0x80 and window[i - 1] != 0x0D:
+                    cut = pos - 1 + i
+                    break
+            if cut >= size:
+                break
+            cuts.append(cut)
+            pos = cut + unit
+    cuts.append(size)
+    return list(zip(cuts[:-1], cuts[1:]))
 
-    def load():
-        text = "\n".join(read_utf8(p) for p in tqdm(paths, desc="read files", disable=len(paths) < 50))
-        if len(text) < 100:
-            raise UserError(f"domain.files={cfg.files!r} holds only {len(text)} characters; give more text")
-        return _split_by_fractions(text, cfg.val_frac, cfg.test_frac)
 
-    return paths, f"files:{cfg.val_frac}:{cfg.test_frac}", load
+def read_codes(path: str, start: int, end: int) -> tuple[np.ndarray, int]:
+    """The code points of bytes [start, end) of a UTF-8 file (uint8 when all ASCII, else uint32), newlines as text
+    mode reads them, and their size in UTF-8 bytes. ValueError names what makes the file unusable."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(end - start)
+    if len(raw) != end - start:
+        raise ValueError("changed (shorter) while being read")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"binary, not text (a NUL byte at offset {start + nul})")
+    if raw.isascii():
+        if b"\r" in raw:
+            raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return np.frombuffer(raw, dtype=np.uint8), len(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (bad byte at offset {start + exc.start})") from None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _codepoints(text), len(raw) - raw.count(b"\r\n")
 
 
-def _text8_source(cfg: TextDomain, root: Path):
+def histogram(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(code points present, their counts), in slices so the temporary int64 copies stay small."""
+    counts = np.zeros(256 if codes.dtype == np.uint8 else 0x110000, dtype=np.int64)
+    for i in range(0, len(codes), 1 << 20):
+        part = np.bincount(codes[i:i + (1 << 20)])
+        counts[: len(part)] += part
+    present = np.flatnonzero(counts)
+    return present, counts[present]
+
+
+def utf8_size(codes: np.ndarray) -> int:
+    if codes.dtype == np.uint8:
+        return len(codes)
+    return int(len(codes) + (codes >= 0x80).sum() + (codes >= 0x800).sum() + (codes >= 0x10000).sum())
+
+
+def _scan(job: tuple[str, int, int, bool]) -> dict:
+    path, start, end, want_histogram = job
+    try:
+        codes, _ = read_codes(path, start, end)
+    except (OSError, ValueError) as exc:
+        return {"error": str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"}
+    out = {"chars": len(codes)}
+    if want_histogram:
+        out["histogram"] = histogram(codes)
+    return out
+
+
+_TABLE: np.ndarray | None = None  # in a worker: code point -> id (char tokenizer); None: bytes
+_UNK_ID = -1
+_BYTE_MAP: bytes | None = None  # the table's first 256 entries as a bytes.translate map, when every id fits a byte
+
+
+def _set_table(table: np.ndarray | None, unk_id: int = -1) -> None:
+    global _TABLE, _UNK_ID, _BYTE_MAP
+    _TABLE, _UNK_ID = table, unk_id
+    _BYTE_MAP = bytes(table[:256].astype(np.uint8)) if table is not None and unk_id < 256 else None
+
+
+def _ids(codes: np.ndarray, count_unknown: bool = True) -> tuple[np.ndarray, int]:
+    """Token ids of code points, and how many of them are <unk> (counted where asked: never in train)."""
+    if _TABLE is None:
+        if codes.dtype == np.uint8:
+            return codes, 0
+        return np.frombuffer(codes.tobytes().decode("utf-32-le").encode("utf-8"), dtype=np.uint8), 0
+    if codes.dtype == np.uint8 and _BYTE_MAP is not None:  # ASCII text, a small vocabulary: bytes.translate
+        out = codes.tobytes().translate(_BYTE_MAP)
+        return np.frombuffer(out, dtype=np.uint8), out.count(_UNK_ID) if count_unknown else 0
+    ids = _TABLE[codes]
+    return ids, int(np.count_nonzero(ids == _UNK_ID)) if count_unknown else 0
+
+
+def _encode(job: tuple) -> list | str:
+    """One range: [(split, ids, chars, utf-8 bytes, <unk> count)] for each split piece, then the newline that
+    joins it to the next file when there is one; or the reason it cannot be read."""
+    path, start, end, pieces, join = job
+    try:
+        codes, _ = read_codes(path, start, end)
+    except (OSError, ValueError) as exc:
+        return f"{path} changed since prepare began reading it ({exc}); run prepare again"
+    out = []
+    for split, lo, hi in pieces:
+        part = codes[lo:hi]
+        ids, unknown = _ids(part, count_unknown=split != "train")
+        out.append((split, ids, len(part), utf8_size(part), unknown))
+    if join:
+        ids, unknown = _ids(np.array([NEWLINE], dtype=np.uint8))
+        out.append((join, ids, 1, 1, unknown))
+    return out
+
+
+# --- sources: the files, and the split of each (WikiText's own) or fractions of the whole ---
+
+class Inputs:
+    def __init__(self, files: list[Path], identity: str, splits: list[str] | None = None,
+                 fractions: tuple[float, float] = (0.05, 0.05), join: bool = False, min_chars: int = 0):
+        self.files, self.identity, self.splits = files, identity, splits
+        self.fractions, self.join, self.min_chars = fractions, join, min_chars
+
+
+def _files_source(cfg: TextDomain, root: Path) -> Inputs:
+    # The files joined by newlines, then split by characters: train first, then validation, then test.
+    return Inputs(find_files(cfg.files, "books/*.txt"), f"files:{cfg.val_frac}:{cfg.test_frac}", None,
+                  (cfg.val_frac, cfg.test_frac), join=True, min_chars=100)
+
+
+def unzipped(path: Path, root: Path) -> Path:
+    """The one text file inside a zip (text8.zip holds `text8`), extracted once under <root>/downloads/; a file that
+    is not a zip is itself."""
+    if not zipfile.is_zipfile(path):
+        return path
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if not n.endswith("/")]
+            if not names:
+                raise UserError(f"{path} is an empty zip archive")
+            member = "text8" if "text8" in names else names[0]
+            dest = root / "downloads" / f"{path.stem}-unzipped-{key}" / Path(member).name
+            if not dest.is_file():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(dest.name + ".tmp")
+                with z.open(member) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                os.replace(tmp, dest)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise UserError(f"{path} is a damaged zip archive ({exc}); download it again or give the unzipped file") \
+            from None
+    return dest
+
+
+def _text8_source(cfg: TextDomain, root: Path) -> Inputs:
     alternative = ("Give a local copy with domain.path=/path/to/text8.zip (or the unzipped text8), or use "
                    "domain.source=files domain.files='your/*.txt'.")
     path = local_or_download(cfg.path, TEXT8_URL, root / "downloads" / "text8.zip", "text8", "text8.zip or text8",
-                             alternative)
-
-    def load():
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                names = [n for n in z.namelist() if not n.endswith("/")]
-                if not names:
-                    raise UserError(f"{path} is an empty zip archive")
-                text = z.read("text8" if "text8" in names else names[0]).decode("utf-8")
-        else:
-            text = read_utf8(path)
-        # The standard split: first 90M characters train, next 5M validation, last 5M test (90/5/5 in general).
-        return _split_by_fractions(text, 0.05, 0.05)
-
-    return [path], "text8", load
+                             alternative, known_hash=TEXT8_HASH)
+    # The standard split: first 90M characters train, next 5M validation, last 5M test (90/5/5 in general).
+    return Inputs([unzipped(path, root)], "text8", None, (0.05, 0.05))
 
 
-def _wikitext_source(cfg: TextDomain, root: Path):
+def _wikitext_from_hub(root: Path) -> Path:
+    """WikiText-103 raw from the Hugging Face hub, written once as the three raw files (streamed, batch by batch)."""
+    folder = root / "downloads" / "wikitext-103-raw-hf"
+    if (folder / ".complete").is_file():
+        return folder
+    require_network("https://huggingface.co", "WikiText-103",
+                    "Give a local copy of the raw files with domain.path=/path/to/wikitext-103-raw, or use "
+                    "domain.source=files domain.files='your/*.txt'.")
+    import datasets
+
+    ds = datasets.load_dataset(*WIKITEXT_HF, cache_dir=str(root / "downloads" / "hf"))
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for split, hf in (("train", "train"), ("val", "validation"), ("test", "test")):
+        with open(tmp / WIKITEXT_FILES[split], "w", encoding="utf-8", newline="") as f:
+            for batch in ds[hf].iter(batch_size=10_000):
+                f.write("".join(batch["text"]))
+    (tmp / ".complete").write_text("")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def _wikitext_source(cfg: TextDomain, root: Path) -> Inputs:
     if cfg.path:
         folder = Path(os.path.expanduser(cfg.path))
         for candidate in (folder, folder / "wikitext-103-raw"):
             if all((candidate / f).is_file() for f in WIKITEXT_FILES.values()):
-                files = {s: candidate / f for s, f in WIKITEXT_FILES.items()}
-                return list(files.values()), "wikitext103", lambda: {s: read_utf8(p) for s, p in files.items()}
-        raise UserError(f"domain.path={cfg.path!r} must be a folder holding {', '.join(WIKITEXT_FILES.values())}")
-
-    def load():
-        require_network("https://huggingface.co", "WikiText-103",
-                        "Give a local copy of the raw files with domain.path=/path/to/wikitext-103-raw, or use "
-                        "domain.source=files domain.files='your/*.txt'.")
-        import datasets
-
-        splits = {"train": "train", "val": "validation", "test": "test"}
-        ds = datasets.load_dataset(*WIKITEXT_HF, cache_dir=str(root / "downloads" / "hf"))
-        return {s: "".join(ds[hf]["text"]) for s, hf in splits.items()}
-
-    return [], f"hf:{':'.join(WIKITEXT_HF)}", load
+                folder = candidate
+                break
+        else:
+            raise UserError(f"domain.path={cfg.path!r} must be a folder holding "
+                            f"{', '.join(WIKITEXT_FILES.values())}")
+    else:
+        folder = _wikitext_from_hub(root)
+    return Inputs([folder / WIKITEXT_FILES[s] for s in corpus.SPLITS], "wikitext103", list(corpus.SPLITS))
 
 
 SOURCES = {TextSource.files: _files_source, TextSource.text8: _text8_source, TextSource.wikitext103: _wikitext_source}
 
 
-def prepare_text(cfg: TextDomain, root: Path) -> Path:
-    out = corpus.corpus_dir(root, cfg)
-    inputs, identity, load = SOURCES[cfg.source](cfg, root)
-    input_hash, done = check_inputs(out, inputs, f"{identity}|{json.dumps(corpus.settings_of(cfg), sort_keys=True)}")
-    if done:
-        return out
-    texts = load()
-    if cfg.tokenizer == TextTokenizer.char:
-        tok = CharTokenizer.fit(texts["train"])
-        unknown = {s: tok.unknown(texts[s]) for s in ("val", "test")}
-        if any(unknown.values()):
-            tok = tok.with_unk()
+# --- the plan: ranges checked and counted, split points, the training vocabulary ---
+
+BYTES_PER_INPUT_BYTE = 24  # a worker's peak per byte of its range (text, code points, ids) plus its queued results
+
+
+def range_bytes(opts: PrepareConfig, workers: int) -> int:
+    """Bytes per range so that `workers` workers stay within prepare.max_memory_mb (1 MiB .. 8 MiB: larger ranges
+    save nothing measurable and only raise the peak)."""
+    budget = (opts.max_memory_mb - 200) * 2**20  # ~200 MB for the interpreters themselves
+    return int(np.clip(budget / (workers * BYTES_PER_INPUT_BYTE), 1 << 20, 8 << 20))
+
+
+def _plan(src: Inputs, cfg: TextDomain, opts: PrepareConfig, problems: Problems) -> dict:
+    char = cfg.tokenizer == TextTokenizer.char
+    files = src.files
+    unit = range_bytes(opts, worker_count(opts, 1 << 30))
+    ranges = [(i, a, b) for i, f in enumerate(files) for a, b in byte_ranges(f, os.path.getsize(f), unit)]
+    size = sum(b - a for _, a, b in ranges)
+    workers = 1 if size < SMALL else worker_count(opts, len(ranges))
+    chars, histograms, bad = [], [], {}
+    scans = ordered_map(_scan, [(str(files[i]), a, b, char) for i, a, b in ranges], workers)
+    for (i, _, _), res in zip(ranges, scans):
+        if "error" in res:
+            bad.setdefault(i, res["error"])
+        chars.append(res.get("chars", 0))
+        histograms.append(res.get("histogram"))
+    for i in sorted(bad):
+        problems.skip(files[i], bad[i])
+    good = [k for k, (i, _, _) in enumerate(ranges) if i not in bad]
+    good_files = [i for i in range(len(files)) if i not in bad]
+    if not good_files:
+        first = next(iter(problems.skipped.items()), ("", ""))
+        raise UserError(f"no usable text left: {problems.n_skipped} file(s) skipped, e.g. {first[0]}: {first[1]}")
+
+    last_range = {ranges[k][0]: k for k in good}
+    if src.splits is None:
+        total = sum(chars[k] for k in good) + (len(good_files) - 1 if src.join else 0)
+        if total < src.min_chars:
+            raise UserError(f"domain.files={cfg.files!r} holds only {total} characters; give more text")
+        n_val, n_test = int(total * src.fractions[0]), int(total * src.fractions[1])
+        n_train = total - n_val - n_test
+        bounds = [("train", 0, n_train), ("val", n_train, n_train + n_val), ("test", n_train + n_val, total)]
     else:
-        tok, unknown = ByteTokenizer(), {}
-    splits = {s: _encode(tok, t, s) for s, t in texts.items()}
-    meta = {
-        "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer), "vocab_size": tok.vocab_size,
-        "chars": {s: len(t) for s, t in texts.items()},
-        "bytes": {s: len(t.encode("utf-8")) for s, t in texts.items()},
-        "units": {"char": {s: len(t) for s, t in texts.items()}},  # eval reports bits per character
-        "unknown_chars": unknown, "inputs": [str(p) for p in inputs[:100]], "n_inputs": len(inputs),
-        "input_hash": input_hash, "settings": corpus.settings_of(cfg),
-    }
-    if cfg.tokenizer == TextTokenizer.char:
-        meta["vocab"], meta["unk"] = tok.chars, tok.unk_id is not None
-    meta = corpus.write_corpus(out, splits, meta)
+        bounds = []  # each file is its split
+    counts = np.zeros(0x110000 if char else 0, dtype=np.int64)
+    split_chars = {s: 0 for s in corpus.SPLITS}
+    jobs, pos = [], 0
+    for k in good:
+        i, start, end = ranges[k]
+        n = chars[k]
+        if bounds:
+            pieces = [[s, max(pos, lo) - pos, min(pos + n, hi) - pos] for s, lo, hi in bounds
+                      if max(pos, lo) < min(pos + n, hi)]
+        else:
+            pieces = [[src.splits[i], 0, n]] if n else []
+        for s, lo, hi in pieces:
+            split_chars[s] += hi - lo
+            if char and s == "train":
+                if lo == 0 and hi == n:
+                    present, c = histograms[k]
+                else:  # the range the train/val boundary cuts: count its training part again
+                    present, c = histogram(read_codes(str(files[i]), start, end)[0][lo:hi])
+                counts[present] += c
+        pos += n
+        join = None
+        if src.join and last_range[i] == k and i != good_files[-1]:
+            join = next(s for s, lo, hi in bounds if lo <= pos < hi)
+            split_chars[join] += 1
+            if char and join == "train":
+                counts[NEWLINE] += 1
+            pos += 1
+        jobs.append([str(files[i]), start, end, pieces, join])
+    empty = [s for s in corpus.SPLITS if not split_chars[s]]
+    if empty:
+        raise UserError(f"no usable text left for the {'/'.join(empty)} split(s) ({problems.n_skipped} file(s) "
+                        f"skipped: {', '.join(list(problems.skipped)[:3])})")
+    return {"jobs": jobs, "chars": split_chars, "bytes_in": size, "vocab": np.flatnonzero(counts).tolist(),
+            "problems": problems.state(), "files": [str(f) for f in files[:100]], "n_files": len(files)}
+
+
+def prepare_text(cfg: TextDomain, root: Path, opts: PrepareConfig | None = None) -> Path:
+    opts = opts or PrepareConfig()
+    out = corpus.corpus_dir(root, cfg)
+    src = SOURCES[cfg.source](cfg, root)
+    problems = Problems(cfg.on_error, "text")
+    src.files, input_hash = survey(src.files, f"{src.identity}|{json.dumps(corpus.settings_of(cfg), sort_keys=True)}",
+                                   problems)
+    if already_done(out, input_hash, problems):
+        return out
+    with corpus.CorpusWriter(out, input_hash) as w:
+        blob = w.load("plan.json")
+        if blob is None:
+            plan = _plan(src, cfg, opts, problems)
+            w.save("plan.json", json.dumps(plan).encode())
+        else:
+            plan = json.loads(blob)
+        problems = Problems(cfg.on_error, "text", plan["problems"])
+        char = cfg.tokenizer == TextTokenizer.char
+        if char:
+            tok = CharTokenizer([chr(c) for c in plan["vocab"]])
+            limit = tok.vocab_size + 1  # room for <unk>, kept only if val or test needs it
+            dtype = corpus.token_dtype(limit)
+            initargs = (tok.table(dtype), tok.vocab_size)
+        else:
+            tok, limit, dtype, initargs = ByteTokenizer(), 256, corpus.token_dtype(256), (None,)
+        w.begin(dtype, limit)
+        jobs = plan["jobs"]
+        workers = 1 if plan["bytes_in"] < SMALL else worker_count(opts, len(jobs) - w.done)
+        stats = w.stats or {"bytes": {s: 0 for s in corpus.SPLITS}, "unknown": {s: 0 for s in corpus.SPLITS}}
+        commit = Committer(w)
+        for k, result in enumerate(ordered_map(_encode, jobs[w.done:], workers, _set_table, initargs), w.done):
+            if isinstance(result, str):
+                raise UserError(result)
+            for split, ids, _, n_bytes, unknown in result:
+                w.append(split, ids)
+                stats["bytes"][split] += n_bytes
+                stats["unknown"][split] += unknown
+            commit(k + 1, lambda: stats)
+        commit(len(jobs), lambda: stats, force=True)
+        unknown = {s: stats["unknown"][s] for s in ("val", "test")}
+        if char and any(unknown.values()):
+            tok = tok.with_unk()
+        chars = plan["chars"]
+        meta = {
+            "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
+            "vocab_size": tok.vocab_size, "chars": chars, "bytes": stats["bytes"],
+            "units": {"char": chars},  # eval reports bits per character
+            "unknown_chars": unknown, "inputs": plan["files"], "n_inputs": plan["n_files"],
+            "input_hash": input_hash, "settings": corpus.settings_of(cfg), **problems.state(),
+        }
+        if char:
+            meta["vocab"], meta["unk"] = tok.chars, tok.unk_id is not None
+        meta = w.finish(meta)
     log.info("wrote %s: vocab %d, tokens train/val/test %s", out, tok.vocab_size,
              "/".join(f"{meta['tokens'][s]:,}" for s in corpus.SPLITS))
     if any(unknown.values()):
         log.warning("characters unseen in train mapped to <unk>: %s", unknown)
+    problems.report()
     return out
