@@ -18,11 +18,12 @@ commands:
   prepare   build a token corpus:        shortcut prepare domain=text domain.source=files domain.files='books/*.txt'
   train     train a model:               shortcut train domain=text model=shortcut train=smoke
   eval      test NLL of a trained run:   shortcut eval run_dir=runs/...
+  sample    generate and decode:         shortcut sample run_dir=runs/... sample.n=4  (text, MIDI, wav)
   compare   runs side by side:           shortcut compare baseline vs shortcut   (or runs='runs/sweep/**')
 
 Overrides are Hydra's: -m sweeps (seed=0,1), --cfg job prints the config, `shortcut COMMAND --help` lists groups."""
 
-COMMANDS = ("prepare", "train", "eval", "compare")
+COMMANDS = ("prepare", "train", "eval", "sample", "compare")
 # Hydra flags that print or inspect instead of running: no pre-flight validation for them.
 _INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion",
                   "-sc", "--resolve", "-p", "--package"}
@@ -153,6 +154,10 @@ def _task(cfg) -> None:
             from shortcut.evaluate import evaluate
 
             evaluate(job)
+        elif command == "sample":
+            from shortcut.sample import sample
+
+            sample(job)
         elif command == "compare":
             from shortcut.compare import compare
 

@@ -423,6 +423,32 @@ class EvalConfig:
         _check(self.stride is None or self.stride >= 1, "eval.stride", "must be at least 1")
 
 
+@dataclass
+class SampleConfig:
+    n: int = 4  # samples, generated together from the same prompt
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_k: Optional[int] = None  # keep the k most likely tokens
+    top_p: Optional[float] = None  # keep the smallest set of tokens whose probability reaches p
+    seed: int = 0
+    prompt: Optional[str] = None  # text: a string; music: a MIDI file; audio: a wav/flac file
+    from_test: bool = False  # prime with the start of the test split instead
+    prompt_tokens: int = 128  # at most this many prompt tokens (from_test, or a long prompt: its first ones)
+    prompt_bars: int = 2  # music: the prompt's first bars (tokenizers with Bar tokens; else prompt_tokens)
+    prompt_seconds: float = 2.0  # audio: the prompt's first seconds
+    cache: bool = True  # KV cache (baseline and shortcut); False: a full forward per token, for comparison
+    device: Device = Device.auto
+
+    def __post_init__(self) -> None:
+        for key in ("n", "max_new_tokens", "prompt_tokens", "prompt_bars"):
+            _check(getattr(self, key) >= 1, f"sample.{key}", "must be at least 1")
+        _check(self.temperature >= 0, "sample.temperature", "must be >= 0 (0 is greedy)")
+        _check(self.top_k is None or self.top_k >= 1, "sample.top_k", "must be at least 1")
+        _check(self.top_p is None or 0 < self.top_p <= 1, "sample.top_p", "must be in (0, 1]")
+        _check(self.prompt_seconds > 0, "sample.prompt_seconds", "must be positive")
+        _check(not (self.from_test and self.prompt), "sample.from_test", "give sample.prompt or from_test, not both")
+
+
 # --- one schema per command; conf/<command>.yaml fills them ---
 
 @dataclass
@@ -453,6 +479,13 @@ class EvalJob:
 
 
 @dataclass
+class SampleJob:
+    run_dir: str = MISSING
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    data_root: Optional[str] = None  # where the prepared corpora are now, if they moved since training
+
+
+@dataclass
 class CompareJob:
     runs: str = "runs/**"  # comma-separated globs of run dirs (or of folders above them, e.g. a sweep dir)
     variants: List[str] = field(default_factory=list)  # only these variants (model choice names); [] = all
@@ -475,6 +508,7 @@ def register_schemas() -> None:
     cs.store(name="train_schema", node=TrainJob)
     cs.store(name="eval_schema", node=EvalJob)
     cs.store(name="compare_schema", node=CompareJob)
+    cs.store(name="sample_schema", node=SampleJob)
     # Kept out of the domain group itself so that `--help` lists only real choices; conf/domain/*.yaml extend them.
     cs.store(group="schema/domain", name="text", node=TextDomain)
     cs.store(group="schema/domain", name="music", node=MusicDomain)

@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # bump when what a run dir holds changes meaning; older run dirs are then refused, not misread
 CONFIG, METRICS, SUMMARY, EVAL, FAILED, WANDB_ID = "config.yaml", "metrics.jsonl", "summary.json", "eval.json", \
     "failed.txt", "wandb_id"
-CKPT, AUDIT, WANDB = "ckpt", "audit", "wandb"
+CKPT, AUDIT, WANDB, SAMPLES = "ckpt", "audit", "wandb", "samples"
 DEPTH = "depth.json"  # under audit/
 # Everything derived from a model: a fresh start (train.resume=false) removes all of it.
-DERIVED = (CONFIG, METRICS, SUMMARY, EVAL, FAILED, WANDB_ID, CKPT, AUDIT, WANDB)
+DERIVED = (CONFIG, METRICS, SUMMARY, EVAL, FAILED, WANDB_ID, CKPT, AUDIT, WANDB, SAMPLES)
 
 # Keys that change how a run executes or is logged, not what it learns: outside every identity hash.
 EXECUTION_KEYS = {"model": ("attn_impl",),

@@ -1,0 +1,300 @@
+"""`shortcut sample run_dir=DIR`: generate from a trained run and decode it as its domain would be heard or read.
+
+Outputs go to DIR/samples/: .txt (text), .mid plus a piano-roll .png (music, through the corpus' own miditok
+tokenizer), .wav plus a spectrogram .png (audio: mu-law decodes exactly; k-means codes through their codebook's
+log-mel frames, an inverse mel scale and Griffin-Lim; EnCodec through its decoder). samples.json lists every file
+with its settings and the generation speed. Baseline and shortcut models decode with a KV cache (shortcut.generate);
+the other variants run a full forward per token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shortcut import rundir
+from shortcut.config import SampleConfig, SampleJob, UserError
+from shortcut.data import TokenData
+
+log = logging.getLogger(__name__)
+
+
+# --- choosing the next token ---
+
+def pick_next(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids: greedy at temperature 0, else sampled after top-k and top-p filtering."""
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1:
+        probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+        outside = probs.cumsum(dim=-1) - probs >= cfg.top_p  # tokens after the nucleus is full (the first stays)
+        logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1).cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+class FullForward:
+    """Decoding without a cache: each new token runs the model over the last block_size tokens. Works for every
+    architecture; the speed reference for the KV cache."""
+
+    def __init__(self, model):
+        self.model, self.seq = model, None
+
+    @torch.no_grad()
+    def start(self, prompt: torch.Tensor) -> torch.Tensor:
+        self.seq = prompt
+        return self._last()
+
+    @torch.no_grad()
+    def push(self, ids: torch.Tensor) -> torch.Tensor:
+        self.seq = torch.cat([self.seq, ids[:, None]], dim=1)
+        return self._last()
+
+    def _last(self) -> torch.Tensor:
+        return self.model(self.seq[:, -self.model.cfg.block_size:])[0][:, -1]  # (B, V)
+
+
+def stepper_for(model, cache: bool):
+    if cache:
+        from shortcut.generate import KVCacheDecoder, supports_cache
+
+        if supports_cache(model):
+            return KVCacheDecoder(model)
+        log.info("%s has no KV cache here: decoding with a full forward per token", model.cfg.arch)
+    return FullForward(model)
+
+
+def generate(model, prompt: torch.Tensor, cfg: SampleConfig) -> tuple[torch.Tensor, float, bool]:
+    """prompt (B, T0) -> (B, T0 + max_new_tokens), the new tokens per second (all samples together), and whether a
+    KV cache decoded them."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    stepper = stepper_for(model, cfg.cache)
+    out = [prompt]
+    t0 = time.perf_counter()
+    logits = stepper.start(prompt)
+    for i in range(cfg.max_new_tokens):
+        nxt = pick_next(logits, cfg, generator)
+        out.append(nxt[:, None])
+        if i + 1 < cfg.max_new_tokens:
+            logits = stepper.push(nxt)
+    seconds = time.perf_counter() - t0
+    return torch.cat(out, dim=1), prompt.size(0) * cfg.max_new_tokens / seconds, not isinstance(stepper, FullForward)
+
+
+# --- what the tokens mean: each domain's prompt and output ---
+
+class TextCodec:
+    ext = ".txt"
+
+    def __init__(self, data: TokenData):
+        from shortcut.prepare.text import tokenizer_from_meta
+
+        self.tok = tokenizer_from_meta(data.meta)
+
+    def prompt(self, value: str, cfg: SampleConfig) -> list[int]:
+        try:
+            return self.tok.encode(value).tolist()
+        except ValueError:
+            raise UserError("sample.prompt has characters the corpus' vocabulary does not know (and no <unk>); "
+                            "use characters from the training text") from None
+
+    def write(self, ids: list[int], stem: Path) -> list[Path]:
+        path = stem.with_suffix(".txt")
+        path.write_text(self.tok.decode(ids), encoding="utf-8")
+        return [path]
+
+
+class MusicCodec:
+    ext = ".mid"
+
+    def __init__(self, data: TokenData):
+        from shortcut.prepare.music import load_tokenizer
+
+        self.tok = load_tokenizer(data.path)
+        self.special = {self.tok[t] for t in ("PAD_None", "BOS_None", "EOS_None") if t in self.tok.vocab}
+
+    def prompt(self, value: str, cfg: SampleConfig) -> list[int]:
+        from symusic import Score
+
+        from shortcut.prepare.music import encode_piece
+
+        try:
+            ids = encode_piece(self.tok, Score(value))[:-1]  # BOS and the piece, without its EOS
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise UserError(f"sample.prompt={value!r} is not a MIDI file this tokenizer reads ({exc})") from None
+        bar = self.tok.vocab.get("Bar_None")
+        if bar is not None:  # the first prompt_bars bars: cut at the bar line after them
+            bars = [i for i, t in enumerate(ids) if t == bar]
+            if len(bars) > cfg.prompt_bars:
+                ids = ids[:bars[cfg.prompt_bars]]
+        return ids[:cfg.prompt_tokens]
+
+    def write(self, ids: list[int], stem: Path) -> list[Path]:
+        ids = [i for i in ids if i not in self.special]
+        # One stream for all tracks (Program tokens), or (without programs) the piece's one track
+        score = self.tok.decode(ids if self.tok.config.one_token_stream_for_programs else [ids])
+        path = stem.with_suffix(".mid")
+        score.dump_midi(str(path))
+        return [path, piano_roll(score, stem.with_suffix(".png"))]
+
+
+class AudioCodec:
+    ext = ".wav"
+
+    def __init__(self, data: TokenData, domain: dict):
+        from shortcut.config import AudioDomain
+        from shortcut.prepare.audio import load_tokenizer
+
+        fields = {k: v for k, v in domain.items() if k in AudioDomain.__dataclass_fields__}
+        self.cfg = AudioDomain(**fields)
+        self.tok = load_tokenizer(data.path, self.cfg)
+        self.seconds_per_token = data.meta.get("seconds_per_token")
+
+    def prompt(self, value: str, cfg: SampleConfig) -> list[int]:
+        from shortcut.prepare.audio import load_audio
+
+        try:
+            wav = load_audio(Path(value), self.tok.rate)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"sample.prompt={value!r} is not an audio file soundfile reads ({exc})") from None
+        wav = wav[: int(cfg.prompt_seconds * self.tok.rate)]
+        return self.tok.encode(wav).tolist()[:cfg.prompt_tokens]
+
+    def waveform(self, ids: list[int]) -> np.ndarray:
+        from shortcut.prepare.audio import KMeansCodes, MuLaw
+
+        if isinstance(self.tok, MuLaw):
+            return self.tok.decode(ids)
+        if isinstance(self.tok, KMeansCodes):
+            return griffin_lim(self.tok, ids)
+        return encodec_decode(self.tok, ids)
+
+    def write(self, ids: list[int], stem: Path) -> list[Path]:
+        import soundfile as sf
+
+        wav = self.waveform(ids)
+        path = stem.with_suffix(".wav")
+        sf.write(str(path), np.clip(wav, -1, 1).astype(np.float32), self.tok.rate, subtype="PCM_16")
+        return [path, spectrogram(wav, self.tok.rate, stem.with_suffix(".png"))]
+
+
+def griffin_lim(tok, ids: list[int]) -> np.ndarray:
+    """k-means codes -> their centroids' log-mel frames -> power spectrogram (inverse mel scale) -> Griffin-Lim."""
+    import torchaudio
+
+    mel = tok.features.mel  # the MelSpectrogram the corpus was made with
+    frames = tok.codebook[torch.as_tensor(ids)].T.exp()  # (n_mels, frames): the log of (mel power + 1e-6), undone
+    n_fft = mel.n_fft
+    inverse = torchaudio.transforms.InverseMelScale(n_stft=n_fft // 2 + 1, n_mels=frames.shape[0],
+                                                    sample_rate=tok.rate, f_min=mel.f_min, f_max=mel.f_max,
+                                                    driver="gelsd")  # tolerates empty mel bands
+    power = inverse(frames.float()).clamp_min(0)  # (n_fft/2+1, frames)
+    gl = torchaudio.transforms.GriffinLim(n_fft=n_fft, win_length=mel.win_length, hop_length=mel.hop_length,
+                                          power=2.0, n_iter=32)
+    wav = gl(power).numpy()
+    peak = np.abs(wav).max()
+    return wav / peak * 0.9 if peak > 0 else wav
+
+
+def encodec_decode(tok, ids: list[int]) -> np.ndarray:
+    """Flattened EnCodec codes (frame by frame, codebook j offset by j * codebook_size) -> audio."""
+    size, k = tok.model.config.codebook_size, tok.k
+    ids = np.asarray(ids[: len(ids) // k * k]).reshape(-1, k)  # (frames, k)
+    codes = torch.as_tensor(ids.T - (np.arange(k) * size)[:, None]).clamp(0, size - 1)  # (k, frames)
+    with torch.no_grad():
+        audio = tok.model.decode(codes[None, None], [None])[0]
+    return audio[0, 0].numpy()
+
+
+def piano_roll(score, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.5), layout="constrained")
+    for track in score.tracks:
+        for n in track.notes:
+            ax.broken_barh([(n.time / score.ticks_per_quarter, n.duration / score.ticks_per_quarter)],
+                           (n.pitch - 0.4, 0.8), color="tab:blue" if not track.is_drum else "tab:gray")
+    ax.set(xlabel="beats", ylabel="MIDI pitch", title=f"{path.stem}: {sum(len(t.notes) for t in score.tracks)} notes")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def spectrogram(wav: np.ndarray, rate: int, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.5), layout="constrained")
+    if len(wav) > 256:
+        ax.specgram(wav, NFFT=256, Fs=rate, noverlap=128, cmap="magma")
+    ax.set(xlabel="seconds", ylabel="Hz", title=f"{path.stem}: {len(wav) / rate:.2f} s")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def codec_for(data: TokenData, state):
+    domain = data.meta["domain"]
+    if domain == "text":
+        return TextCodec(data)
+    if domain == "music":
+        return MusicCodec(data)
+    if domain == "audio":
+        return AudioCodec(data, state.config["domain"])
+    raise UserError(f"no decoder for the {domain} domain")
+
+
+# --- the command ---
+
+def prompt_ids(cfg: SampleConfig, codec, data: TokenData) -> list[int]:
+    if cfg.prompt:
+        ids = codec.prompt(cfg.prompt, cfg)
+        if not ids:
+            raise UserError(f"sample.prompt={cfg.prompt!r} gives no tokens")
+        return ids[-cfg.prompt_tokens:]
+    if isinstance(codec, MusicCodec) and not cfg.from_test:
+        return [codec.tok["BOS_None"]]
+    n = cfg.prompt_tokens if cfg.from_test else 1
+    return np.asarray(data.splits["test"][:n], dtype=np.int64).tolist()
+
+
+def sample(job: SampleJob) -> dict:
+    from shortcut.evaluate import load_run
+    from shortcut.runtime import pick_device
+
+    cfg, run_dir = job.sample, Path(job.run_dir)
+    device = pick_device(cfg.device)
+    model, data, state = load_run(run_dir, device, job.data_root)
+    codec = codec_for(data, state)
+    prompt = prompt_ids(cfg, codec, data)
+    out_dir = run_dir / rundir.SAMPLES
+    shutil.rmtree(out_dir, ignore_errors=True)  # samples of another model or other settings must not stay
+    out_dir.mkdir(parents=True)
+    ids, tok_s, cached = generate(model, torch.tensor([prompt] * cfg.n, device=device), cfg)
+    settings = {k: (str(v) if not isinstance(v, (int, float, bool, type(None))) else v)
+                for k, v in vars(cfg).items()}
+    files = []
+    for i, row in enumerate(ids.tolist()):
+        written = codec.write(row, out_dir / f"sample{i}")
+        files.append({"files": [p.name for p in written], "prompt_tokens": len(prompt), "tokens": len(row)})
+    record = {"run": str(run_dir), "checkpoint_step": state.step, "checkpoint_hash": state.weights_hash,
+              "cache": cached, "tokens_per_s": tok_s,
+              "settings": settings, "samples": files}
+    rundir.write_json(out_dir / "samples.json", record)
+    log.info("%d sample(s) of %d tokens at %.0f tokens/s -> %s", cfg.n, cfg.max_new_tokens, tok_s, out_dir)
+    return record

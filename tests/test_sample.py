@@ -1,0 +1,119 @@
+"""Sampling: the KV cache gives a full forward pass's logits at every step (past block_size too), the sampling
+rules do what they say, and `shortcut sample` writes files each domain's own readers open."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import TINY
+from shortcut.cli import compose
+from shortcut.config import ModelConfig, SampleConfig, UserError
+from shortcut.generate import KVCacheDecoder, supports_cache
+from shortcut.model import GPT
+from shortcut.prepare import prepare
+from shortcut.sample import FullForward, pick_next, sample
+from shortcut.train import train
+
+
+@pytest.mark.parametrize("arch", ["baseline", "shortcut"])
+@pytest.mark.parametrize("extra", [{}, {"pos": "rope"}, {"taps": [0, 2], "feature_map": "linear"},
+                                   {"norm": "rmsnorm", "mlp": "swiglu"}], ids=str)
+def test_cached_logits_equal_a_full_forward_at_every_step(arch, extra):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(arch=arch, n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=40, **extra)).eval()
+    assert supports_cache(model)
+    decoder = KVCacheDecoder(model)
+    logits = decoder.start(torch.randint(0, 40, (2, 5)))
+    lengths = []
+    for _ in range(40):  # past block_size: the window is rebuilt from its last half twice
+        with torch.no_grad():
+            reference = model(decoder.seq)[0][:, -1]  # a full forward over the window the cache holds
+        torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+        lengths.append(decoder.seq.size(1))
+        logits = decoder.push(torch.randint(0, 40, (2,)))
+    assert max(lengths) == 16 and min(lengths[10:]) == 8  # full windows, and rebuilt from block_size // 2
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0]]).repeat(2000, 1)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert pick_next(logits[:1], SampleConfig(temperature=0), gen()).item() == 2
+    top2 = pick_next(logits, SampleConfig(top_k=2), gen())
+    assert set(top2.tolist()) == {2, 3}
+    p = torch.softmax(logits[0], 0)  # 0.644, 0.237, 0.087, 0.032 for tokens 2, 3, 1, 0
+    nucleus = pick_next(logits, SampleConfig(top_p=0.85), gen())
+    assert set(nucleus.tolist()) == {2, 3} and float(p[2] + p[3]) >= 0.85
+    full = pick_next(logits, SampleConfig(), gen())
+    assert set(full.tolist()) == {0, 1, 2, 3} and abs((full == 2).float().mean() - p[2]) < 0.04
+    assert torch.equal(full, pick_next(logits, SampleConfig(), gen()))  # the seed decides
+
+
+def test_sample_text(tmp_path, prepared):
+    run = tmp_path / "r"
+    train(compose("train", prepared + TINY + ["model=shortcut", "train.max_steps=30"]), run)
+    record = sample(compose("sample", [f"run_dir={run}", "sample.n=3", "sample.max_new_tokens=40",
+                                       "sample.prompt='The '"]))
+    texts = [(run / "samples" / f["files"][0]).read_text() for f in record["samples"]]
+    assert len(texts) == 3 and all(t.startswith("The ") and len(t) == 44 for t in texts)
+    saved = json.loads((run / "samples" / "samples.json").read_text())
+    assert saved["cache"] is True and saved["tokens_per_s"] > 0 and saved["settings"]["n"] == 3
+    uncached = sample(compose("sample", [f"run_dir={run}", "sample.n=3", "sample.max_new_tokens=40",
+                                         "sample.prompt='The '", "sample.cache=false", "sample.temperature=0"]))
+    cached = sample(compose("sample", [f"run_dir={run}", "sample.n=3", "sample.max_new_tokens=40",
+                                       "sample.prompt='The '", "sample.temperature=0"]))
+    read = lambda rec: [(run / "samples" / f["files"][0]).read_text() for f in rec["samples"]]  # noqa: E731
+    assert uncached["cache"] is False and read(cached) == read(uncached)  # greedy: the same text either way
+    with pytest.raises(UserError, match="sample.prompt has characters"):
+        sample(compose("sample", [f"run_dir={run}", "sample.prompt='日本'"]))
+    from_test = sample(compose("sample", [f"run_dir={run}", "sample.from_test=true", "sample.prompt_tokens=10",
+                                          "sample.max_new_tokens=5", "sample.n=1"]))
+    assert from_test["samples"][0]["prompt_tokens"] == 10
+
+
+def test_sample_music_writes_midi_music21_reads(tmp_path):
+    import music21
+
+    from test_music import write_piece
+
+    folder = tmp_path / "midi"
+    folder.mkdir()
+    for i in range(6):
+        write_piece(folder / f"p{i}.mid", seed=i)
+    base = [f"data.root={tmp_path / 'data'}", "domain=music", "domain.source=files"]
+    prepare(compose("prepare", base + [f"domain.files={folder}"]))
+    train(compose("train", base + TINY + ["model=shortcut", "train.max_steps=30"]), tmp_path / "r")
+    record = sample(compose("sample", [f"run_dir={tmp_path / 'r'}", "sample.n=2", "sample.max_new_tokens=60",
+                                       f"sample.prompt={folder / 'p0.mid'}"]))
+    for entry in record["samples"]:
+        mid = tmp_path / "r" / "samples" / entry["files"][0]
+        assert mid.suffix == ".mid" and (tmp_path / "r" / "samples" / entry["files"][1]).suffix == ".png"
+        music21.converter.parse(str(mid))  # a MIDI file music21 opens
+
+
+@pytest.mark.parametrize("tokenizer", ["mulaw", "kmeans"])
+def test_sample_audio_writes_wav(tmp_path, tokenizer):
+    from test_audio import sound
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for i in range(6):
+        sf.write(folder / f"{100 + i}-1-0001.wav", np.concatenate([sound("tone", 0.5, 16000, i),
+                                                                   sound("chirp", 0.5, 16000)]), 16000)
+    base = [f"data.root={tmp_path / 'data'}", "domain=audio", "domain.source=files", f"domain.tokenizer={tokenizer}",
+            "domain.codebook_size=16"]
+    prepare(compose("prepare", base + [f"domain.files={folder}"]))
+    train(compose("train", base + TINY + ["train.max_steps=10"]), tmp_path / "r")
+    record = sample(compose("sample", [f"run_dir={tmp_path / 'r'}", "sample.n=1", "sample.max_new_tokens=50",
+                                       f"sample.prompt={folder / '100-1-0001.wav'}", "sample.prompt_seconds=0.1"]))
+    wav, rate = sf.read(tmp_path / "r" / "samples" / record["samples"][0]["files"][0])
+    assert rate == (8000 if tokenizer == "mulaw" else 16000) and len(wav) > 0 and np.isfinite(wav).all()
+
+
+def test_other_variants_decode_without_a_cache():
+    model = GPT(ModelConfig(arch="denseformer", n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20)).eval()
+    assert not supports_cache(model)
+    full = FullForward(model)
+    assert full.start(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 20)
