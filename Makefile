@@ -7,7 +7,7 @@ LAUNCHER ?=
 SWEEP = $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
 
 .PHONY: help install test test-all gpu-check demo reproduce-paper reproduce-paper-cpu scaling scaling-cpu bench \
-	peers peers-cpu ablations-cpu
+	peers peers-cpu ablations-cpu shortcut-search shortcut-search-cpu
 help:
 	@echo "make reproduce-paper      the paper's table on one GPU (downloads text8, WikiText-103, MAESTRO, LibriSpeech)"
 	@echo "make reproduce-paper-cpu  the same table at CPU scale on offline data, under 30 min (TEXT='books/*.txt')"
@@ -15,6 +15,8 @@ help:
 	@echo "make scaling      the same at GPT-2-small scale on text8, for one GPU"
 	@echo "make peers-cpu    shortcut vs DenseFormer, AttnRes, MUDD, value residual, chorales, CPU (MODERN=1: RoPE/RMSNorm/SwiGLU)"
 	@echo "make peers        the same on text8, WikiText-103, MAESTRO, LibriSpeech, 12 and 24 layers (~47 GPU-hours)"
+	@echo "make shortcut-search-cpu  issue 13's grid of shortcut modes vs a baseline ladder, chorales + text, CPU (~2 h)"
+	@echo "make shortcut-search      the same at GPT-2-small scale on text8, for one GPU (~5 GPU-hours)"
 	@echo "make ablations-cpu  the shortcut's own ablations (taps, feature map, depth embedding), chorales, CPU"
 	@echo "make gpu-check  on a CUDA device: fused kernels, bf16 vs fp32, resume, tokens/s and MFU (< 8 min on an H200)"
 	@echo "make bench     speed benchmarks (tokenization real-time factor, training throughput)"
@@ -97,6 +99,34 @@ ablations-cpu:
 	-shortcut train -m experiment=ablations_cpu model=shortcut model.depth_embedding=false
 	shortcut eval run_dir=runs/ablations_cpu eval.audit_sequences=8
 	shortcut compare runs=runs/ablations_cpu name=ablations_cpu wandb=off
+
+# Issue 13: every way of starting and placing the shortcut ({replace, add} x tap bias x taps x shortcut layers) against
+# a ladder of baseline widths, one table per domain sorted by compute multiplier. The text half reads SEARCH_TEXT:
+# the King James Bible (4.4 MB) where Debian's bible-kjv is installed (apt-get install bible-kjv), else TEXT.
+SEARCH_TEXT ?= $(if $(shell command -v bible 2>/dev/null),data/kjv.txt,$(TEXT))
+SEARCH_GRID = model=shortcut model.shortcut_mode=replace,add model.tap_bias=none,last "model.taps=all,[0,6,11]" \
+	model.shortcut_layers=1,2
+
+data/kjv.txt:
+	mkdir -p data && bible -f "Gen1:1-Rev22:21" | sed 's/^[^ ]* //' > $@.tmp && mv $@.tmp $@
+
+shortcut-search-cpu: $(filter data/kjv.txt,$(SEARCH_TEXT))
+	shortcut prepare domain=music
+	shortcut prepare dataset=text_local "domain.files='$(SEARCH_TEXT)'"
+	-shortcut train -m experiment=shortcut_search_cpu
+	-shortcut train -m experiment=shortcut_search_cpu model.n_embd=64 $(SEARCH_GRID)
+	shortcut eval run_dir=runs/shortcut_search_cpu eval.max_tokens=40000 eval.audit_sequences=4
+	shortcut compare runs=runs/shortcut_search_cpu name=shortcut_search_cpu compute_multiplier=true sort=multiplier \
+		wandb=off
+
+shortcut-search:
+	shortcut prepare dataset=text8
+	-shortcut train -m experiment=shortcut_search $(SWEEP)
+	-shortcut train -m experiment=shortcut_search model.n_head=8 model.n_embd=512 $(SWEEP)
+	-shortcut train -m experiment=shortcut_search model.n_head=16 model.n_embd=1024 $(SWEEP)
+	-shortcut train -m experiment=shortcut_search $(SEARCH_GRID) $(SWEEP)
+	shortcut eval run_dir=runs/shortcut_search
+	shortcut compare runs=runs/shortcut_search name=shortcut_search compute_multiplier=true sort=multiplier
 
 # On a CUDA machine: every attention implementation against the reference, then the GPU path end to end (~6 min).
 gpu-check:

@@ -2,7 +2,9 @@
 
 All take q: (B, nh, T, hs) and k, v: (B, nh, K, T, hs) (tap l, position s) and return (B, nh, T, hs): query t
 attends, with one softmax, to every key (l, s) with s <= t (Verma & Pilanci 2024, the shortcut's final layer).
-`masked` is the readable reference; `lse` and `flex` compute the same function faster where kernels allow.
+An optional bias (nh, K) adds b[h, l] to every score of head h on tap l (model.tap_bias, issue 13):
+softmax_{(l, s), s <= t}(q_t·k_ls/√hs + b_l). `masked` is the readable reference; `lse` and `flex` compute the
+same function faster where kernels allow, the bias and its gradient included.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch.nn.functional as F
 from shortcut.config import AttnImpl, UserError
 
 
-def masked_depth_context_attention(q, k, v, dropout_p: float = 0.0):
-    """The readable reference: the K taps laid end to end along the key axis, one SDPA call under a boolean mask.
+def masked_depth_context_attention(q, k, v, dropout_p: float = 0.0, bias=None):
+    """The readable reference: the K taps laid end to end along the key axis, one SDPA call under a boolean mask
+    (with a tap bias: an additive float mask, b[h, l] where visible, -inf where not; autograd gives its gradient).
 
     A boolean mask rules out the fused causal kernels: all K·T² scores are computed, half of them to be masked."""
     B, nh, K, T, hs = k.shape
@@ -25,19 +28,28 @@ def masked_depth_context_attention(q, k, v, dropout_p: float = 0.0):
     # Causal in position, every tap visible: query t sees key (l, s) iff s <= t.
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     mask = causal.repeat(1, K)  # (T, K*T)
+    if bias is not None:
+        mask = tap_bias_mask(mask, bias, T).to(q.dtype)  # (nh, T, K*T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def lse_depth_context_attention(q, k, v, dropout_p: float = 0.0):
+def tap_bias_mask(mask, bias, T: int):
+    """(T, K*T) boolean visibility and a (nh, K) bias -> (nh, T, K*T) additive scores: b[h, l] or -inf."""
+    per_key = bias.repeat_interleave(T, dim=1)  # (nh, K*T), tap-major like the keys
+    return per_key[:, None, :].masked_fill(~mask, float("-inf"))
+
+
+def lse_depth_context_attention(q, k, v, dropout_p: float = 0.0, bias=None):
     """The fast path: K ordinary causal attentions (one per tap), merged. On CUDA, FlashAttention-2 skips the
     future half of each; torch's CPU kernel skips only whole blocks of 512 keys, so there it saves nothing.
 
     Exact, not approximate: a softmax over a union of key sets is the mix of the per-set softmaxes weighted by
     their normalisers. With m_l(t) = log Σ_{s<=t} exp(q_t·k_ls/√hs) the log-sum-exp of tap l and o_l(t) its causal
-    attention output, y(t) = Σ_l exp(m_l(t) - M(t)) o_l(t) with M(t) = log Σ_l exp(m_l(t)). The backward is exact
-    too: see _TapMergedCausalAttention. No attention dropout (the caller uses the reference when it is on)."""
+    attention output, y(t) = Σ_l exp(m_l(t) - M(t)) o_l(t) with M(t) = log Σ_l exp(m_l(t)). A tap bias b_l adds to
+    tap l's log-sum-exp: m_l + b_l in both sums. The backward is exact too: see _TapMergedCausalAttention. No
+    attention dropout (the caller uses the reference when it is on)."""
     assert dropout_p == 0.0, "the lse path has no attention dropout"
-    return _TapMergedCausalAttention.apply(q, k, v)
+    return _TapMergedCausalAttention.apply(q, k, v, bias)
 
 
 class _TapMergedCausalAttention(torch.autograd.Function):
@@ -48,32 +60,55 @@ class _TapMergedCausalAttention(torch.autograd.Function):
     serves all K. Backward: a causal attention's backward, handed the *merged* output y and the *merged* M instead
     of its own, recomputes P = exp(S_l - M), the joint softmax restricted to tap l, and D = rowsum(dy ∘ y), the
     joint one, so it returns exactly tap l's share of the gradients (dk_l, dv_l and a term of dq; the split-KV
-    identity of FlashAttention). dq sums over taps."""
+    identity of FlashAttention). dq sums over taps.
+
+    With a tap bias b (nh, K), tap l's scores are S_l + b_l: the kernel is handed M - b_l instead, as
+    exp(S_l - (M - b_l)) is again the joint softmax restricted to tap l. The bias' own gradient is the sum of
+    tap l's dS = P ∘ (dP - D) over its keys: Σ_{B,t} w_l(t)·(dy·o_l(t) - dy·y(t)), w_l = exp(m_l + b_l - M) the
+    tap's share (elementwise products and sums: no matmul)."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, q, k, v, bias=None):
         B, nh, K, T, hs = k.shape
         qr = q.unsqueeze(1).expand(B, K, nh, T, hs).reshape(B * K, nh, T, hs)  # q once per tap
         kr, vr = (t.transpose(1, 2).reshape(B * K, nh, T, hs) for t in (k, v))  # tap folded into the batch
         o, lse, state = _causal_attention_with_lse(qr, kr, vr)  # (B*K, nh, T, hs), (B*K, nh, T)
         o, lse = o.view(B, K, nh, T, hs), lse.view(B, K, nh, T)
+        b = None if bias is None else bias.float().t()[None, :, :, None]  # (1, K, nh, 1)
+        if b is not None:
+            lse = lse + b  # m_l + b_l
         m = lse.logsumexp(dim=1)  # (B, nh, T) the joint normaliser M
         w = (lse - m.unsqueeze(1)).exp()  # (B, K, nh, T) share of each tap, sums to 1 over K
         y = (w.unsqueeze(-1) * o).sum(dim=1).to(q.dtype)  # (B, nh, T, hs)
-        ctx.save_for_backward(q, kr, vr, y, m)
+        if b is None:
+            ctx.save_for_backward(q, kr, vr, y, m)
+        else:  # the bias' gradient needs each tap's output and share
+            ctx.save_for_backward(q, kr, vr, y, m, bias, o, w)
         ctx.shape, ctx.kernel_state = (B, nh, K, T, hs), state
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        q, kr, vr, y, m = ctx.saved_tensors
+        q, kr, vr, y, m, *with_bias = ctx.saved_tensors
         B, nh, K, T, hs = ctx.shape
         per_tap = lambda t: t.unsqueeze(1).expand(B, K, *t.shape[1:]).reshape(B * K, *t.shape[1:])  # noqa: E731
-        dq, dk, dv = _causal_attention_backward(per_tap(dy.contiguous()), per_tap(q), kr, vr, per_tap(y),
-                                                per_tap(m), ctx.kernel_state)  # 3 x (B*K, nh, T, hs)
+        dy = dy.contiguous()
+        if with_bias:
+            bias, o, w = with_bias
+            lse = (m.unsqueeze(1) - bias.float().t()[None, :, :, None]).reshape(B * K, nh, T)  # M - b_l per tap
+        else:
+            lse = per_tap(m)
+        dq, dk, dv = _causal_attention_backward(per_tap(dy), per_tap(q), kr, vr, per_tap(y), lse,
+                                                ctx.kernel_state)  # 3 x (B*K, nh, T, hs)
         dq = dq.view(B, K, nh, T, hs).sum(dim=1)  # (B, nh, T, hs)
         dk, dv = (t.view(B, K, nh, T, hs).transpose(1, 2) for t in (dk, dv))  # 2 x (B, nh, K, T, hs)
-        return dq, dk, dv
+        if not with_bias:
+            return dq, dk, dv, None
+        dyf = dy.float()
+        dyo = (dyf.unsqueeze(1) * o.float()).sum(dim=-1)  # (B, K, nh, T) dy·o_l
+        dyy = (dyf * y.float()).sum(dim=-1)  # (B, nh, T) dy·y, the D of every tap
+        dbias = (w * (dyo - dyy.unsqueeze(1))).sum(dim=(0, 3)).t()  # (nh, K)
+        return dq, dk, dv, dbias.to(bias.dtype)
 
 
 def lse_kernel_available(q) -> bool:
@@ -104,16 +139,21 @@ def _causal_attention_backward(dy, q, k, v, y, lse, state):
         dy, q, k, v, y, lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
 
 
-def flex_depth_context_attention(q, k, v, dropout_p: float = 0.0):
+def flex_depth_context_attention(q, k, v, dropout_p: float = 0.0, bias=None):
     """torch's flex_attention (compiled) with a block mask over the (T, K*T) tap-major layout: blocks wholly in
-    the future of their queries are skipped, the rest masked element-wise. CUDA only (no CPU backward in torch)."""
+    the future of their queries are skipped, the rest masked element-wise. A tap bias is a score_mod (flex
+    differentiates captured tensors). CUDA only (no CPU backward in torch)."""
     assert dropout_p == 0.0, "flex_attention has no attention dropout"
     from torch.nn.attention.flex_attention import flex_attention
 
     B, nh, K, T, hs = k.shape
     block_mask = _tap_block_mask(T, K, str(q.device))
     run = _compiled_flex() if q.device.type == "cuda" else flex_attention  # eager: forward only, for the tests
-    return run(q, k.flatten(2, 3), v.flatten(2, 3), block_mask=block_mask)  # (B, nh, T, hs)
+    score_mod = None
+    if bias is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):  # key kv_idx = l*T + s belongs to tap l
+            return score + bias[h, kv_idx // T].to(score.dtype)
+    return run(q, k.flatten(2, 3), v.flatten(2, 3), score_mod=score_mod, block_mask=block_mask)  # (B, nh, T, hs)
 
 
 @functools.cache
@@ -155,7 +195,8 @@ def resolve_attn_impl(impl: AttnImpl, device_type: str) -> AttnImpl:
 AUDIT_CHUNK_BYTES = 256 * 2**20
 
 
-def depth_context_attention_probs(q, k, v, dropout_p: float = 0.0, chunk_bytes: int = AUDIT_CHUNK_BYTES):
+def depth_context_attention_probs(q, k, v, dropout_p: float = 0.0, chunk_bytes: int = AUDIT_CHUNK_BYTES,
+                                  bias=None):
     """The reference computation, with its probabilities: y (B, nh, T, hs) and probs (B, nh, T, K, T) float32.
 
     Queries go c at a time, c = max(1, chunk_bytes // (3·4·B·nh·K·T)), so that beside the returned probs
@@ -167,11 +208,14 @@ def depth_context_attention_probs(q, k, v, dropout_p: float = 0.0, chunk_bytes: 
     k, v = k.flatten(2, 3).contiguous(), v.flatten(2, 3).contiguous()  # (B, nh, K*T, hs), tap-major
     # Causal in position, every tap visible: query t sees key (l, s) iff s <= t.
     mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().repeat(1, K)  # (T, K*T)
+    per_key = None if bias is None else bias.repeat_interleave(T, dim=1)[:, None, :]  # (nh, 1, K*T) tap bias
     c = max(1, min(T, chunk_bytes // (3 * 4 * B * nh * K * T)))
     probs = torch.zeros(B, nh, T, K * T, dtype=dtype, device=q.device)
     ys = []
     for t0 in range(0, T, c):
         att = (q[:, :, t0:t0 + c] @ k.transpose(-2, -1)).div_(math.sqrt(hs))  # (B, nh, c, K*T), in place: lean
+        if per_key is not None:
+            att = att + per_key.to(att.dtype)
         att = att.masked_fill_(~mask[t0:t0 + c], float("-inf")).to(dtype).softmax(dim=-1)
         probs[:, :, t0:t0 + c] = att
         ys.append(F.dropout(att, dropout_p).to(v.dtype) @ v)  # (B, nh, c, hs)

@@ -87,12 +87,13 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
             out["profile"].append(heads.mean(dim=1))  # (B, T, K)
             if out["attn"] is None:
                 out["attn"] = probs[0].mean(dim=0).float().cpu()  # (T, K, T) of the first sequence
-        elif model.weighs_layers:
+        if model.weighs_layers and not (model.shortcut and len(model.block_taps) == 1):  # shortcut_layers > 1: all
             lw = model.layer_weights(x)
             out["layer_weights"].append(lw.pop("weights").cpu())  # (B, T, consumers, sources)
             out["layer_weights_info"] = lw
         out["lens"].append(logit_lens(model, x, y, out["loss"][-1].mean().item()))
-    if model.shortcut:  # the final block's mass on each tap, as every layer-weighing model reports it
+    if model.shortcut and out["layer_weights_info"] is None:  # the final block's mass on each tap, as every
+        # layer-weighing model reports it
         out["layer_weights"] = [torch.cat(out["profile"])[:, :, None, :]]
         out["layer_weights_info"] = {"kind": "shortcut attention mass", "sources": list(model.taps),
                                      "consumers": ["final block"], "normalised": True}

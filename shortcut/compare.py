@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from shortcut import rundir
-from shortcut.config import CompareJob, Duplicates, UserError
+from shortcut.config import CompareJob, Duplicates, RowOrder, UserError
 from shortcut.rundir import EvalRecord, Summary
 from shortcut.tracking import MetricsLog, open_tracker
 
@@ -330,6 +330,10 @@ def compare(job: CompareJob) -> dict:
                                                        if t["dataset"] == ds)
             if png.is_file():
                 pictures.append(png)
+            _chosen_on_validation([t for t in table if t["dataset"] == ds], notes)
+        if job.sort == RowOrder.multiplier:  # this dataset's rows are the table's last ones
+            start = len(table) - len(ds_rows)
+            table[start:] = sorted(table[start:], key=_by_multiplier)
     md = render_markdown(table, notes, incomplete, job.compute_multiplier)
     _write(out_dir / "table.md", md)
     _write_csv(out_dir / "table.csv", table)
@@ -348,6 +352,27 @@ def compare(job: CompareJob) -> dict:
                 break
     print(f"\nwrote {out_dir}/table.md, table.csv, summary.json and {len(pictures)} plot(s)")
     return summary
+
+
+def _chosen_on_validation(rows: list[dict], notes: list[str]) -> None:
+    """Name the variant a user should believe when many were tried: the best *validation* NLL among the rows that
+    are not the baseline ladder, read on its held-out split (choosing the best test number would tune on test)."""
+    tried = [t for t in rows if not t["in_ladder"] and t["val_nll"] is not None]
+    if len(tried) < 2:
+        return
+    best = min(tried, key=lambda t: t["val_nll"][0])
+    d = best["delta"] or {}
+    held_out = f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d.get("ci_low") is not None else "–"
+    notes.append(f"{best['dataset']}: chosen on validation NLL among {len(tried)} variants: {best['variant']} "
+                 f"(val {best['val_nll'][0]:.4f}; {best['eval_split']} Δ {held_out}, compute multiplier "
+                 f"{_fmt_multiplier(best['compute_multiplier'])})")
+
+
+def _by_multiplier(t: dict) -> tuple:
+    """Rows with a compute multiplier first, highest first; then the rest (the ladder) by training compute."""
+    m = (t["compute_multiplier"] or {}).get("multiplier")
+    known = m is not None and not math.isnan(m)
+    return (not known, -m if known else 0.0, t["train_flops"][0] if t["train_flops"] else 0.0, t["variant"])
 
 
 def dataset_table(ds_rows: list[Row], job: CompareJob, notes: list[str]) -> list[dict]:

@@ -49,6 +49,18 @@ class FeatureMap(enum.StrEnum):
     none = "none"  # h
 
 
+class ShortcutMode(enum.StrEnum):
+    """How a shortcut block uses its depth-and-context attention (issue 13)."""
+    replace = "replace"  # the paper's reading: it replaces the block's causal self-attention
+    add = "add"  # a second branch beside the kept self-attention, its output projection zero-initialised
+
+
+class TapBias(enum.StrEnum):
+    """A learned per-head logit bias per tap, added to the depth-and-context scores (issue 13)."""
+    none = "none"  # no bias: at init the softmax spreads over all K·(t+1) keys
+    last = "last"  # initialised so that the deepest tap a block reads holds ~99.5% of the mass at step 0
+
+
 class MatchBy(enum.StrEnum):
     width = "width"
     depth = "depth"
@@ -98,6 +110,12 @@ class OnError(enum.StrEnum):
 class Duplicates(enum.StrEnum):
     refuse = "refuse"  # two runs of one (dataset, variant, seed): stop and list them
     newest = "newest"  # keep the one that finished last
+
+
+class RowOrder(enum.StrEnum):
+    """How compare orders the rows of a dataset's table."""
+    variant = "variant"  # the baseline first, then by variant label
+    multiplier = "multiplier"  # highest compute multiplier first, then the ladder by training compute
 
 
 class WandbMode(enum.StrEnum):
@@ -277,6 +295,12 @@ class ModelConfig:
     feature_hidden: Optional[int] = None  # hidden width of the mlp feature map; None: n_embd // 2
     depth_embedding: bool = True  # learned e_l added to each tap's features
     attn_impl: AttnImpl = AttnImpl.auto  # speed only: every choice computes the same function
+    shortcut_mode: ShortcutMode = ShortcutMode.replace  # replace (the paper) | add (keeps self-attention; starts
+    # as the baseline: the added branch's output projection is zero at init)
+    tap_bias: TapBias = TapBias.none  # none | last (per head and tap, learned; last: the deepest tap starts with
+    # nearly all the mass, so replace mode too starts close to the baseline)
+    shortcut_layers: int = 1  # the last N blocks use depth-and-context attention; block i (input h_i) reads the
+    # taps l <= i. 1: only the final block (the paper)
     # --- the modern baseline, for every arch (the shortcut included); the defaults are GPT-2's ---
     pos: PosEmb = PosEmb.learned  # learned | rope (chosen: theta 10000, rotate-half pairs, on every attention)
     norm: Norm = Norm.layernorm  # layernorm | rmsnorm (every norm of the model, the feature maps' too)
@@ -305,8 +329,14 @@ class ModelConfig:
         _check(self.feature_hidden is None or self.feature_hidden >= 1, "model.feature_hidden", "must be at least 1")
         _check(self.match_params != self.arch, "model.match_params", "must name an arch other than model.arch")
         self.tap_layers()  # validates taps
+        _check(isinstance(self.shortcut_layers, int) and 1 <= self.shortcut_layers <= self.n_layer,
+               "model.shortcut_layers", f"must be in 1..model.n_layer={self.n_layer}")
+        first = self.n_layer - self.shortcut_layers  # the first shortcut block reads taps l <= first
+        _check(min(self.tap_layers()) <= first, "model.shortcut_layers",
+               f"block {first}, the first of the last {self.shortcut_layers}, reads the taps at or below its input "
+               f"layer {first}, and model.taps={self.tap_layers()} has none; lower it or add a tap <= {first}")
         for key, choices in (("arch", Arch), ("attn_impl", AttnImpl), ("pos", PosEmb), ("norm", Norm),
-                             ("mlp", MLPKind)):
+                             ("mlp", MLPKind), ("shortcut_mode", ShortcutMode), ("tap_bias", TapBias)):
             try:  # a plain string (Python callers, tests) becomes the enum
                 setattr(self, key, choices(getattr(self, key)))
             except ValueError:
@@ -327,6 +357,12 @@ class ModelConfig:
     @property
     def d_feature(self) -> int:
         return self.feature_hidden or max(1, self.n_embd // 2)
+
+    def shortcut_taps(self) -> dict[int, list[int]]:
+        """Block i (0-based; it reads h_i, the output of block i-1, h_0 the embeddings) -> the taps its
+        depth-and-context attention reads: every tap l <= i, for each of the last shortcut_layers blocks."""
+        L, taps = self.n_layer, self.tap_layers()
+        return {i: [l for l in taps if l <= i] for i in range(L - self.shortcut_layers, L)}
 
     def tap_layers(self) -> list[int]:
         """The layers l (0 = embeddings, l = output of block l) whose outputs the final block attends to."""
@@ -496,6 +532,7 @@ class CompareJob:
     # Fit baseline loss vs training compute over a ladder of >= 3 baseline sizes (power law + constant) and report,
     # per variant, the baseline compute that reaches its loss divided by its own compute, with a bootstrap interval.
     compute_multiplier: bool = False
+    sort: RowOrder = RowOrder.variant  # variant | multiplier (with compute_multiplier=true: best first)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # the table and plots as a W&B run (offline default)
 
 

@@ -6,6 +6,14 @@ self-attention is replaced by attention over (layer, position) pairs, so each to
 representation it reads. That attention's kernels (a readable masked reference and faster exact implementations of
 the same function, model.attn_impl) are in shortcut/attention.py. The other ways of reading earlier layers
 (DenseFormer, Attention Residuals, MUDD, value residual) run these same blocks in their own loop: shortcut/variants/.
+
+Issue 13's switches, each a field of ModelConfig (the defaults are the paper's model, with today's state-dict names):
+  shortcut_mode=add   block i: x + Attn(LN(x)) + P·DCA(LN(x), LN(z)), P (the added branch's c_proj) zero at init,
+                      so the model is the baseline at step 0 (zero-initialised new paths: modded-nanogpt, DenseFormer,
+                      MUDDFormer all start as the baseline; the paper does not say how it initialises).
+  tap_bias=last       scores q_t·k_ls/√hs + b_l, one learned b per head and tap, b = 0 on the deepest tap the block
+                      reads and -ln(199·(K-1)) on the others: ~99.5% of the mass on the deepest tap at init.
+  shortcut_layers=N   the last N blocks attend over (layer, position); block i (input h_i) reads the taps l <= i.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import torch.nn.functional as F
 
 from shortcut.attention import (ATTENTION, depth_context_attention_probs, lse_kernel_available,
                                 resolve_attn_impl)
-from shortcut.config import Arch, AttnImpl, FeatureMap, MatchBy, MLPKind, ModelConfig, Norm, PosEmb
+from shortcut.config import (Arch, AttnImpl, FeatureMap, MatchBy, MLPKind, ModelConfig, Norm, PosEmb, ShortcutMode,
+                             TapBias)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -106,16 +115,37 @@ class CausalSelfAttention(nn.Module):
         return self.attend(*self.project(x, rope=rope))
 
 
+LAST_TAP_MASS = 0.995  # tap_bias=last: the deepest tap's share of the attention at init, were all scores equal
+
+
+def last_tap_bias(n_head: int, n_taps: int) -> torch.Tensor:
+    """(n_head * n_taps,) flat: 0 on the deepest tap, -β on the others, β = ln(m/(1-m)·(K-1)), so that with equal
+    scores the deepest tap holds m = LAST_TAP_MASS of the softmax (random init: scores ~ ±0.03, nearly equal).
+    Flat (one dimension), so it is a bias to the optimizer too: no weight decay pulls it back to uniform."""
+    b = torch.zeros(n_head, n_taps)
+    if n_taps > 1:
+        b[:, :-1] = -math.log(LAST_TAP_MASS / (1 - LAST_TAP_MASS) * (n_taps - 1))
+    return b.flatten()
+
+
 class DepthContextAttention(CausalSelfAttention):
     """The paper's final-layer attention: queries from positions, keys/values from (tap, position) pairs.
 
     Same parameters as the baseline's attention (c_attn holds W_q, W_k, W_v; K/V projections are shared across
-    taps), so a shortcut model with a single tap l = L-1 and identity feature maps *is* the baseline.
+    taps), so a shortcut model with a single tap l = L-1 and identity feature maps *is* the baseline. Optional:
+    a learned bias per head and tap (tap_bias, n_taps of them), and a zero-initialised output projection
+    (zero_proj: the added branch of shortcut_mode=add).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, n_taps: int | None = None, zero_proj: bool = False):
         super().__init__(cfg)
         self.attn_impl = cfg.attn_impl
+        self.tap_bias = None
+        if cfg.tap_bias == TapBias.last:
+            self.tap_bias = nn.Parameter(last_tap_bias(cfg.n_head, n_taps))  # (nh * K,)
+        if zero_proj:
+            nn.init.zeros_(self.c_proj.weight)
+            self.c_proj.is_zero_init = True
 
     def forward(self, x, z, need_weights: bool = False, rope=None):
         # x: (B, T, C) normalised h_{L-1};  z: (B, K, T, C) normalised f_l(h_l) + e_l for the K taps
@@ -129,20 +159,21 @@ class DepthContextAttention(CausalSelfAttention):
         if rope is not None:  # key (l, s) sits at position s, whatever its tap
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         dropout_p = self.dropout if self.training else 0.0
+        bias = None if self.tap_bias is None else self.tap_bias.view(nh, K)  # (nh, K)
         probs = None
         if need_weights:  # explicit softmax so the probabilities can be audited
-            y, probs = depth_context_attention_probs(q, k, v, dropout_p)  # (B, nh, T, hs), (B, nh, T, K, T)
+            y, probs = depth_context_attention_probs(q, k, v, dropout_p, bias=bias)  # (B,nh,T,hs), (B,nh,T,K,T)
         else:
             impl = resolve_attn_impl(self.attn_impl, q.device.type)
             if dropout_p > 0 or (impl == AttnImpl.lse and not lse_kernel_available(q)):
                 impl = AttnImpl.masked  # only the reference applies attention dropout / fits every dtype
-            y = ATTENTION[impl](q, k, v, dropout_p)  # (B, nh, T, hs)
+            y = ATTENTION[impl](q, k, v, dropout_p, bias=bias)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y)), probs
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn: type[CausalSelfAttention] = CausalSelfAttention):
+    def __init__(self, cfg: ModelConfig, attn=CausalSelfAttention):
         super().__init__()
         self.ln_1 = make_norm(cfg)
         self.attn = attn(cfg)
@@ -155,16 +186,28 @@ class Block(nn.Module):
 
 
 class ShortcutBlock(Block):
-    """Final block of the shortcut model: depth-and-context attention, then the usual MLP sub-layer."""
+    """A block of the shortcut model that reads (tap, position) pairs: the final one (the paper), or each of the
+    last model.shortcut_layers. replace: depth-and-context attention instead of self-attention (attn). add:
+    self-attention kept (attn, the baseline's names) and depth-and-context attention beside it (shortcut_attn),
+    whose output projection starts at zero. Then the usual MLP sub-layer."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, attn=DepthContextAttention)
+    def __init__(self, cfg: ModelConfig, n_taps: int):
+        add = cfg.shortcut_mode == ShortcutMode.add
+        super().__init__(cfg, attn=CausalSelfAttention if add else lambda c: DepthContextAttention(c, n_taps))
+        self.add = add
+        if add:
+            self.shortcut_attn = DepthContextAttention(cfg, n_taps, zero_proj=True)
 
     def forward(self, x, z, need_weights: bool = False, rope=None):
-        # x: (B, T, C) = h_{L-1};  z: (B, K, T, C) = f_l(h_l) + e_l.  One LayerNorm for queries and keys, as in
+        # x: (B, T, C) = h_i;  z: (B, K_i, T, C) = f_l(h_l) + e_l.  One LayerNorm for queries and keys, as in
         # the baseline block, which keeps the degenerate single-tap model identical to the baseline.
-        a, probs = self.attn(self.ln_1(x), self.ln_1(z), need_weights, rope)
-        x = x + a
+        h = self.ln_1(x)
+        if self.add:
+            d, probs = self.shortcut_attn(h, self.ln_1(z), need_weights, rope)
+            x = x + self.attn(h, rope) + d  # d == 0 at init: the baseline block
+        else:
+            a, probs = self.attn(h, self.ln_1(z), need_weights, rope)
+            x = x + a
         return x + self.mlp(self.ln_2(x)), probs
 
 
@@ -218,10 +261,12 @@ class GPT(nn.Module):
         else:
             self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(L - 1 if self.shortcut else L)])
+        # block i -> the taps it reads (the last shortcut_layers blocks), l <= i; {} for other archs
+        self.block_taps = cfg.shortcut_taps() if self.shortcut else {}
+        self.blocks = nn.ModuleList([ShortcutBlock(cfg, len(self.block_taps[i])) if i in self.block_taps
+                                     else Block(cfg) for i in range(L)])
         if self.shortcut:
             self.taps = cfg.tap_layers()  # layers l in 0..L-1
-            self.blocks.append(ShortcutBlock(cfg))
             fmap = FEATURE_MAPS[cfg.feature_map]
             self.feature_maps = nn.ModuleList([fmap(cfg) for _ in self.taps]) if fmap else None
             self.depth_emb = nn.Parameter(torch.zeros(len(self.taps), cfg.n_embd)) if cfg.depth_embedding else None
@@ -231,9 +276,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith("c_proj.weight") and "feature_maps" not in name:
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * L))
+        for name, m in self.named_modules():  # GPT-2: scale residual projections by depth (zero ones stay zero)
+            if name.endswith("c_proj") and not getattr(m, "is_zero_init", False):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02 / math.sqrt(2 * L))
 
     @property
     def variant(self) -> nn.Module | None:
@@ -273,17 +318,8 @@ class GPT(nn.Module):
             for block in self.blocks:
                 x = block(x, rope)
         else:
-            hs = [x]  # h_0 .. h_{L-1}
-            for block in self.blocks[:-1]:
-                x = block(x, rope)
-                hs.append(x)
-            feats = [hs[l] for l in self.taps]  # K x (B, T, C)
-            if self.feature_maps is not None:
-                feats = [f(h) for f, h in zip(self.feature_maps, feats)]  # f_l(h_l)
-            z = torch.stack(feats, dim=1)  # (B, K, T, C)
-            if self.depth_emb is not None:
-                z = z + self.depth_emb[None, :, None, :].to(z.dtype)
-            x, probs = self.blocks[-1](x, z, need_weights=return_attn or per_head, rope=rope)
+            x, _, all_probs = self._run_shortcut(x, rope, weights="final" if return_attn or per_head else "none")
+            probs = all_probs[-1]
             if probs is not None and not per_head:
                 probs = probs.mean(dim=1)  # (B, T, K, T)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
@@ -291,6 +327,33 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss, probs
+
+    def _run_shortcut(self, x, rope, weights: str = "none", last: int | None = None):
+        """The shortcut model's blocks 0..last-1 (default: all) on h_0 = x. Returns the output, the states h_0 ..
+        h_{min(last, L-1)} and, per shortcut block run, its attention probabilities (B, nh, T, K_i, T), or None
+        unless weights asks for them ("final": the final block's, "all": every shortcut block's).
+
+        Tap l's keys and values come from z_l = f_l(h_l) + e_l, computed once and read by every shortcut block
+        i >= l (block i reads the taps l <= i: a prefix of the sorted taps, so e_l and f_l are indexed alike)."""
+        L = len(self.blocks)
+        last = L if last is None else last
+        states, feats, probs = [x], {}, []
+        for i, block in enumerate(self.blocks[:last]):
+            if i in self.block_taps:
+                taps = self.block_taps[i]
+                for j, l in enumerate(taps):
+                    if l not in feats:
+                        feats[l] = self.feature_maps[j](states[l]) if self.feature_maps is not None else states[l]
+                z = torch.stack([feats[l] for l in taps], dim=1)  # (B, K_i, T, C)
+                if self.depth_emb is not None:
+                    z = z + self.depth_emb[None, :len(taps), None, :].to(z.dtype)
+                need = weights == "all" or (weights == "final" and i == L - 1)
+                x, p = block(x, z, need_weights=need, rope=rope)
+                probs.append(p)
+            else:
+                x = block(x, rope)
+            states.append(x)
+        return x, states[:L], probs  # h_0 .. h_{L-1} at most: the final block's output is no tap
 
     def hidden_states(self, idx) -> list[torch.Tensor]:
         """h_0 .. h_{L-1}, each (B, T, C): the residual stream after the embeddings and after every block but the
@@ -301,6 +364,8 @@ class GPT(nn.Module):
             record = {}
             self.variant(x, self.blocks, rope, record)
             return record["states"]
+        if self.shortcut:
+            return self._run_shortcut(x, rope, last=len(self.blocks) - 1)[1]
         states = [x]
         for block in self.blocks[:-1]:
             x = block(x, rope)
@@ -318,11 +383,17 @@ class GPT(nn.Module):
         Returns {"kind", "sources" (layer indices: 0 the embeddings, l the output of block l), "consumers" (who
         reads each mix; the last one feeds the head or, for the shortcut, the final block), "weights" (B, T, A
         consumers, S sources) float32, a source's weight summed over its parts, 0 where a mix does not read it),
-        "normalised" (every row sums to one)}."""
+        "normalised" (every row sums to one)}. The shortcut: one consumer per shortcut block ("block i", the
+        last "final block"), its attention mass on each tap summed over key positions (0 on taps above it)."""
         if self.shortcut:
-            _, _, probs = self(idx, return_attn=True)  # (B, T, K, T)
-            return {"kind": "shortcut attention mass", "sources": list(self.taps), "consumers": ["final block"],
-                    "weights": probs.sum(dim=-1).float()[:, :, None, :], "normalised": True}
+            x, rope = self.embed(idx)
+            _, _, probs = self._run_shortcut(x, rope, weights="all")  # per block: (B, nh, T, K_i, T)
+            K = len(self.taps)
+            mass = [F.pad(p.mean(dim=1).sum(dim=-1).float(), (0, K - p.size(3))) for p in probs]  # (B, T, K)
+            L = len(self.blocks)
+            consumers = [f"block {i}" for i in self.block_taps if i < L - 1] + ["final block"]
+            return {"kind": "shortcut attention mass", "sources": list(self.taps), "consumers": consumers,
+                    "weights": torch.stack(mass, dim=2), "normalised": True}
         if not self.weighs_layers:
             return None
         x, rope = self.embed(idx)
@@ -347,9 +418,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, i
     """Analytic forward and training (3x forward) FLOPs per token at context length seq_len (default block_size).
 
     Attention is counted over the full T x T score matrix (what a dense kernel computes), like torchtitan's
-    6N + 12·L·H·d_head·T. The shortcut's final layer attends over |taps|·T keys and runs its K/V projections and
-    feature maps on every tap. A variant adds its own matmuls (variants' `extra_flops`); its weighted sums over
-    depth, like norms, softmax and RoPE, are elementwise work the counter does not count.
+    6N + 12·L·H·d_head·T. Each shortcut block i attends over |taps <= i|·T keys and runs its K/V projections on
+    each of those taps (add mode: plus its self-attention); the feature maps run once per tap. A variant adds its
+    own matmuls (variants' `extra_flops`); its weighted sums over depth, like norms, softmax, RoPE and the tap
+    bias, are elementwise work the counter does not count.
     """
     C, T, V, L, H = cfg.n_embd, seq_len or cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.d_mlp
     mlp = 2 * (3 if cfg.mlp == MLPKind.swiglu else 2) * C * H  # gelu: C->H->C; swiglu: C->2H, H->C
@@ -359,8 +431,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, i
     if cfg.arch == Arch.shortcut:
         K = len(cfg.tap_layers())
         fmap = {FeatureMap.mlp: 2 * 2 * C * cfg.d_feature, FeatureMap.linear: 2 * C * C, FeatureMap.none: 0}
-        final = 2 * (C * C + 2 * C * C * K + C * C) + mlp + 2 * 2 * K * T * C + K * fmap[cfg.feature_map]
-        fwd = (L - 1) * (block_dense + attn) + final + head
+        blocks = cfg.shortcut_taps()
+        fwd = (L - len(blocks)) * (block_dense + attn) + K * fmap[cfg.feature_map] + head
+        for taps in blocks.values():
+            Ki = len(taps)
+            fwd += 2 * (C * C + 2 * C * C * Ki + C * C) + 2 * 2 * Ki * T * C + mlp  # q, k/v per tap, out; attention
+            if cfg.shortcut_mode == ShortcutMode.add:
+                fwd += 2 * (3 * C * C + C * C) + attn  # the kept self-attention
     else:
         extra = 0 if cfg.arch == Arch.baseline else _variants()[cfg.arch].extra_flops(cfg)
         fwd = L * (block_dense + attn) + head + extra
