@@ -7,7 +7,7 @@ LAUNCHER ?=
 SWEEP = $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
 
 .PHONY: help install test test-all gpu-check demo reproduce-paper reproduce-paper-cpu scaling scaling-cpu bench \
-	peers peers-cpu ablations-cpu shortcut-search shortcut-search-cpu
+	peers peers-cpu ablations-cpu shortcut-search shortcut-search-cpu early-exit-cpu
 help:
 	@echo "make reproduce-paper      the paper's table on one GPU (downloads text8, WikiText-103, MAESTRO, LibriSpeech)"
 	@echo "make reproduce-paper-cpu  the same table at CPU scale on offline data, under 30 min (TEXT='books/*.txt')"
@@ -17,6 +17,7 @@ help:
 	@echo "make peers        the same on text8, WikiText-103, MAESTRO, LibriSpeech, 12 and 24 layers (~47 GPU-hours)"
 	@echo "make shortcut-search-cpu  issue 13's grid of shortcut modes vs a baseline ladder, chorales + text, CPU (~2 h)"
 	@echo "make shortcut-search      the same at GPT-2-small scale on text8, for one GPU (~5 GPU-hours)"
+	@echo "make early-exit-cpu  NLL vs compute of early exits, baseline (LayerSkip) and shortcut, chorales, CPU (~15 min)"
 	@echo "make ablations-cpu  the shortcut's own ablations (taps, feature map, depth embedding), chorales, CPU"
 	@echo "make gpu-check  on a CUDA device: fused kernels, bf16 vs fp32, resume, tokens/s and MFU (< 8 min on an H200)"
 	@echo "make bench     speed benchmarks (tokenization real-time factor, training throughput)"
@@ -127,6 +128,13 @@ shortcut-search:
 	-shortcut train -m experiment=shortcut_search $(SEARCH_GRID) $(SWEEP)
 	shortcut eval run_dir=runs/shortcut_search
 	shortcut compare runs=runs/shortcut_search name=shortcut_search compute_multiplier=true sort=multiplier
+
+# Issue 12: early exit. Plain and exit-trained baselines and shortcuts at the demo's size; fixed and confidence exits.
+early-exit-cpu:
+	shortcut prepare domain=music
+	-shortcut train -m experiment=early_exit_cpu
+	shortcut eval run_dir=runs/early_exit_cpu eval.exit=both eval.audit=false
+	shortcut compare runs=runs/early_exit_cpu name=early_exit_cpu wandb=off
 
 # On a CUDA machine: every attention implementation against the reference, then the GPU path end to end (~6 min).
 gpu-check:

@@ -334,6 +334,7 @@ def compare(job: CompareJob) -> dict:
         if job.sort == RowOrder.multiplier:  # this dataset's rows are the table's last ones
             start = len(table) - len(ds_rows)
             table[start:] = sorted(table[start:], key=_by_multiplier)
+    pictures += early_exit_curves(rows, datasets, out_dir, notes)
     md = render_markdown(table, notes, incomplete, job.compute_multiplier)
     _write(out_dir / "table.md", md)
     _write_csv(out_dir / "table.csv", table)
@@ -352,6 +353,36 @@ def compare(job: CompareJob) -> dict:
                 break
     print(f"\nwrote {out_dir}/table.md, table.csv, summary.json and {len(pictures)} plot(s)")
     return summary
+
+
+def early_exit_curves(rows: list[Row], datasets: list[str], out_dir: Path, notes: list[str]) -> list[Path]:
+    """Rows whose every run has eval.exit curves: one picture per dataset (NLL vs forward FLOPs per token, the
+    seeds averaged; rows without curves as reference points) and a note per row with the compute each policy
+    saves at <= 1% more NLL than its own full depth, mean ± std over seeds."""
+    from shortcut.early_exit import plot_curves
+
+    pictures = []
+    for i, ds in enumerate(datasets):
+        ds_rows = [r for r in rows if r.dataset == ds]
+        curves = {r.variant: [run.eval["exit"] for run in r.runs] for r in ds_rows
+                  if all(run.eval and run.eval.get("exit") for run in r.runs)}
+        if not curves:
+            continue
+        split = next(iter(curves.values()))[0]["split"]
+        refs = {f"{r.variant} (no exit)": (r.summary.flops_per_token, float(np.mean(list(r.values(f"{split}_nll")
+                                                                                             .values()))))
+                for r in ds_rows if r.variant not in curves and all(run.eval for run in r.runs)}
+        png = out_dir / ("exit_curve.png" if len(datasets) == 1 else f"exit_curve_{i}.png")
+        pictures.append(plot_curves(curves, png, f"{ds}\nearly exit ({split}; mean over seeds)", refs))
+        for variant, runs in curves.items():
+            saved = {p: [c["saved"][p]["saved"] for c in runs if c["saved"].get(p)] for p in ("fixed", "confidence")}
+            text = ", ".join(f"{p} exits save {100 * np.mean(v):.1f}%" + (f" ± {100 * np.std(v, ddof=1):.1f}%"
+                                                                            if len(v) > 1 else "")
+                             for p, v in saved.items() if v)
+            notes.append(f"{ds}: early exit of {variant} (exit_train={runs[0]['exit_train']}, {len(runs)} seed(s)):"
+                         f" at <= {100 * runs[0]['saved']['tolerance']:.0f}% more {split} NLL than its full depth, "
+                         f"{text} of its forward FLOPs (decisions and copied states counted)")
+    return pictures
 
 
 def _chosen_on_validation(rows: list[dict], notes: list[str]) -> None:

@@ -61,6 +61,14 @@ class TapBias(enum.StrEnum):
     last = "last"  # initialised so that the deepest tap a block reads holds ~99.5% of the mass at step 0
 
 
+class ExitPolicy(enum.StrEnum):
+    """Which early-exit curves `shortcut eval` measures (issue 12)."""
+    none = "none"
+    fixed = "fixed"  # every token exits at depth d, for each d
+    confidence = "confidence"  # each token at the first depth whose top probability reaches a threshold
+    both = "both"
+
+
 class MatchBy(enum.StrEnum):
     width = "width"
     depth = "depth"
@@ -301,6 +309,11 @@ class ModelConfig:
     # nearly all the mass, so replace mode too starts close to the baseline)
     shortcut_layers: int = 1  # the last N blocks use depth-and-context attention; block i (input h_i) reads the
     # taps l <= i. 1: only the final block (the paper)
+    exit_train: float = 0.0  # early exit (issue 12; LayerSkip, Elhoushi et al. 2024; CALM, Schuster et al. 2022):
+    # with this probability a training step also trains one exit depth d < full, drawn uniformly from (seed,
+    # step) (baseline: the final norm and head on h_d; shortcut: the final block on h_d reading the taps <= d);
+    # its loss is then the mean of the full model's and the exit's. 0: off (the default models are unchanged).
+    # chosen: one exit a step, so the extra cost is bounded (one head, or one final block, per step)
     # --- the modern baseline, for every arch (the shortcut included); the defaults are GPT-2's ---
     pos: PosEmb = PosEmb.learned  # learned | rope (chosen: theta 10000, rotate-half pairs, on every attention)
     norm: Norm = Norm.layernorm  # layernorm | rmsnorm (every norm of the model, the feature maps' too)
@@ -329,6 +342,9 @@ class ModelConfig:
         _check(self.feature_hidden is None or self.feature_hidden >= 1, "model.feature_hidden", "must be at least 1")
         _check(self.match_params != self.arch, "model.match_params", "must name an arch other than model.arch")
         self.tap_layers()  # validates taps
+        _check(0.0 <= self.exit_train <= 1.0, "model.exit_train", "must be a probability in [0, 1]")
+        _check(self.exit_train == 0 or self.arch in ("baseline", "shortcut"),
+               "model.exit_train", f"early exit is built for model=baseline and model=shortcut, not {self.arch}")
         _check(isinstance(self.shortcut_layers, int) and 1 <= self.shortcut_layers <= self.n_layer,
                "model.shortcut_layers", f"must be in 1..model.n_layer={self.n_layer}")
         first = self.n_layer - self.shortcut_layers  # the first shortcut block reads taps l <= first
@@ -363,6 +379,13 @@ class ModelConfig:
         depth-and-context attention reads: every tap l <= i, for each of the last shortcut_layers blocks."""
         L, taps = self.n_layer, self.tap_layers()
         return {i: [l for l in taps if l <= i] for i in range(L - self.shortcut_layers, L)}
+
+    def exit_depths(self) -> list[int]:
+        """The depths d (blocks run before the exit) an early exit can use, the full depth last: baseline 1..L
+        (the head on h_d); shortcut 1..L-1 (the final block on h_d, which needs a tap <= d; L-1 is the full model)."""
+        if self.arch == Arch.shortcut:
+            return [d for d in range(1, self.n_layer) if d >= min(self.tap_layers())]
+        return list(range(1, self.n_layer + 1))
 
     def tap_layers(self) -> list[int]:
         """The layers l (0 = embeddings, l = output of block l) whose outputs the final block attends to."""
@@ -448,8 +471,24 @@ class EvalConfig:
     audit_seq_len: Optional[int] = None  # tokens per audit window; None: block_size
     audit_plots: int = 3  # windows drawn in depth_profile.png
     audit_plot_tokens: int = 64  # tokens per drawn window
+    # Early exit (issue 12): fixed (every token exits at depth d, each d), confidence (a token exits at the first
+    # depth whose prediction's top probability reaches a threshold, its state copied upward, as in CALM), both.
+    # Written to <run dir>/audit/exit_curve.json and .png, and eval.json's "exit".
+    exit: ExitPolicy = ExitPolicy.none
+    exit_thresholds: list = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    exit_max_tokens: Optional[int] = 20000  # the exit curves score the first of the eval's targets, at most this
+    # many (and at most max_tokens): one pass per threshold
 
     def __post_init__(self) -> None:
+        try:
+            self.exit = ExitPolicy(self.exit)
+        except ValueError:
+            raise ValueError(f"eval.exit: {self.exit!r} is not one of {', '.join(ExitPolicy)}") from None
+        _check(len(self.exit_thresholds) >= 1 and all(0 < float(t) <= 1 for t in self.exit_thresholds),
+               "eval.exit_thresholds", "must be a non-empty list of probabilities in (0, 1]")
+        self.exit_thresholds = sorted(float(t) for t in self.exit_thresholds)
+        _check(self.exit_max_tokens is None or self.exit_max_tokens >= 1, "eval.exit_max_tokens",
+               "must be at least 1")
         for key in ("audit_sequences", "audit_plots", "audit_plot_tokens"):
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be at least 1")
         _check(self.audit_seq_len is None or self.audit_seq_len >= 2, "eval.audit_seq_len", "must be at least 2")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from shortcut import corpus, rundir
-from shortcut.config import EvalConfig, EvalJob, ModelConfig, Precision, UserError, WandbConfig
+from shortcut.config import EvalConfig, EvalJob, ExitPolicy, ModelConfig, Precision, UserError, WandbConfig
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token
 from shortcut.rundir import Checkpoint, EvalRecord, Summary
@@ -145,7 +145,16 @@ def needs_eval(run: Path, cfg: EvalConfig) -> str | None:
     depth = rundir.read_depth(run)
     if cfg.audit and (depth is None or depth.get("checkpoint_hash") != summary.checkpoint_hash):
         return "its audit is missing or belongs to another checkpoint"
+    if cfg.exit != ExitPolicy.none:
+        want = exit_settings(cfg)
+        have = {k: (record.exit or {}).get(k) for k in want}
+        if have != want:
+            return f"its early-exit curves were measured with {have}, now {want}"
     return None
+
+
+def exit_settings(cfg: EvalConfig) -> dict:
+    return {"policy": str(cfg.exit), "thresholds": list(cfg.exit_thresholds), "max_tokens": cfg.exit_max_tokens}
 
 
 def evaluate_run(job: EvalJob) -> dict:
@@ -183,6 +192,8 @@ def evaluate_run(job: EvalJob) -> dict:
         import shutil
 
         shutil.rmtree(audit_dir)  # an audit of another model must not sit beside this evaluation
+    if cfg.exit != ExitPolicy.none:
+        record.exit = early_exits(model, data, cfg, stride, run_dir, state)
     record.write(run_dir)
     result = record.to_dict()
     track(run_dir, state, result)
@@ -191,6 +202,24 @@ def evaluate_run(job: EvalJob) -> dict:
              "".join(f", {v['bits']:.4f} bits/{u}" for u, v in units.items()), f"{n:,}", stride, mean_context,
              run_dir / rundir.EVAL)
     return result
+
+
+def early_exits(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, run_dir: Path, state: Checkpoint
+                ) -> dict:
+    """eval.exit's curves, written to audit/exit_curve.json and exit_curve.png; returned for eval.json."""
+    from shortcut import early_exit
+
+    early_exit.check_supported(model, run_dir)
+    curve = {**early_exit.exit_curve(model, data, cfg, stride, sliding_windows), **exit_settings(cfg),
+             "checkpoint_hash": state.weights_hash}
+    audit_dir = run_dir / rundir.AUDIT
+    audit_dir.mkdir(exist_ok=True)
+    rundir.write_json(audit_dir / rundir.EXIT_CURVE, curve)
+    png = early_exit.plot_curves({str(model.cfg.arch): [curve]}, audit_dir / "exit_curve.png",
+                                 f"{run_dir.name}: early exit ({cfg.split}, {curve['n_tokens']:,} tokens)")
+    curve["pictures"] = [str(png)]
+    log.info("%s early exit: %s", run_dir, early_exit.headline(curve))
+    return curve
 
 
 def track(run_dir: Path, state: Checkpoint, result: dict) -> None:
@@ -204,7 +233,7 @@ def track(run_dir: Path, state: Checkpoint, result: dict) -> None:
                    and k not in ("format", "step", "checkpoint_step")}
         tracker.log(scalars, state.step)
         tracker.summary(scalars)
-        pictures = (result.get("audit") or {}).get("pictures", [])
+        pictures = [*(result.get("audit") or {}).get("pictures", []), *(result.get("exit") or {}).get("pictures", [])]
         tracker.images({f"audit/{Path(p).stem}": Path(p) for p in pictures}, state.step)
     finally:
         tracker.finish()

@@ -1,8 +1,10 @@
-"""Incremental decoding with a KV cache, for the baseline and the shortcut model.
+"""Incremental decoding with a KV cache, for the baseline and the shortcut model (every mode, tap bias and number of
+shortcut blocks; the variants in shortcut/variants/ decode with a full forward instead).
 
-Each new token costs one pass through the blocks at its own position: every block's attention reads the keys and
-values it cached for earlier positions. The shortcut's final block caches, per tap, the keys and values of
-f_l(h_l) + e_l at every earlier position, so its depth-and-context attention reads K·t cached entries.
+Each new token costs one pass through the blocks at its own position. A block with self-attention (every block but
+a replace-mode shortcut block) caches its keys and values (B, nh, T, hs). A shortcut block i caches, with its own
+projections, the keys and values of its taps' f_l(h_l) + e_l (B, nh, K_i, T, hs), so its depth-and-context
+attention reads K_i·t cached entries (plus the tap bias on every key of tap l, as in the reference).
 
 The window: a model sees at most block_size tokens (learned positions end there). When the window is full, the cache
 is rebuilt from the last block_size // 2 tokens (positions start again at 0), so every token is predicted from at
@@ -15,31 +17,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shortcut.attention import tap_bias_mask
 from shortcut.config import Arch, PosEmb
-from shortcut.model import GPT, apply_rope
+from shortcut.model import GPT, DepthContextAttention
 
 
 def supports_cache(model: GPT) -> bool:
     """The baseline and the shortcut (the variants in shortcut/variants/ decode with a full forward instead)."""
-    cfg = model.cfg
-    return cfg.arch == Arch.baseline or (cfg.arch == Arch.shortcut and _plain_shortcut(model))
+    return model.cfg.arch in (Arch.baseline, Arch.shortcut)
 
 
-def _plain_shortcut(model: GPT) -> bool:
-    cfg = model.cfg
-    return (getattr(cfg, "shortcut_mode", "replace") == "replace" and getattr(cfg, "tap_bias", "none") == "none"
-            and getattr(cfg, "shortcut_layers", 1) == 1)
+def _visible(p: int, n: int, device) -> torch.Tensor:
+    """(n, p + n) bool: query p + j sees key position s iff s <= p + j."""
+    return torch.arange(p + n, device=device)[None, :] <= (p + torch.arange(n, device=device))[:, None]
 
 
 def _attend(q, k, v, offset: int):
     """q (B, nh, n, hs) at positions offset.., k, v (B, nh, offset + n, hs): causal attention."""
-    n, total = q.size(2), k.size(2)
+    n = q.size(2)
     if n == 1:
         return F.scaled_dot_product_attention(q, k, v)  # one query sees every cached key
     if offset == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = torch.arange(total, device=q.device)[None, :] <= (offset + torch.arange(n, device=q.device))[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_visible(offset, n, q.device))
 
 
 class KVCacheDecoder:
@@ -47,7 +47,7 @@ class KVCacheDecoder:
 
     def __init__(self, model: GPT):
         if not supports_cache(model):
-            raise ValueError(f"no KV cache for {model.cfg.arch} with these settings")
+            raise ValueError(f"no KV cache for {model.cfg.arch}")
         self.model, self.T = model, model.cfg.block_size
         self.seq = None
 
@@ -65,64 +65,63 @@ class KVCacheDecoder:
         return self._forward(ids[:, None], self.seq.size(1) - 1)
 
     def _prefill(self) -> torch.Tensor:
-        B, C, m = self.seq.size(0), self.model.cfg.n_embd, self.model
+        m = self.model
         nh = m.cfg.n_head
-        shape = (B, nh, self.T, C // nh)
-        dtype = m.wte.weight.dtype
-        n_std = len(m.blocks) - (1 if m.shortcut else 0)
-        self.k = [torch.zeros(shape, device=self.seq.device, dtype=dtype) for _ in range(n_std)]
-        self.v = [torch.zeros(shape, device=self.seq.device, dtype=dtype) for _ in range(n_std)]
-        if m.shortcut:
-            K = len(m.taps)
-            self.kz = torch.zeros(B, nh, K, self.T, C // nh, device=self.seq.device, dtype=dtype)
-            self.vz = torch.zeros_like(self.kz)
+
+        def empty(*taps):  # (B, nh, [K,] T, hs)
+            return torch.zeros(self.seq.size(0), nh, *taps, self.T, m.cfg.n_embd // nh, device=self.seq.device,
+                               dtype=m.wte.weight.dtype)
+
+        # block i -> (k, v) (B, nh, T, hs) of its self-attention; shortcut block i -> (k, v) (B, nh, K_i, T, hs)
+        self.kv = {i: (empty(), empty()) for i, block in enumerate(m.blocks)
+                   if not isinstance(block.attn, DepthContextAttention)}
+        self.kv_taps = {i: (empty(len(taps)), empty(len(taps))) for i, taps in m.block_taps.items()}
         return self._forward(self.seq, 0)
 
     def _forward(self, ids: torch.Tensor, p: int) -> torch.Tensor:
-        """Tokens ids (B, n) at positions p..p+n-1 through the model, filling the caches; the last token's logits."""
+        """Tokens ids (B, n) at positions p..p+n-1 through the model, filling the caches; the last token's logits.
+        The same sums in the same order as ShortcutBlock.forward / Block.forward."""
         m, n = self.model, ids.size(1)
-        x = m.wte(ids)
+        x = m.wte(ids)  # (B, n, C)
         rope = None
         if m.cfg.pos == PosEmb.learned:
             x = x + m.wpe(torch.arange(p, p + n, device=ids.device))
         else:
             rope = (m.rotary.cos[p:p + n], m.rotary.sin[p:p + n])
-        hs = [x]  # h_0 .. at the new positions
-        blocks = m.blocks[:-1] if m.shortcut else m.blocks
-        for i, block in enumerate(blocks):
-            q, k, v = block.attn.project(block.ln_1(x), rope=rope)  # 3 x (B, nh, n, hs)
-            self.k[i][:, :, p:p + n], self.v[i][:, :, p:p + n] = k, v
-            y = _attend(q, self.k[i][:, :, :p + n], self.v[i][:, :, :p + n], p)  # (B, nh, n, hs)
-            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(x.shape))
+        states, feats = [x], {}  # h_0 .. and f_l(h_l), at the new positions only
+        for i, block in enumerate(m.blocks):
+            h = block.ln_1(x)
+            if i in self.kv:  # self-attention: every block but a replace-mode shortcut block
+                x = x + self._self_attention(i, block.attn, h, p, rope)
+            if i in self.kv_taps:
+                z = m.tap_stack(states, feats, m.block_taps[i])  # (B, K_i, n, C)
+                attn = block.shortcut_attn if block.add else block.attn
+                x = x + self._depth_context(i, attn, h, block.ln_1(z), p, rope)
             x = x + block.mlp(block.ln_2(x))
-            hs.append(x)
-        if m.shortcut:
-            x = self._final_block(hs, x, p, n, rope)
+            states.append(x)
         return m.lm_head(m.ln_f(x[:, -1]))  # (B, V)
 
-    def _final_block(self, hs, x, p: int, n: int, rope):
-        """The shortcut's final block at the new positions: depth-and-context attention over the cached taps."""
-        m = self.model
-        block, attn = m.blocks[-1], m.blocks[-1].attn
-        feats = [hs[l] for l in m.taps]  # K x (B, n, C)
-        if m.feature_maps is not None:
-            feats = [f(h) for f, h in zip(m.feature_maps, feats)]
-        z = torch.stack(feats, dim=1)  # (B, K, n, C)
-        if m.depth_emb is not None:
-            z = z + m.depth_emb[None, :, None, :].to(z.dtype)
-        B, K, _, C = z.shape
-        nh = attn.n_head
-        w_q, w_kv = attn.c_attn.weight.split([C, 2 * C], dim=0)
-        b_q, b_kv = attn.c_attn.bias.split([C, 2 * C]) if attn.c_attn.bias is not None else (None, None)
-        q = attn.heads(F.linear(block.ln_1(x), w_q, b_q))  # (B, nh, n, hs)
-        k, v = F.linear(block.ln_1(z), w_kv, b_kv).split(C, dim=3)  # 2 x (B, K, n, C)
-        k, v = (t.view(B, K, n, nh, C // nh).permute(0, 3, 1, 2, 4) for t in (k, v))  # 2 x (B, nh, K, n, hs)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        self.kz[:, :, :, p:p + n], self.vz[:, :, :, p:p + n] = k, v
-        keys = self.kz[:, :, :, :p + n].flatten(2, 3)  # (B, nh, K*(p+n), hs), tap-major
-        values = self.vz[:, :, :, :p + n].flatten(2, 3)
-        seen = torch.arange(p + n, device=x.device)[None, :] <= (p + torch.arange(n, device=x.device))[:, None]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=seen.repeat(1, K))  # (B, nh, n, hs)
-        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, n, C))
-        return x + block.mlp(block.ln_2(x))
+    def _self_attention(self, i: int, attn, h, p: int, rope):
+        """h (B, n, C) normalised at positions p..: causal self-attention over block i's cache. Returns (B, n, C)."""
+        q, k, v = attn.project(h, rope=rope)  # 3 x (B, nh, n, hs)
+        t = p + q.size(2)
+        ks, vs = self.kv[i]
+        ks[:, :, p:t], vs[:, :, p:t] = k, v
+        y = _attend(q, ks[:, :, :t], vs[:, :, :t], p)  # (B, nh, n, hs)
+        return attn.c_proj(y.transpose(1, 2).reshape(h.shape))
+
+    def _depth_context(self, i: int, attn: DepthContextAttention, h, z, p: int, rope):
+        """h (B, n, C) and z (B, K_i, n, C) normalised at positions p..: shortcut block i's attention over its
+        cached (tap, position) keys, laid out tap-major as in attention.masked_depth_context_attention."""
+        q, k, v = attn.project_taps(h, z, rope)  # (B, nh, n, hs), 2 x (B, nh, K_i, n, hs)
+        n, K = q.size(2), k.size(2)
+        t = p + n
+        ks, vs = self.kv_taps[i]
+        ks[:, :, :, p:t], vs[:, :, :, p:t] = k, v
+        mask = _visible(p, n, q.device).repeat(1, K)  # (n, K*t): every tap, causal in position
+        bias = attn.bias(K)  # (nh, K_i) or None
+        if bias is not None:
+            mask = tap_bias_mask(mask, bias, t).to(q.dtype)  # (nh, n, K*t): b[h, l] or -inf
+        y = F.scaled_dot_product_attention(q, ks[:, :, :, :t].flatten(2, 3), vs[:, :, :, :t].flatten(2, 3),
+                                           attn_mask=mask)  # (B, nh, n, hs)
+        return attn.c_proj(y.transpose(1, 2).reshape(h.shape))

@@ -147,8 +147,9 @@ class DepthContextAttention(CausalSelfAttention):
             nn.init.zeros_(self.c_proj.weight)
             self.c_proj.is_zero_init = True
 
-    def forward(self, x, z, need_weights: bool = False, rope=None):
-        # x: (B, T, C) normalised h_{L-1};  z: (B, K, T, C) normalised f_l(h_l) + e_l for the K taps
+    def project_taps(self, x, z, rope=None):
+        """x: (B, T, C) normalised queries' input;  z: (B, K, T, C) normalised f_l(h_l) + e_l for the K taps.
+        Returns q (B, nh, T, hs) and k, v (B, nh, K, T, hs), with RoPE at each key's position s."""
         B, K, T, C = z.shape
         nh = self.n_head
         w_q, w_kv = self.c_attn.weight.split([C, 2 * C], dim=0)
@@ -158,8 +159,18 @@ class DepthContextAttention(CausalSelfAttention):
         k, v = (t.view(B, K, T, nh, C // nh).permute(0, 3, 1, 2, 4) for t in (k, v))  # 2 x (B, nh, K, T, hs)
         if rope is not None:  # key (l, s) sits at position s, whatever its tap
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k, v
+
+    def bias(self, n_taps: int):
+        """The tap bias (nh, n_taps) for a block reading the first n_taps taps, or None."""
+        return None if self.tap_bias is None else self.tap_bias.view(self.n_head, -1)[:, :n_taps]
+
+    def forward(self, x, z, need_weights: bool = False, rope=None):
+        # x: (B, T, C) normalised h_{L-1};  z: (B, K, T, C) normalised f_l(h_l) + e_l for the K taps
+        B, K, T, C = z.shape
+        q, k, v = self.project_taps(x, z, rope)
         dropout_p = self.dropout if self.training else 0.0
-        bias = None if self.tap_bias is None else self.tap_bias.view(nh, K)  # (nh, K)
+        bias = self.bias(K)  # (nh, K) or None
         probs = None
         if need_weights:  # explicit softmax so the probabilities can be audited
             y, probs = depth_context_attention_probs(q, k, v, dropout_p, bias=bias)  # (B,nh,T,hs), (B,nh,T,K,T)
@@ -304,31 +315,50 @@ class GPT(nn.Module):
             return self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)), None
         return self.wte(idx), self.rotary(T)
 
-    def forward(self, idx, targets=None, return_attn: bool = False, per_head: bool = False):
+    def forward(self, idx, targets=None, return_attn: bool = False, per_head: bool = False, exits=()):
         """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None, attention probabilities or None).
 
         With return_attn (shortcut only) the probabilities of the final layer over (tap, key position) come back
-        head-averaged, (B, T queries, K taps, T keys), or per head with per_head, (B, nh, T, K, T)."""
+        head-averaged, (B, T queries, K taps, T keys), or per head with per_head, (B, nh, T, K, T).
+        exits (training with model.exit_train): depths d whose early-exit losses join the full model's; the loss
+        is then the mean over the full depth and those exits (the logits stay the full model's)."""
         x, rope = self.embed(idx)
         x = self.drop(x)  # h_0: (B, T, C)
-        probs = None
+        probs, states, feats = None, [x], {}
         if self.variant is not None:
             x = self.variant(x, self.blocks, rope)
         elif not self.shortcut:
             for block in self.blocks:
                 x = block(x, rope)
+                states.append(x)  # h_1 .. h_L (references only: no copies)
         else:
-            x, _, all_probs = self._run_shortcut(x, rope, weights="final" if return_attn or per_head else "none")
+            x, states, all_probs = self._run_shortcut(x, rope, weights="final" if return_attn or per_head else "none",
+                                                      feats=feats)
             probs = all_probs[-1]
             if probs is not None and not per_head:
                 probs = probs.mean(dim=1)  # (B, T, K, T)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            ce = lambda z: F.cross_entropy(z.float().view(-1, z.size(-1)), targets.reshape(-1))  # noqa: E731
+            loss = ce(logits)
+            if exits:  # LayerSkip / CALM-style training: one set of weights serves every exit depth
+                loss = (loss + sum(ce(self.exit_logits(states, d, rope, feats)) for d in exits)) / (1 + len(exits))
         return logits, loss, probs
 
-    def _run_shortcut(self, x, rope, weights: str = "none", last: int | None = None):
+    def exit_logits(self, states, d: int, rope=None, feats: dict | None = None):
+        """The early exit at depth d from the states h_0 .. h_d (each (B, T, C)): logits (B, T, V).
+        Baseline: the final norm and head on h_d. Shortcut: the final block with its query from h_d and its keys
+        and values from the taps l <= d (their share of its tap bias), then the norm and head. At the full depth
+        (d = L, or L-1 for the shortcut) this is the model's own output."""
+        if self.shortcut:
+            z = self.tap_stack(states, {} if feats is None else feats, [l for l in self.taps if l <= d])
+            x, _ = self.blocks[-1](states[d], z, rope=rope)  # (B, T, C)
+        else:
+            x = states[d]
+        return self.lm_head(self.ln_f(x))
+
+    def _run_shortcut(self, x, rope, weights: str = "none", last: int | None = None, feats: dict | None = None):
         """The shortcut model's blocks 0..last-1 (default: all) on h_0 = x. Returns the output, the states h_0 ..
         h_{min(last, L-1)} and, per shortcut block run, its attention probabilities (B, nh, T, K_i, T), or None
         unless weights asks for them ("final": the final block's, "all": every shortcut block's).
@@ -337,23 +367,35 @@ class GPT(nn.Module):
         i >= l (block i reads the taps l <= i: a prefix of the sorted taps, so e_l and f_l are indexed alike)."""
         L = len(self.blocks)
         last = L if last is None else last
-        states, feats, probs = [x], {}, []
-        for i, block in enumerate(self.blocks[:last]):
+        states, probs = [x], []
+        feats = {} if feats is None else feats  # tap l -> f_l(h_l), filled as the taps are first read
+        for i in range(last):
+            need = weights == "all" or (weights == "final" and i == L - 1)
+            x, p = self.run_block(i, x, states, feats, rope, need)
             if i in self.block_taps:
-                taps = self.block_taps[i]
-                for j, l in enumerate(taps):
-                    if l not in feats:
-                        feats[l] = self.feature_maps[j](states[l]) if self.feature_maps is not None else states[l]
-                z = torch.stack([feats[l] for l in taps], dim=1)  # (B, K_i, T, C)
-                if self.depth_emb is not None:
-                    z = z + self.depth_emb[None, :len(taps), None, :].to(z.dtype)
-                need = weights == "all" or (weights == "final" and i == L - 1)
-                x, p = block(x, z, need_weights=need, rope=rope)
                 probs.append(p)
-            else:
-                x = block(x, rope)
             states.append(x)
         return x, states[:L], probs  # h_0 .. h_{L-1} at most: the final block's output is no tap
+
+    def run_block(self, i: int, x, states, feats: dict, rope=None, need_weights: bool = False):
+        """Block i on its input x = h_i (B, T, C); a shortcut block reads its taps from states h_0 .. h_i (f_l
+        cached in feats). Returns (h_{i+1}, its depth-and-context probabilities or None)."""
+        block = self.blocks[i]
+        if i not in self.block_taps:
+            return block(x, rope), None
+        return block(x, self.tap_stack(states, feats, self.block_taps[i]), need_weights=need_weights, rope=rope)
+
+    def tap_stack(self, states, feats: dict, taps: list[int]):
+        """z = f_l(h_l) + e_l (B, K_i, T, C) for the taps l of a shortcut block, from the states h_0.. (each
+        (B, T, C)); feats caches f_l(h_l) across the blocks of one pass (taps are a prefix of the sorted taps, so
+        f_l and e_l are indexed alike)."""
+        for j, l in enumerate(taps):
+            if l not in feats:
+                feats[l] = self.feature_maps[j](states[l]) if self.feature_maps is not None else states[l]
+        z = torch.stack([feats[l] for l in taps], dim=1)  # (B, K_i, T, C)
+        if self.depth_emb is not None:
+            z = z + self.depth_emb[None, :len(taps), None, :].to(z.dtype)
+        return z
 
     def hidden_states(self, idx) -> list[torch.Tensor]:
         """h_0 .. h_{L-1}, each (B, T, C): the residual stream after the embeddings and after every block but the
@@ -421,27 +463,57 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, i
     6N + 12·L·H·d_head·T. Each shortcut block i attends over |taps <= i|·T keys and runs its K/V projections on
     each of those taps (add mode: plus its self-attention); the feature maps run once per tap. A variant adds its
     own matmuls (variants' `extra_flops`); its weighted sums over depth, like norms, softmax, RoPE and the tap
-    bias, are elementwise work the counter does not count.
+    bias, are elementwise work the counter does not count. With model.exit_train, training adds the expected cost
+    of the sampled early exit (probability exit_train, its depth uniform; forward and backward).
     """
+    part = flop_parts(cfg, seq_len)
+    fwd = sum(part["blocks"]) + len(part["fmap"]) * part["fmap_each"] + part["head"] + part["extra"]
+    shallow = cfg.exit_depths()[:-1]
+    exit_cost = sum(exit_flops(cfg, d, seq_len, fmaps=False) for d in shallow) / len(shallow) if shallow else 0
+    return {"forward": fwd, "train": 3 * fwd + round(3 * cfg.exit_train * exit_cost)}
+
+
+def flop_parts(cfg: ModelConfig, seq_len: int | None = None) -> dict:
+    """Forward FLOPs per token, part by part: "blocks" (block i's, in order), "fmap" (the taps, one feature map
+    each) with "fmap_each", "head" (the tied output matmul), "extra" (a variant's own), "kv" (one position's keys
+    and values through one attention: what a state copied upward costs a later reader)."""
     C, T, V, L, H = cfg.n_embd, seq_len or cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.d_mlp
     mlp = 2 * (3 if cfg.mlp == MLPKind.swiglu else 2) * C * H  # gelu: C->H->C; swiglu: C->2H, H->C
-    block_dense = 2 * (3 * C * C + C * C) + mlp  # qkv, out proj, mlp
-    attn = 2 * 2 * T * C  # q·k and p·v over T keys
-    head = 2 * C * V
+    attn = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, out proj; q·k and p·v over T keys
+    blocks = [attn + mlp] * L
+    fmap_each, taps = 0, []
     if cfg.arch == Arch.shortcut:
-        K = len(cfg.tap_layers())
-        fmap = {FeatureMap.mlp: 2 * 2 * C * cfg.d_feature, FeatureMap.linear: 2 * C * C, FeatureMap.none: 0}
-        blocks = cfg.shortcut_taps()
-        fwd = (L - len(blocks)) * (block_dense + attn) + K * fmap[cfg.feature_map] + head
-        for taps in blocks.values():
-            Ki = len(taps)
-            fwd += 2 * (C * C + 2 * C * C * Ki + C * C) + 2 * 2 * Ki * T * C + mlp  # q, k/v per tap, out; attention
-            if cfg.shortcut_mode == ShortcutMode.add:
-                fwd += 2 * (3 * C * C + C * C) + attn  # the kept self-attention
-    else:
-        extra = 0 if cfg.arch == Arch.baseline else _variants()[cfg.arch].extra_flops(cfg)
-        fwd = L * (block_dense + attn) + head + extra
-    return {"forward": fwd, "train": 3 * fwd}
+        taps = cfg.tap_layers()
+        fmap_each = {FeatureMap.mlp: 2 * 2 * C * cfg.d_feature, FeatureMap.linear: 2 * C * C,
+                     FeatureMap.none: 0}[cfg.feature_map]
+        for i, block_taps in cfg.shortcut_taps().items():
+            blocks[i] = shortcut_block_flops(cfg, len(block_taps), T)
+    extra = _variants()[cfg.arch].extra_flops(cfg) if cfg.arch not in (Arch.baseline, Arch.shortcut) else 0
+    return {"blocks": blocks, "fmap": taps, "fmap_each": fmap_each, "head": 2 * C * V, "extra": extra,
+            "kv": 2 * 2 * C * C}
+
+
+def shortcut_block_flops(cfg: ModelConfig, n_taps: int, seq_len: int | None = None) -> int:
+    """A shortcut block reading n_taps taps: q, k/v per tap, out; attention over n_taps·T keys; the MLP (add
+    mode: plus the kept self-attention)."""
+    C, T, H = cfg.n_embd, seq_len or cfg.block_size, cfg.d_mlp
+    mlp = 2 * (3 if cfg.mlp == MLPKind.swiglu else 2) * C * H
+    flops = 2 * (C * C + 2 * C * C * n_taps + C * C) + 2 * 2 * n_taps * T * C + mlp
+    if cfg.shortcut_mode == ShortcutMode.add:
+        flops += 2 * (3 * C * C + C * C) + 2 * 2 * T * C
+    return flops
+
+
+def exit_flops(cfg: ModelConfig, d: int, seq_len: int | None = None, fmaps: bool = True) -> int:
+    """Forward FLOPs per token of the early exit at depth d, on top of the blocks before it: baseline the head;
+    shortcut the final block over the taps <= d, their feature maps (fmaps=False: already computed, as in
+    training, where the full pass made them) and the head. At the full depth, blocks 0..d-1 plus this equal
+    flops_per_token's forward."""
+    part = flop_parts(cfg, seq_len)
+    if cfg.arch != Arch.shortcut:
+        return part["head"]
+    n = sum(1 for l in part["fmap"] if l <= d)
+    return shortcut_block_flops(cfg, n, seq_len) + fmaps * n * part["fmap_each"] + part["head"]
 
 
 def match_params(cfg: ModelConfig) -> ModelConfig:

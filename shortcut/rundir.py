@@ -222,6 +222,7 @@ class EvalRecord(_Record):
     units: dict = field(default_factory=dict)  # {"char": {"nll": ..., "bits": ...}, ...}
     audit: dict | None = None
     precision: str = "float32"  # of the forward passes: bfloat16 on CUDA, float32 on CPUs
+    exit: dict | None = None  # eval.exit's curves (shortcut.early_exit.exit_curve), also in audit/exit_curve.json
 
     def to_dict(self) -> dict:
         """The JSON keeps today's flat keys (test_nll, test_ppl, bits_per_token, bits_per_char, ...) for readers."""
@@ -340,6 +341,9 @@ class Checkpoint:
 def now() -> str:
     """UTC, so that runs finished on machines in other time zones order correctly (duplicates=newest)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+EXIT_CURVE = "exit_curve.json"  # under audit/
 
 
 def read_depth(run_dir: Path) -> dict | None:

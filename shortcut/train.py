@@ -205,6 +205,17 @@ class Loop:
         return [mine[i:i + micro] for i in range(0, per_rank, micro)]
 
 
+def sample_exit(mcfg: ModelConfig, seed: int, step: int) -> tuple[int, ...]:
+    """The early exit a step trains besides the full depth (model.exit_train): () or (d,), drawn from (seed, step)
+    like the batch, so a resumed run and every process draw the same."""
+    shallow = mcfg.exit_depths()[:-1]
+    if not mcfg.exit_train or not shallow:
+        return ()
+    rng = np.random.default_rng([seed, step, 0xE417])  # a stream of its own: the batches are unchanged
+    u, d = rng.random(), shallow[rng.integers(len(shallow))]
+    return (int(d),) if u < mcfg.exit_train else ()
+
+
 def train_step(loop: Loop, model, fwd_model, optimizer, ctx) -> None:
     """One optimizer step over this process's micro-batches of the step's batch. Gradients are synchronised across
     processes on the last micro-batch only (no_sync before it). The loss stays on the device until the next check."""
@@ -213,6 +224,7 @@ def train_step(loop: Loop, model, fwd_model, optimizer, ctx) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
     parts = loop.micro_batches()
+    exits = sample_exit(model.cfg, loop.job.seed, loop.step)
     for k, starts in enumerate(parts):
         x, y = loop.data.windows("train", starts)
         if loop.device.type == "cuda":  # page-locked, so the copy overlaps the previous step's kernels
@@ -220,7 +232,7 @@ def train_step(loop: Loop, model, fwd_model, optimizer, ctx) -> None:
         x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
         with fwd_model.no_sync() if loop.dist.world > 1 and k < len(parts) - 1 else nullcontext():
             with ctx:
-                _, loss, _ = fwd_model(x, y)
+                _, loss, _ = fwd_model(x, y, exits=exits) if exits else fwd_model(x, y)
             (loss / len(parts)).backward()
         loop.loss_sum = loss.detach().float() / len(parts) + (0 if loop.loss_sum is None else loop.loss_sum)
     if cfg.grad_clip > 0:
