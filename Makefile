@@ -145,3 +145,4 @@ bench:
 	$(PY) benchmarks/tokenize_audio.py
 	$(PY) benchmarks/prepare_memory.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/sample_speed.py
