@@ -42,6 +42,13 @@ def _attend(q, k, v, offset: int):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_visible(offset, n, q.device))
 
 
+def slide(seq: torch.Tensor, ids: torch.Tensor, T: int) -> tuple[torch.Tensor, bool]:
+    """The window rule of every decoder: append ids (B,) to seq (B, t); a full window (t = T) keeps the last T // 2
+    tokens instead, and says so (a cache must then be rebuilt)."""
+    longer = torch.cat([seq, ids[:, None]], dim=1)
+    return (longer[:, -(T // 2):], True) if seq.size(1) == T else (longer, False)
+
+
 class KVCacheDecoder:
     """start(prompt) -> logits of the next token; push(ids) -> the next logits, one token per row at a time."""
 
@@ -58,10 +65,9 @@ class KVCacheDecoder:
 
     @torch.no_grad()
     def push(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.seq.size(1) == self.T:  # the window is full: keep the last T // 2 tokens and rebuild
-            self.seq = torch.cat([self.seq, ids[:, None]], dim=1)[:, -(self.T // 2):]
+        self.seq, rebuilt = slide(self.seq, ids, self.T)
+        if rebuilt:
             return self._prefill()
-        self.seq = torch.cat([self.seq, ids[:, None]], dim=1)
         return self._forward(ids[:, None], self.seq.size(1) - 1)
 
     def _prefill(self) -> torch.Tensor:

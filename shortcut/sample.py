@@ -44,24 +44,27 @@ def pick_next(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generato
 
 
 class FullForward:
-    """Decoding without a cache: each new token runs the model over the last block_size tokens. Works for every
-    architecture; the speed reference for the KV cache."""
+    """Decoding without a cache: each new token runs the model over its window, which slides as the cache's does
+    (shortcut.generate.slide), so both decoders compute the same logits. Works for every architecture; the speed
+    reference for the KV cache."""
 
     def __init__(self, model):
         self.model, self.seq = model, None
 
     @torch.no_grad()
     def start(self, prompt: torch.Tensor) -> torch.Tensor:
-        self.seq = prompt
+        self.seq = prompt[:, -self.model.cfg.block_size:]
         return self._last()
 
     @torch.no_grad()
     def push(self, ids: torch.Tensor) -> torch.Tensor:
-        self.seq = torch.cat([self.seq, ids[:, None]], dim=1)
+        from shortcut.generate import slide
+
+        self.seq, _ = slide(self.seq, ids, self.model.cfg.block_size)
         return self._last()
 
     def _last(self) -> torch.Tensor:
-        return self.model(self.seq[:, -self.model.cfg.block_size:])[0][:, -1]  # (B, V)
+        return self.model(self.seq)[0][:, -1]  # (B, V)
 
 
 def stepper_for(model, cache: bool):

@@ -37,15 +37,18 @@ def test_cached_logits_equal_a_full_forward_at_every_step(arch, extra):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     assert supports_cache(model)
-    decoder = KVCacheDecoder(model)
-    logits = decoder.start(torch.randint(0, 40, (2, 5)))
+    decoder, uncached = KVCacheDecoder(model), FullForward(model)
+    prompt = torch.randint(0, 40, (2, 5))
+    logits, full = decoder.start(prompt), uncached.start(prompt)
     lengths = []
     for _ in range(30):  # past block_size: the window is rebuilt from its last half four times
         with torch.no_grad():
             reference = model(decoder.seq)[0][:, -1]  # a full forward over the window the cache holds
         torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(full, reference, atol=1e-5, rtol=1e-5)  # sample.cache=false: the same window
         lengths.append(decoder.seq.size(1))
-        logits = decoder.push(torch.randint(0, 40, (2,)))
+        ids = torch.randint(0, 40, (2,))
+        logits, full = decoder.push(ids), uncached.push(ids)
     assert max(lengths) == 12 and min(lengths[8:]) == 6  # full windows, and rebuilt from block_size // 2
 
 
