@@ -366,12 +366,19 @@ def early_exit_curves(rows: list[Row], datasets: list[str], out_dir: Path, notes
         ds_rows = [r for r in rows if r.dataset == ds]
         curves = {r.variant: [run.eval["exit"] for run in r.runs] for r in ds_rows
                   if all(run.eval and run.eval.get("exit") for run in r.runs)}
+        partial = [r.variant for r in ds_rows if r.variant not in curves
+                   and any(run.eval and run.eval.get("exit") for run in r.runs)]
+        if partial:
+            notes.append(f"{ds}: early-exit curves left out for {partial}: only some of their seeds have them; "
+                         f"evaluate every seed with the same eval.exit")
         if not curves:
             continue
-        split = next(iter(curves.values()))[0]["split"]
+        _same_exit_settings(ds, curves)
+        split, n_tokens = next(iter(curves.values()))[0]["split"], next(iter(curves.values()))[0]["n_tokens"]
         refs = {f"{r.variant} (no exit)": (r.summary.flops_per_token, float(np.mean(list(r.values(f"{split}_nll")
                                                                                              .values()))))
-                for r in ds_rows if r.variant not in curves and all(run.eval for run in r.runs)}
+                for r in ds_rows if r.variant not in curves and r.variant not in partial
+                and all(run.eval and run.eval["n_tokens"] == n_tokens for run in r.runs)}
         png = out_dir / ("exit_curve.png" if len(datasets) == 1 else f"exit_curve_{i}.png")
         pictures.append(plot_curves(curves, png, f"{ds}\nearly exit ({split}; mean over seeds)", refs))
         for variant, runs in curves.items():
@@ -385,10 +392,20 @@ def early_exit_curves(rows: list[Row], datasets: list[str], out_dir: Path, notes
     return pictures
 
 
+def _same_exit_settings(ds: str, curves: dict[str, list[dict]]) -> None:
+    """Curves drawn and averaged together must measure the same tokens with the same policy and thresholds."""
+    key = lambda c: (c["policy"], tuple(c["thresholds"]), c["max_tokens"], c["n_tokens"], c["split"])  # noqa: E731
+    found = {key(c) for runs in curves.values() for c in runs}
+    if len(found) > 1:
+        raise UserError(f"{ds}: early-exit curves were measured with different settings (policy, thresholds, "
+                        f"exit_max_tokens, tokens, split: {sorted(found, key=str)}); evaluate them again with the "
+                        f"same eval.exit, eval.exit_thresholds and eval.exit_max_tokens")
+
+
 def _chosen_on_validation(rows: list[dict], notes: list[str]) -> None:
     """Name the variant a user should believe when many were tried: the best *validation* NLL among the rows that
     are not the baseline ladder, read on its held-out split (choosing the best test number would tune on test)."""
-    tried = [t for t in rows if not t["in_ladder"] and t["val_nll"] is not None]
+    tried = [t for t in rows if not t["in_ladder"] and t["arch"] != "baseline" and t["val_nll"] is not None]
     if len(tried) < 2:
         return
     best = min(tried, key=lambda t: t["val_nll"][0])

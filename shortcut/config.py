@@ -347,6 +347,9 @@ class ModelConfig:
                "model.exit_train", f"early exit is built for model=baseline and model=shortcut, not {self.arch}")
         _check(isinstance(self.shortcut_layers, int) and 1 <= self.shortcut_layers <= self.n_layer,
                "model.shortcut_layers", f"must be in 1..model.n_layer={self.n_layer}")
+        _check(self.exit_train == 0 or len(self.exit_depths()) >= 2, "model.exit_train",
+               f"this {self.arch} model has no exit depth below its full depth (n_layer={self.n_layer}, "
+               f"taps={self.taps}); use more layers or a shallower tap, or exit_train=0")
         first = self.n_layer - self.shortcut_layers  # the first shortcut block reads taps l <= first
         _check(min(self.tap_layers()) <= first, "model.shortcut_layers",
                f"block {first}, the first of the last {self.shortcut_layers}, reads the taps at or below its input "
@@ -476,17 +479,20 @@ class EvalConfig:
     # Written to <run dir>/audit/exit_curve.json and .png, and eval.json's "exit".
     exit: ExitPolicy = ExitPolicy.none
     exit_thresholds: list = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
-    exit_max_tokens: Optional[int] = 20000  # the exit curves score the first of the eval's targets, at most this
-    # many (and at most max_tokens): one pass per threshold
+    exit_max_tokens: Optional[int] = None  # the exit curves score the first of the eval's targets, at most this
+    # many (and at most max_tokens; None: the eval's own): one pass per threshold
 
     def __post_init__(self) -> None:
         try:
             self.exit = ExitPolicy(self.exit)
         except ValueError:
             raise ValueError(f"eval.exit: {self.exit!r} is not one of {', '.join(ExitPolicy)}") from None
-        _check(len(self.exit_thresholds) >= 1 and all(0 < float(t) <= 1 for t in self.exit_thresholds),
+        try:
+            self.exit_thresholds = sorted({float(t) for t in self.exit_thresholds})
+        except (TypeError, ValueError):
+            raise ValueError(f"eval.exit_thresholds: {self.exit_thresholds!r} must be a list of numbers") from None
+        _check(len(self.exit_thresholds) >= 1 and all(0 < t <= 1 for t in self.exit_thresholds),
                "eval.exit_thresholds", "must be a non-empty list of probabilities in (0, 1]")
-        self.exit_thresholds = sorted(float(t) for t in self.exit_thresholds)
         _check(self.exit_max_tokens is None or self.exit_max_tokens >= 1, "eval.exit_max_tokens",
                "must be at least 1")
         for key in ("audit_sequences", "audit_plots", "audit_plot_tokens"):
@@ -573,6 +579,10 @@ class CompareJob:
     compute_multiplier: bool = False
     sort: RowOrder = RowOrder.variant  # variant | multiplier (with compute_multiplier=true: best first)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # the table and plots as a W&B run (offline default)
+
+    def __post_init__(self) -> None:
+        _check(self.sort != RowOrder.multiplier or self.compute_multiplier, "sort",
+               "sort=multiplier orders rows by their compute multiplier: add compute_multiplier=true")
 
 
 def register_schemas() -> None:

@@ -22,6 +22,7 @@ keys and values in every deeper attention that later tokens read (the copy is fr
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -45,31 +46,37 @@ def token_costs(model: GPT) -> dict:
     under the confidence policy (every depth <= d tried), "full" the model's forward FLOPs."""
     cfg = model.cfg
     part = flop_parts(cfg)
-    depths, L = cfg.exit_depths(), cfg.n_layer
-    full = depths[-1]
-    taps = part["fmap"]
+    depths = cfg.exit_depths()
+    full, taps = depths[-1], part["fmap"]
+    below = lambda d: sum(1 for l in taps if l <= d)  # noqa: E731 the taps an exit at d reads
     before = lambda d: sum(part["blocks"][:d])  # noqa: E731 blocks 0..d-1
     fixed = {d: before(d) + exit_flops(cfg, d) for d in depths}
-    confidence = {}
+    confidence, tried, projected = {}, 0, 0
     for d in depths:
-        tried = sum(exit_flops(cfg, e, fmaps=False) for e in depths if e <= d)
-        fmaps = part["fmap_each"] * sum(1 for l in taps if l <= d)
+        # the exit head at d; the shortcut's final block re-uses the keys and values of the taps it projected at
+        # the shallower decisions (the same weights on the same states), as a cache would
+        tried += exit_flops(cfg, d, fmaps=False) - part["kv"] * projected
+        projected = below(d) if model.shortcut else 0
+        fmaps = part["fmap_each"] * below(d)
         confidence[d] = before(d) + tried + fmaps + (copy_up(model, d, part) if d < full else 0)
-    return {"fixed": fixed, "confidence": confidence, "full": fixed[full], "depths": depths, "L": L}
+    return {"fixed": fixed, "confidence": confidence, "full": fixed[full], "depths": depths}
 
 
 def copy_up(model: GPT, d: int, part: dict) -> int:
-    """FLOPs that a token exiting at d costs later readers: its copied state's keys and values in every deeper
-    self-attention (blocks d..), and for the shortcut the feature maps of the taps above d and their keys and
-    values in every shortcut block that reads them."""
-    cfg = model.cfg
-    self_attn = [i for i in range(d, cfg.n_layer) if i not in model.block_taps
-                 or cfg.shortcut_mode == ShortcutMode.add]
-    flops = part["kv"] * len(self_attn)
+    """FLOPs that a token exiting at d costs later readers, who attend to its state copied upward: its keys and
+    values in every self-attention it never ran (blocks d.. of the baseline; blocks d..L-2 of the shortcut, whose
+    final block ran at the exit) and in every shortcut block it never ran (all the taps such a block reads), the
+    final block's keys and values of the taps above d, and those taps' feature maps."""
+    cfg, L = model.cfg, model.cfg.n_layer
+    last = L - 1 if model.shortcut else L  # the shortcut's final block ran at the exit, on h_d
+    flops = 0
+    for i in range(d, last):
+        if i not in model.block_taps or cfg.shortcut_mode == ShortcutMode.add:
+            flops += part["kv"]  # its self-attention
+        flops += part["kv"] * len(model.block_taps.get(i, ()))  # a shortcut block's taps
     if model.shortcut:
-        above = [l for l in part["fmap"] if l > d]
-        flops += part["fmap_each"] * len(above)
-        flops += part["kv"] * sum(1 for i, read in model.block_taps.items() for l in read if l > d and i >= d)
+        above = sum(1 for l in part["fmap"] if l > d)
+        flops += (part["kv"] + part["fmap_each"]) * above
     return flops
 
 
@@ -112,9 +119,10 @@ def confidence_pass(model: GPT, x, y, threshold: float) -> tuple[torch.Tensor, t
     return nll, depth
 
 
-def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, windows_fn) -> dict:
+def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, windows_fn, ctx=None) -> dict:
     """The curves of eval.exit on the split: per fixed depth and per confidence threshold, the mean NLL of the
-    scored targets and the mean forward FLOPs per token, with the full depth as the reference point."""
+    scored targets and the mean forward FLOPs per token, with the full depth as the reference point. ctx: the
+    eval's autocast, so that the full depth reproduces eval.json's NLL on the same tokens."""
     caps = [n for n in (cfg.max_tokens, cfg.exit_max_tokens) if n is not None]
     max_tokens = min(caps) if caps else None  # the first targets of the eval's own windows
     windows = windows_fn(len(data.splits[cfg.split]), data.block_size, stride, max_tokens)
@@ -133,11 +141,14 @@ def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, window
         keep = pos[None, :] >= torch.tensor([f for _, _, f in chunk], device=device)[:, None]  # (B, T)
         count += int(keep.sum())
         if cfg.exit in (ExitPolicy.fixed, ExitPolicy.both):
-            for d, v in fixed_nll(model, x, y, keep).items():
+            with ctx or nullcontext():
+                nlls = fixed_nll(model, x, y, keep)
+            for d, v in nlls.items():
                 fixed[d] += float(v)
         if cfg.exit in (ExitPolicy.confidence, ExitPolicy.both):
             for t, acc in conf.items():
-                nll, depth = confidence_pass(model, x, y, t)
+                with ctx or nullcontext():
+                    nll, depth = confidence_pass(model, x, y, t)
                 acc["nll"] += float(nll[keep].sum())
                 hist = torch.stack([(depth[keep] == d).sum() for d in depths]).cpu().double()  # tokens per depth
                 acc["exits"] += hist
@@ -152,8 +163,9 @@ def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, window
         share = (acc["exits"] / count).tolist()
         out["confidence"].append({"threshold": t, "nll": acc["nll"] / count, "flops": acc["flops"] / count,
                                   "mean_depth": sum(d * s for d, s in zip(depths, share)), "exit_share": share})
-    if "nll" not in out["full"]:  # confidence only: threshold 1 never exits early below probability 1
-        out["full"]["nll"] = _full_nll(model, data, cfg, windows, device)
+    if "nll" not in out["full"]:  # confidence only: the full depth's own pass
+        with ctx or nullcontext():
+            out["full"]["nll"] = _full_nll(model, data, cfg, windows, device)
     out["saved"] = compute_saved(out)
     return out
 

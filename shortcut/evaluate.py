@@ -162,6 +162,10 @@ def evaluate_run(job: EvalJob) -> dict:
     device = pick_device(cfg.device)
     model, data, state = load_run(run_dir, device, job.data_root)
     stride = resolved_stride(cfg, model.cfg.block_size, run_dir)
+    if cfg.exit != ExitPolicy.none:  # before any work: a variant has no exits
+        from shortcut.early_exit import check_supported
+
+        check_supported(model, run_dir)
     total, n, mean_context = split_nll(model, data, cfg.split, stride, cfg.max_tokens, cfg.batch_size,
                                        autocast(device, Precision.auto))
     precision = effective_precision(Precision.auto, device)
@@ -193,7 +197,10 @@ def evaluate_run(job: EvalJob) -> dict:
 
         shutil.rmtree(audit_dir)  # an audit of another model must not sit beside this evaluation
     if cfg.exit != ExitPolicy.none:
-        record.exit = early_exits(model, data, cfg, stride, run_dir, state)
+        record.exit = early_exits(model, data, cfg, stride, run_dir, state, autocast(device, Precision.auto))
+    else:  # curves of an earlier evaluation must not sit beside this one
+        for name in (rundir.EXIT_CURVE, "exit_curve.png"):
+            (run_dir / rundir.AUDIT / name).unlink(missing_ok=True)
     record.write(run_dir)
     result = record.to_dict()
     track(run_dir, state, result)
@@ -204,13 +211,12 @@ def evaluate_run(job: EvalJob) -> dict:
     return result
 
 
-def early_exits(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, run_dir: Path, state: Checkpoint
-                ) -> dict:
+def early_exits(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, run_dir: Path, state: Checkpoint,
+                ctx) -> dict:
     """eval.exit's curves, written to audit/exit_curve.json and exit_curve.png; returned for eval.json."""
     from shortcut import early_exit
 
-    early_exit.check_supported(model, run_dir)
-    curve = {**early_exit.exit_curve(model, data, cfg, stride, sliding_windows), **exit_settings(cfg),
+    curve = {**early_exit.exit_curve(model, data, cfg, stride, sliding_windows, ctx), **exit_settings(cfg),
              "checkpoint_hash": state.weights_hash}
     audit_dir = run_dir / rundir.AUDIT
     audit_dir.mkdir(exist_ok=True)

@@ -43,3 +43,19 @@ def test_the_variant_to_believe_is_chosen_on_validation_not_test(tmp_path):
     summary = compare(job(tmp_path, "compute_multiplier=true"))
     chosen = [n for n in summary["notes"] if "chosen on validation" in n]
     assert len(chosen) == 1 and "among 2 variants: shortcut (val 1.2010" in chosen[0], chosen
+
+
+def test_sorting_by_multiplier_needs_the_multipliers(tmp_path):
+    with pytest.raises(ValueError, match="compute_multiplier=true"):
+        job(tmp_path, "sort=multiplier")
+
+
+def test_without_a_ladder_the_baseline_is_never_the_chosen_variant(tmp_path):
+    """One baseline size: no multipliers, no ladder; the note still only considers the variants tried."""
+    for s in range(3):
+        fake_run(tmp_path / "runs", f"b{s}", "baseline", s, 1.0, val_curve=(3.0, 0.9))
+        for label, val in (("shortcut", 1.2), ("shortcut model.tap_bias=last", 1.1)):
+            fake_run(tmp_path / "runs", f"{label[-4:]}{s}", "shortcut", s, 1.0, label=label, val_curve=(3.0, val))
+    notes = compare(job(tmp_path, "compute_multiplier=true"))["notes"]
+    chosen = [n for n in notes if "chosen on validation" in n]
+    assert len(chosen) == 1 and "among 2 variants: shortcut model.tap_bias=last" in chosen[0], chosen

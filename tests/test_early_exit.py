@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY
-from shortcut.config import EvalConfig, ModelConfig
+from shortcut.config import EvalConfig, ModelConfig, UserError
 from shortcut.early_exit import compute_saved, confidence_pass, fixed_nll, token_costs
 from shortcut.model import GPT, exit_flops, flops_per_token
 
@@ -103,36 +103,62 @@ def test_threshold_one_is_the_full_model_and_zero_the_first_exit(kind):
 
 def calm_reference(model, x, y, threshold):
     """Token by token, as CALM decodes: token t runs layer by layer over the states earlier tokens left at each
-    layer (their exit state copied upward) and stops at the first confident depth."""
-    L, T = model.cfg.n_layer, x.size(1)
+    depth (their exit state copied upward; the shortcut's blocks read their taps from them too) and stops at the
+    first depth whose exit is confident."""
+    depths = model.cfg.exit_depths()
+    full, T = depths[-1], x.size(1)
     h0, _ = model.embed(x)
-    S = [[None] * T for _ in range(L + 1)]  # S[j][t]: position t's state at depth j
+    S = [[None] * T for _ in range(full + 1)]  # S[j][t]: position t's state at depth j
     nll, depth = torch.zeros(T), torch.zeros(T, dtype=torch.long)
     for t in range(T):
+        _, rope = model.embed(x[:, :t + 1])
         S[0][t], done = h0[:, t], False
-        for d in range(1, L + 1):
+        for d in range(1, full + 1):
             if done:
                 S[d][t] = S[d - 1][t]
                 continue
-            S[d][t] = model.blocks[d - 1](torch.stack([S[d - 1][s] for s in range(t + 1)], dim=1))[:, -1]
-            logp = model.lm_head(model.ln_f(S[d][t])).log_softmax(-1)[0]
-            if logp.max().exp() >= threshold or d == L:
+            states = [torch.stack([S[j][s] for s in range(t + 1)], dim=1) for j in range(d)]  # h_0..h_{d-1}
+            S[d][t] = model.run_block(d - 1, states[-1], states, {}, rope)[0][:, -1]
+            if d not in depths:
+                continue
+            states.append(torch.stack([S[d][s] for s in range(t + 1)], dim=1))
+            logp = model.exit_logits(states, d, rope, {})[0, -1].log_softmax(-1)
+            if logp.max().exp() >= threshold or d == full:
                 nll[t], depth[t], done = -logp[y[0, t]], d, True
     return nll, depth
 
 
 @torch.no_grad()
-def test_the_confidence_policy_is_calm_with_states_copied_upward():
+@pytest.mark.parametrize("kind", MODELS)
+def test_the_confidence_policy_is_calm_with_states_copied_upward(kind):
     """The layer-synchronous pass over all positions equals CALM's token-by-token decoding with copy-up."""
-    model = make("baseline", n_layer=5)
+    model = make(kind, n_layer=5)
     x, y = torch.randint(0, V, (1, 16)), torch.randint(0, V, (1, 16))
     conf = fixed_logits(model, x, 2).softmax(-1).max(-1).values
     threshold = float(conf.median())  # about half the tokens exit by depth 2
     nll, depth = confidence_pass(model, x, y, threshold)
     ref_nll, ref_depth = calm_reference(model, x, y, threshold)
-    assert len(set(depth[0].tolist())) >= 3  # tokens exit at several depths: copies are exercised
+    assert len(set(depth[0].tolist())) >= 2  # tokens exit at several depths: copies are exercised
     assert torch.equal(depth[0], ref_depth)
     torch.testing.assert_close(nll[0], ref_nll, atol=1e-5, rtol=0)
+
+
+def test_copied_states_cost_their_projections_in_every_block_they_skip():
+    """L=4, two shortcut blocks (block 2 reads taps 0..2, the final block 0..3), replace mode: a token exiting
+    at d=1 skips block 1 (self-attention: 1 K/V), block 2 (3 taps: 3 K/V) and leaves taps 2, 3 (their feature
+    maps and the final block's K/V); at d=2: block 2 (3 K/V) and tap 3. Add mode: the final block's own
+    self-attention ran at the exit, so it costs nothing more; block 2's adds one."""
+    from shortcut.early_exit import copy_up
+    from shortcut.model import flop_parts
+
+    for mode, extra in (("replace", 0), ("add", 1)):
+        model = make("shortcut", shortcut_layers=2, shortcut_mode=mode)
+        part = flop_parts(model.cfg)
+        kv, fmap = part["kv"], part["fmap_each"]
+        assert copy_up(model, 1, part) == (6 + extra) * kv + 2 * fmap
+        assert copy_up(model, 2, part) == (4 + extra) * kv + 1 * fmap
+    base = make("baseline")
+    assert copy_up(base, 1, flop_parts(base.cfg)) == 3 * flop_parts(base.cfg)["kv"]  # blocks 1, 2, 3
 
 
 def test_confidence_costs_count_decisions_and_copies():
@@ -141,8 +167,9 @@ def test_confidence_costs_count_decisions_and_copies():
     depths = model.cfg.exit_depths()
     for d in depths[:-1]:
         assert c["confidence"][d] > c["fixed"][d]  # the decisions at shallower depths and the copy upward
-    tried = sum(exit_flops(model.cfg, e, fmaps=False) for e in depths[:-1])
-    assert c["confidence"][depths[-1]] == c["full"] + tried  # a token that never exits pays every decision
+    kv = 4 * model.cfg.n_embd ** 2  # a decision re-uses the final block's K/V of taps an earlier one projected
+    tried = exit_flops(model.cfg, 1, fmaps=False) + exit_flops(model.cfg, 2, fmaps=False) - (2 + 3) * kv
+    assert depths == [1, 2, 3] and c["confidence"][3] == c["full"] + tried  # a token that never exits pays them all
 
 
 @pytest.mark.parametrize("kind", ["baseline", "shortcut"])
@@ -163,6 +190,11 @@ def test_exit_training_is_refused_for_a_variant_and_bad_settings():
         ModelConfig(arch="denseformer", exit_train=0.5)
     with pytest.raises(ValueError, match="model.exit_train"):
         ModelConfig(exit_train=1.5)
+    with pytest.raises(ValueError, match="no exit depth below"):  # nothing to train: refused, not a silent no-op
+        ModelConfig(arch="shortcut", n_layer=2, exit_train=0.5)
+    with pytest.raises(ValueError, match="eval.exit_thresholds"):
+        EvalConfig(exit="both", exit_thresholds=["a"])
+    assert EvalConfig(exit_thresholds=[0.5, 0.1, 0.5]).exit_thresholds == [0.1, 0.5]
     with pytest.raises(ValueError, match="eval.exit"):
         EvalConfig(exit="sometimes")
     with pytest.raises(ValueError, match="eval.exit_thresholds"):
@@ -199,9 +231,9 @@ def test_exit_trained_runs_evaluate_to_curves(tmp_path, prepared):
     from shortcut.train import train
 
     runs = tmp_path / "runs"
-    for arch in ("baseline", "shortcut"):
-        train(compose("train", prepared + TINY + [f"model={arch}", "model.exit_train=0.5", "train=smoke",
-                                                  "train.max_steps=6"]), runs / arch)
+    for arch in ("baseline", "shortcut"):  # 3 layers: the shortcut has exits at depths 1 and 2 below its full 2
+        train(compose("train", prepared + TINY + [f"model={arch}", "model.n_layer=3", "model.exit_train=0.5",
+                                                  "train=smoke", "train.max_steps=6"]), runs / arch)
     args = [f"run_dir={runs}", "eval.audit=false", "eval.max_tokens=300", "eval.exit=both",
             "eval.exit_thresholds=[0.2,0.6,0.9]"]
     evaluate(compose("eval", args))
@@ -217,3 +249,8 @@ def test_exit_trained_runs_evaluate_to_curves(tmp_path, prepared):
     summary = compare(compose("compare", [f"runs={runs}", f"results_root={tmp_path / 'res'}", "wandb=off"]))
     assert any(p.endswith("exit_curve.png") for p in summary["pictures"])
     assert any("early exit" in n for n in summary["notes"])
+    evaluate(compose("eval", [f"run_dir={runs / 'shortcut'}"] + args[1:-1] + ["eval.exit_thresholds=[0.5]"]))
+    with pytest.raises(UserError, match="different settings"):  # never averaged or drawn together
+        compare(compose("compare", [f"runs={runs}", f"results_root={tmp_path / 'res'}", "wandb=off"]))
+    evaluate(compose("eval", [f"run_dir={runs / 'shortcut'}", "eval.audit=false", "eval.max_tokens=300"]))
+    assert not (runs / "shortcut" / "audit" / "exit_curve.json").exists()  # no stale curve beside a new eval
