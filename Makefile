@@ -17,7 +17,7 @@ help:
 	@echo "make peers        the same on text8, WikiText-103, MAESTRO, LibriSpeech, 12 and 24 layers (~47 GPU-hours)"
 	@echo "make shortcut-search-cpu  issue 13's grid of shortcut modes vs a baseline ladder, chorales + text, CPU (~2 h)"
 	@echo "make shortcut-search      the same at GPT-2-small scale on text8, for one GPU (~5 GPU-hours)"
-	@echo "make early-exit-cpu  NLL vs compute of early exits, baseline (LayerSkip) and shortcut, chorales, CPU (~15 min)"
+	@echo "make early-exit-cpu  NLL vs compute of early exits, baseline (LayerSkip) and shortcut, chorales, CPU (~25 min)"
 	@echo "make ablations-cpu  the shortcut's own ablations (taps, feature map, depth embedding), chorales, CPU"
 	@echo "make gpu-check  on a CUDA device: fused kernels, bf16 vs fp32, resume, tokens/s and MFU (< 8 min on an H200)"
 	@echo "make bench     speed benchmarks (tokenization real-time factor, training throughput)"
