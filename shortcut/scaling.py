@@ -198,7 +198,8 @@ def plot_loss_vs_compute(ladder: list[Point], fit: PowerLaw | None, variants: di
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry to disturb
 
     path = Path(path)
-    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    many = len(variants) > 6  # a search: the legend goes beside the axes, not over the points
+    fig = Figure(figsize=(12, 5.5) if many else (6.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     if ladder:
         ax.scatter([p.compute for p in ladder], [p.loss for p in ladder], s=18, color="0.25", zorder=3,
@@ -217,7 +218,7 @@ def plot_loss_vs_compute(ladder: list[Point], fit: PowerLaw | None, variants: di
                    color=colours[i % len(colours)], edgecolor="black", linewidth=0.5, zorder=4, label=label)
     ax.set(xscale="log", xlabel="training FLOPs", ylabel="test NLL (nats/token)", title=title)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7 if many else 8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if many else {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
