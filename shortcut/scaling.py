@@ -210,7 +210,9 @@ def plot_loss_vs_compute(ladder: list[Point], fit: PowerLaw | None, variants: di
         xs = np.geomspace(lo, hi, 200)
         ax.plot(xs, fit.loss(xs), color="0.25", lw=1.2,
                 label=f"fit: {fit.c:.3f} + {fit.a:.3f}·(C/{fit.c0:.2g})^−{fit.b:.3f}")
-        ax.axhline(fit.c, color="0.6", lw=0.8, ls=":", label=f"asymptote c = {fit.c:.3f}")
+        losses = [p.loss for p in ladder] + [p.loss for pts in variants.values() for p in pts]
+        if losses and fit.c >= min(losses) - (max(losses) - min(losses)):  # else it would squash the points
+            ax.axhline(fit.c, color="0.6", lw=0.8, ls=":", label=f"asymptote c = {fit.c:.3f}")
     markers = "osD^v<>p*h"
     colours = [f"C{i}" for i in range(10)]
     for i, (label, pts) in enumerate(variants.items()):
