@@ -48,8 +48,8 @@ def token_costs(model: GPT) -> dict:
     part = flop_parts(cfg)
     depths = cfg.exit_depths()
     full, taps = depths[-1], part["fmap"]
-    below = lambda d: sum(1 for l in taps if l <= d)  # noqa: E731 the taps an exit at d reads
-    before = lambda d: sum(part["blocks"][:d])  # noqa: E731 blocks 0..d-1
+    below = lambda d: sum(1 for l in taps if l <= d)
+    before = lambda d: sum(part["blocks"][:d])
     fixed = {d: before(d) + exit_flops(cfg, d) for d in depths}
     confidence, tried, projected = {}, 0, 0
     for d in depths:

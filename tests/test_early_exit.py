@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import TINY
 from shortcut.config import EvalConfig, ModelConfig, UserError
 from shortcut.early_exit import compute_saved, confidence_pass, fixed_nll, token_costs
 from shortcut.model import GPT, exit_flops, flops_per_token
