@@ -83,13 +83,9 @@ def copy_up(model: GPT, d: int, part: dict) -> int:
 @torch.no_grad()
 def fixed_nll(model: GPT, x, y, keep) -> dict[int, torch.Tensor]:
     """Summed NLL of the kept targets (B, T mask) at every exit depth, from one pass."""
-    h, rope = model.embed(x)
-    states, feats = [h], {}
-    out = {}
     depths = model.cfg.exit_depths()
-    for i in range(depths[-1]):
-        h, _ = model.run_block(i, h, states, feats, rope)
-        states.append(h)
+    states, rope, feats = model.run_to(x, depths[-1])
+    out = {}
     for d in depths:
         nll = F.cross_entropy(model.exit_logits(states, d, rope, feats).float().transpose(1, 2), y, reduction="none")
         out[d] = nll[keep].sum()
@@ -119,26 +115,22 @@ def confidence_pass(model: GPT, x, y, threshold: float) -> tuple[torch.Tensor, t
     return nll, depth
 
 
-def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, windows_fn, ctx=None) -> dict:
+def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, ctx=None) -> dict:
     """The curves of eval.exit on the split: per fixed depth and per confidence threshold, the mean NLL of the
     scored targets and the mean forward FLOPs per token, with the full depth as the reference point. ctx: the
     eval's autocast, so that the full depth reproduces eval.json's NLL on the same tokens."""
+    from shortcut.evaluate import scored_batches, sliding_windows, split_nll
+
     caps = [n for n in (cfg.max_tokens, cfg.exit_max_tokens) if n is not None]
     max_tokens = min(caps) if caps else None  # the first targets of the eval's own windows
-    windows = windows_fn(len(data.splits[cfg.split]), data.block_size, stride, max_tokens)
-    device = next(model.parameters()).device
+    windows = sliding_windows(len(data.splits[cfg.split]), data.block_size, stride, max_tokens)
     costs = token_costs(model)
     depths = costs["depths"]
     fixed = {d: 0.0 for d in depths}
     conf = {t: {"nll": 0.0, "flops": 0.0, "exits": torch.zeros(len(depths))} for t in cfg.exit_thresholds}
     per_depth = torch.tensor([costs["confidence"][d] for d in depths], dtype=torch.float64)
     count = 0
-    for i in range(0, len(windows), cfg.batch_size):
-        chunk = windows[i:i + cfg.batch_size]
-        x, y = data.windows(cfg.split, [s for s, _, _ in chunk], chunk[0][1])
-        x, y = x.to(device), y.to(device)
-        pos = torch.arange(x.size(1), device=device)
-        keep = pos[None, :] >= torch.tensor([f for _, _, f in chunk], device=device)[:, None]  # (B, T)
+    for x, y, keep in scored_batches(data, cfg.split, windows, cfg.batch_size, next(model.parameters()).device):
         count += int(keep.sum())
         if cfg.exit in (ExitPolicy.fixed, ExitPolicy.both):
             with ctx or nullcontext():
@@ -163,26 +155,11 @@ def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, window
         share = (acc["exits"] / count).tolist()
         out["confidence"].append({"threshold": t, "nll": acc["nll"] / count, "flops": acc["flops"] / count,
                                   "mean_depth": sum(d * s for d, s in zip(depths, share)), "exit_share": share})
-    if "nll" not in out["full"]:  # confidence only: the full depth's own pass
-        with ctx or nullcontext():
-            out["full"]["nll"] = _full_nll(model, data, cfg, windows, device)
+    if "nll" not in out["full"]:  # confidence only: the full depth's own pass, over the same windows
+        total, n, _ = split_nll(model, data, cfg.split, stride, max_tokens, cfg.batch_size, ctx or nullcontext())
+        out["full"]["nll"] = total / n
     out["saved"] = compute_saved(out)
     return out
-
-
-def _full_nll(model: GPT, data: TokenData, cfg: EvalConfig, windows, device) -> float:
-    total, count = 0.0, 0
-    for i in range(0, len(windows), cfg.batch_size):
-        chunk = windows[i:i + cfg.batch_size]
-        x, y = data.windows(cfg.split, [s for s, _, _ in chunk], chunk[0][1])
-        x, y = x.to(device), y.to(device)
-        keep = torch.arange(x.size(1), device=device)[None, :] >= torch.tensor([f for _, _, f in chunk],
-                                                                               device=device)[:, None]
-        with torch.no_grad():
-            logits, _, _ = model(x)
-        total += float(F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")[keep].sum())
-        count += int(keep.sum())
-    return total / count
 
 
 def compute_saved(curve: dict, tolerance: float = NLL_TOLERANCE) -> dict:

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from shortcut import corpus, rundir
-from shortcut.config import EvalConfig, EvalJob, ExitPolicy, ModelConfig, Precision, UserError, WandbConfig
+from shortcut.config import (
+    EvalConfig,
+    EvalJob,
+    ExitPolicy,
+    ModelConfig,
+    Precision,
+    UserError,
+    WandbConfig,
+)
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token
 from shortcut.rundir import Checkpoint, EvalRecord, Summary
@@ -76,20 +84,27 @@ def split_nll(model: GPT, data: TokenData, split: str, stride: int, max_tokens: 
               ctx) -> tuple[float, int, float]:
     """Summed next-token NLL (nats) over a split, the number of tokens scored, and their mean context length."""
     windows = sliding_windows(len(data.splits[split]), data.block_size, stride, max_tokens)
-    device = next(model.parameters()).device
     total, count, context = 0.0, 0, 0
+    for x, y, keep in scored_batches(data, split, windows, batch_size, next(model.parameters()).device):
+        with ctx:
+            logits, _, _ = model(x)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (B, T)
+        total += nll[keep].sum().item()
+        count += int(keep.sum())
+        pos = torch.arange(1, x.size(1) + 1, device=x.device)  # a target at position i sees i + 1 tokens
+        context += int((pos[None, :] * keep).sum())
+    return total, count, context / count
+
+
+def scored_batches(data: TokenData, split: str, windows: list[tuple[int, int, int]], batch_size: int, device):
+    """The windows of sliding_windows in batches: (x, y, keep) on the device, keep (B, T) marking the targets
+    each window scores."""
     for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
         x, y = data.windows(split, [s for s, _, _ in chunk], chunk[0][1])
-        with ctx:
-            logits, _, _ = model(x.to(device))
-        nll = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), reduction="none")  # (B, T)
-        pos = torch.arange(x.size(1), device=device)
-        keep = pos[None, :] >= torch.tensor([f for _, _, f in chunk], device=device)[:, None]  # (B, T)
-        total += nll[keep].sum().item()
-        count += int(keep.sum())
-        context += int(((pos + 1)[None, :] * keep).sum())  # a target at position i sees i + 1 tokens
-    return total, count, context / count
+        x, y = x.to(device), y.to(device)
+        first = torch.tensor([f for _, _, f in chunk], device=device)
+        yield x, y, torch.arange(x.size(1), device=device)[None, :] >= first[:, None]
 
 
 def resolved_stride(cfg: EvalConfig, block_size: int, where: Path) -> int:
@@ -216,7 +231,7 @@ def early_exits(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, run_d
     """eval.exit's curves, written to audit/exit_curve.json and exit_curve.png; returned for eval.json."""
     from shortcut import early_exit
 
-    curve = {**early_exit.exit_curve(model, data, cfg, stride, sliding_windows, ctx), **exit_settings(cfg),
+    curve = {**early_exit.exit_curve(model, data, cfg, stride, ctx), **exit_settings(cfg),
              "checkpoint_hash": state.weights_hash}
     audit_dir = run_dir / rundir.AUDIT
     audit_dir.mkdir(exist_ok=True)

@@ -401,18 +401,22 @@ class GPT(nn.Module):
         """h_0 .. h_{L-1}, each (B, T, C): the residual stream after the embeddings and after every block but the
         last (the inputs the final block reads, in both architectures). For a variant, the residual stream each
         block reads (DenseFormer: the averages; AttnRes: the attention sublayers' inputs; MUDD: the R stream)."""
-        x, rope = self.embed(idx)
         if self.variant is not None:
+            x, rope = self.embed(idx)
             record = {}
             self.variant(x, self.blocks, rope, record)
             return record["states"]
-        if self.shortcut:
-            return self._run_shortcut(x, rope, last=len(self.blocks) - 1)[1]
-        states = [x]
-        for block in self.blocks[:-1]:
-            x = block(x, rope)
+        return self.run_to(idx, len(self.blocks) - 1)[0]
+
+    def run_to(self, idx, depth: int):
+        """Blocks 0..depth-1 on idx (baseline or shortcut): the states h_0 .. h_depth (each (B, T, C)), the RoPE
+        tables and the tap features they used (what GPT.exit_logits reads for an exit at that depth)."""
+        x, rope = self.embed(idx)
+        states, feats = [x], {}
+        for i in range(depth):
+            x, _ = self.run_block(i, x, states, feats, rope)
             states.append(x)
-        return states
+        return states, rope, feats
 
     @property
     def weighs_layers(self) -> bool:
@@ -477,10 +481,8 @@ def flop_parts(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     """Forward FLOPs per token, part by part: "blocks" (block i's, in order), "fmap" (the taps, one feature map
     each) with "fmap_each", "head" (the tied output matmul), "extra" (a variant's own), "kv" (one position's keys
     and values through one attention: what a state copied upward costs a later reader)."""
-    C, T, V, L, H = cfg.n_embd, seq_len or cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.d_mlp
-    mlp = 2 * (3 if cfg.mlp == MLPKind.swiglu else 2) * C * H  # gelu: C->H->C; swiglu: C->2H, H->C
-    attn = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, out proj; q·k and p·v over T keys
-    blocks = [attn + mlp] * L
+    C, T, V, L = cfg.n_embd, seq_len or cfg.block_size, cfg.vocab_size, cfg.n_layer
+    blocks = [_self_attention_flops(C, T) + _mlp_flops(cfg)] * L
     fmap_each, taps = 0, []
     if cfg.arch == Arch.shortcut:
         taps = cfg.tap_layers()
@@ -496,12 +498,19 @@ def flop_parts(cfg: ModelConfig, seq_len: int | None = None) -> dict:
 def shortcut_block_flops(cfg: ModelConfig, n_taps: int, seq_len: int | None = None) -> int:
     """A shortcut block reading n_taps taps: q, k/v per tap, out; attention over n_taps·T keys; the MLP (add
     mode: plus the kept self-attention)."""
-    C, T, H = cfg.n_embd, seq_len or cfg.block_size, cfg.d_mlp
-    mlp = 2 * (3 if cfg.mlp == MLPKind.swiglu else 2) * C * H
-    flops = 2 * (C * C + 2 * C * C * n_taps + C * C) + 2 * 2 * n_taps * T * C + mlp
+    C, T = cfg.n_embd, seq_len or cfg.block_size
+    flops = 2 * (C * C + 2 * C * C * n_taps + C * C) + 2 * 2 * n_taps * T * C + _mlp_flops(cfg)
     if cfg.shortcut_mode == ShortcutMode.add:
-        flops += 2 * (3 * C * C + C * C) + 2 * 2 * T * C
+        flops += _self_attention_flops(C, T)
     return flops
+
+
+def _self_attention_flops(C: int, T: int) -> int:
+    return 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, out proj; q·k and p·v over T keys
+
+
+def _mlp_flops(cfg: ModelConfig) -> int:
+    return 2 * (3 if cfg.mlp == MLPKind.swiglu else 2) * cfg.n_embd * cfg.d_mlp  # gelu: C->H->C; swiglu: C->2H, H->C
 
 
 def exit_flops(cfg: ModelConfig, d: int, seq_len: int | None = None, fmaps: bool = True) -> int:

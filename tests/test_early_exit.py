@@ -38,13 +38,7 @@ def test_the_full_depth_exit_is_the_model(kind):
     model = make(kind)
     x = torch.randint(0, V, (2, 16))
     logits, _, _ = model(x)
-    h, rope = model.embed(x)
-    states, feats = [h], {}
-    full = model.cfg.exit_depths()[-1]
-    for i in range(full):
-        h, _ = model.run_block(i, h, states, feats, rope)
-        states.append(h)
-    torch.testing.assert_close(model.exit_logits(states, full, rope, feats), logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fixed_logits(model, x, model.cfg.exit_depths()[-1]), logits, atol=1e-5, rtol=0)
     assert token_costs(model)["full"] == flops_per_token(model.cfg)["forward"]
 
 
@@ -64,11 +58,7 @@ def test_exits_are_causal(kind):
 
 
 def fixed_logits(model, x, d):
-    h, rope = model.embed(x)
-    states, feats = [h], {}
-    for i in range(d):
-        h, _ = model.run_block(i, h, states, feats, rope)
-        states.append(h)
+    states, rope, feats = model.run_to(x, d)
     return model.exit_logits(states, d, rope, feats)
 
 
