@@ -4,12 +4,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from conftest import assert_flops_match_the_counter
 
-from shortcut.config import AttnImpl, ModelConfig, UserError
 from shortcut.attention import ATTENTION, depth_context_attention_probs, resolve_attn_impl
-from shortcut.model import GPT, flops_per_token, match_params, param_counts
+from shortcut.config import AttnImpl, ModelConfig, UserError
+from shortcut.model import GPT, match_params, param_counts
 
 BASE = ModelConfig(arch="baseline", n_layer=3, n_head=2, n_embd=32, block_size=24, vocab_size=40)
 SHORTCUT = replace(BASE, arch="shortcut")
@@ -85,15 +84,7 @@ def test_flops_match_the_counter(cfg, T):
     """The analytic count is the counter's count exactly (MATH: attention counted as its two matmuls)."""
     model = GPT(replace(cfg, attn_impl="masked"))  # the reference, whose attention is one SDPA call
     x = tokens(B=2, T=T)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x)
-    measured = counter.get_total_flops() / x.numel()
-    analytic = flops_per_token(cfg, seq_len=T)
-    assert abs(analytic["forward"] - measured) <= 1e-6 * measured, (analytic, measured)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x, x)[1].backward()
-    measured_train = counter.get_total_flops() / x.numel()
-    assert abs(analytic["train"] - measured_train) <= 1e-6 * measured_train, (analytic, measured_train)
+    assert_flops_match_the_counter(model, cfg, x)
 
 
 def test_param_counts():

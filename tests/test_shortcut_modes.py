@@ -9,8 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from conftest import assert_flops_match_the_counter
 
 from shortcut.attention import ATTENTION, depth_context_attention_probs
 from shortcut.config import AttnImpl, ModelConfig
@@ -239,15 +238,7 @@ def test_flops_and_params_match_the_counter(mode, style, T):
     model = GPT(replace(cfg, attn_impl="masked"))
     perturb_shortcut(model)
     x = tokens(B=2, T=T)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x)
-    measured = counter.get_total_flops() / x.numel()
-    analytic = flops_per_token(cfg, seq_len=T)
-    assert abs(analytic["forward"] - measured) <= 1e-6 * measured, (analytic, measured)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x, x)[1].backward()
-    measured_train = counter.get_total_flops() / x.numel()
-    assert abs(analytic["train"] - measured_train) <= 1e-6 * measured_train, (analytic, measured_train)
+    assert_flops_match_the_counter(model, cfg, x)
     counts = param_counts(cfg)
     assert counts["params"] == sum(p.numel() for p in model.parameters())
     tables = 40 * 32 + (24 * 32 if cfg.pos == "learned" else 0)
@@ -291,6 +282,7 @@ def test_a_searched_shortcut_trains_evaluates_and_audits(tmp_path, prepared):
     import json
 
     from conftest import TINY
+
     from shortcut.cli import compose
     from shortcut.evaluate import evaluate
     from shortcut.train import train

@@ -8,8 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from conftest import assert_flops_match_the_counter
 
 from shortcut.audit import summarise_layer_weights
 from shortcut.config import ModelConfig, TrainConfig
@@ -136,15 +135,7 @@ def test_flops_match_the_counter(case, style, T):
     model = GPT(replace(cfg, attn_impl="masked"))
     perturb(model)
     x = tokens(B=2, T=T)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x)
-    measured = counter.get_total_flops() / x.numel()
-    analytic = flops_per_token(cfg, seq_len=T)
-    assert abs(analytic["forward"] - measured) <= 1e-6 * measured, (analytic, measured)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x, x)[1].backward()
-    measured_train = counter.get_total_flops() / x.numel()
-    assert abs(analytic["train"] - measured_train) <= 1e-6 * measured_train, (analytic, measured_train)
+    assert_flops_match_the_counter(model, cfg, x)
 
 
 @pytest.mark.parametrize("style", [{}, MODERN], ids=["gpt2", "modern"])
@@ -370,6 +361,7 @@ def _train_eval(tmp_path, prepared, model, *extra):
     import json
 
     from conftest import TINY
+
     from shortcut.cli import compose
     from shortcut.evaluate import evaluate
     from shortcut.train import train
