@@ -58,7 +58,11 @@ def bench(cfg: ModelConfig, batch: int, device: torch.device, steps: int = STEPS
 def step_times(cfgs: dict[str, ModelConfig], batch: int, device: torch.device) -> dict[str, list[float]]:
     """Seconds per step of each model, measured in interleaved rounds (one step of each per round), so that a
     machine whose load drifts (a shared CPU) slows every model alike and per-round ratios stay comparable."""
-    steps = {name: make_step(cfg, batch, device) for name, cfg in cfgs.items()}
+    return interleaved({name: make_step(cfg, batch, device) for name, cfg in cfgs.items()})
+
+
+def interleaved(steps: dict) -> dict[str, list[float]]:
+    """Seconds per call of each step function, in interleaved rounds after WARMUP rounds."""
     for _ in range(WARMUP):
         for step in steps.values():
             step()
@@ -123,16 +127,8 @@ def against_nanogpt(device: torch.device, checkout: str) -> None:
     shape = dict(n_layer=6, n_head=4, n_embd=256, block_size=256)
     ours = ModelConfig(arch="baseline", vocab_size=512, **shape)
     theirs = nano.GPT(nano.GPTConfig(vocab_size=512, dropout=0.0, bias=True, **shape))
-    steps = {"shortcut baseline": make_step(ours, 16, device), "nanoGPT": make_step(ours, 16, device, theirs)}
-    for _ in range(WARMUP):
-        for step in steps.values():
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(STEPS):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved({"shortcut baseline": make_step(ours, 16, device),
+                         "nanoGPT": make_step(ours, 16, device, theirs)})
     ratio = statistics.median(b / a for a, b in zip(times["shortcut baseline"], times["nanoGPT"]))
     print(f"\nthroughput at L=6 d=256 T=256 batch 16: ours / nanoGPT's = {ratio:.3f} (median per round; "
           f"target >= 1.0); ms/step ours {statistics.median(times['shortcut baseline']) * 1e3:.1f}, "
