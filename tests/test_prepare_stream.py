@@ -100,19 +100,26 @@ def test_up_to_date_reads_no_input(tmp_path, text_files, monkeypatch):
         prep(tmp_path, "text", *args, "prepare.workers=1")
 
 
+def dies_at_call(monkeypatch, module, name: str, n: int):
+    """module.name (a worker's job function) raises KeyboardInterrupt on its n-th call, as a killed prepare would
+    stop. Returns the real function and the list of arguments it was called with."""
+    real, calls = getattr(module, name), []
+
+    def dies(job):
+        calls.append(job)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(module, name, dies)
+    return real, calls
+
+
 def test_text_resumes_after_an_interruption(tmp_path, text_files, monkeypatch, caplog):
     args = ("domain.source=files", f"domain.files={text_files}/*.txt", "prepare.workers=1")
     whole = prep(tmp_path / "whole", "text", *args)
     monkeypatch.setattr(common.Committer, "SECONDS", 0.0)
-    real, calls = text_mod._encode, []
-
-    def dies_at_the_second_range(job):
-        calls.append(job)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(job)
-
-    monkeypatch.setattr(text_mod, "_encode", dies_at_the_second_range)
+    real, calls = dies_at_call(monkeypatch, text_mod, "_encode", 2)  # the second of 3 ranges
     with pytest.raises(KeyboardInterrupt):
         prep(tmp_path / "cut", "text", *args)
     calls.clear()
@@ -145,15 +152,7 @@ def test_audio_resumes_without_fitting_again(tmp_path, speech, monkeypatch, capl
     args = ("domain.source=files", f"domain.files={speech}", "domain.codebook_size=8", "prepare.workers=1")
     whole = prep(tmp_path / "whole", "audio", *args)
     monkeypatch.setattr(common.Committer, "SECONDS", 0.0)
-    real, calls = audio_mod._tokenize, []
-
-    def dies_at_the_sixth_file(path):
-        calls.append(path)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real(path)
-
-    monkeypatch.setattr(audio_mod, "_tokenize", dies_at_the_sixth_file)
+    real, calls = dies_at_call(monkeypatch, audio_mod, "_tokenize", 6)  # the sixth file
     with pytest.raises(KeyboardInterrupt):
         prep(tmp_path / "cut", "audio", *args)
     monkeypatch.setattr(audio_mod, "_tokenize", real)
