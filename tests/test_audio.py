@@ -31,6 +31,20 @@ def sound(kind: str, seconds: float, rate: int, seed: int = 0) -> np.ndarray:
     return np.zeros(len(t))  # silence
 
 
+def librispeech(root, layout):
+    """A LibriSpeech folder: {subset: [speakers]}, 2 utterances per speaker and chapter, with transcripts."""
+    for subset, speakers in layout.items():
+        for spk in speakers:
+            chapter = root / subset / str(spk) / "77"
+            chapter.mkdir(parents=True)
+            lines = []
+            for utt in range(2):
+                sf.write(chapter / f"{spk}-77-{utt:04d}.flac", sound("chirp", 0.4, 16000, utt), 16000)
+                lines.append(f"{spk}-77-{utt:04d} A SHORT LINE {utt}")
+            (chapter / f"{spk}-77.trans.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture
 def audio_folder(tmp_path):
     """Speech-like files from 5 'speakers' (SPEAKER-CHAPTER-UTT names), mixed rates and channels, plus bad files."""
@@ -132,16 +146,8 @@ def test_mulaw_corpus_and_smoke_training(tmp_path, audio_folder):
 
 
 def test_librispeech_layout(tmp_path):
-    root = tmp_path / "LibriSpeech"
-    for subset, speakers in [("train-clean-100", [19, 26, 32]), ("dev-clean", [84]), ("test-clean", [61])]:
-        for spk in speakers:
-            chapter = root / subset / str(spk) / "198"
-            chapter.mkdir(parents=True)
-            lines = []
-            for utt in range(2):
-                sf.write(chapter / f"{spk}-198-{utt:04d}.flac", sound("chirp", 0.5, 16000, utt), 16000)
-                lines.append(f"{spk}-198-{utt:04d} HELLO WORLD NUMBER {utt}")
-            (chapter / f"{spk}-198.trans.txt").write_text("\n".join(lines) + "\n")
+    root = librispeech(tmp_path / "LibriSpeech", {"train-clean-100": [19, 26, 32], "dev-clean": [84],
+                                                   "test-clean": [61]})
     out = prep(tmp_path, "domain.source=librispeech", f"domain.path={tmp_path}", "domain.codebook_size=8")
     meta = corpus.read_meta(out)
     assert meta["files"] == {"train": 6, "val": 2, "test": 2} and meta["n_transcripts"] == 10

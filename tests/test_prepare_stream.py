@@ -27,7 +27,7 @@ from shortcut.prepare import common
 from shortcut.prepare import prepare
 from shortcut.prepare import text as text_mod
 from shortcut.prepare.audio import FrameSample
-from test_audio import sound
+from test_audio import librispeech, sound
 from test_music import write_piece
 
 MIXED = "Ünïcödé — 日本語 and 🎹 emoji,\r\nCR LF lines\rand a lone CR, tabs\tand plain ASCII text. " * 40
@@ -241,20 +241,6 @@ def test_frame_sample_is_uniform_and_independent_of_order():
     for name, x in utts.items():
         small.add(name, x)
     assert small.result().shape == (sum(len(x) for x in utts.values()), 3)  # fewer frames than k: all of them
-
-
-def librispeech(root, layout):
-    """A LibriSpeech folder: {subset: [speakers]}, 2 utterances per speaker and chapter, with transcripts."""
-    for subset, speakers in layout.items():
-        for spk in speakers:
-            chapter = root / subset / str(spk) / "77"
-            chapter.mkdir(parents=True)
-            lines = []
-            for utt in range(2):
-                sf.write(chapter / f"{spk}-77-{utt:04d}.flac", sound("chirp", 0.4, 16000, utt), 16000)
-                lines.append(f"{spk}-77-{utt:04d} A SHORT LINE {utt}")
-            (chapter / f"{spk}-77.trans.txt").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def test_librispeech_subsets_missing_and_corrupt_files(tmp_path):
