@@ -374,7 +374,8 @@ def early_exit_curves(rows: list[Row], datasets: list[str], out_dir: Path, notes
         if not curves:
             continue
         _same_exit_settings(ds, curves)
-        split, n_tokens = next(iter(curves.values()))[0]["split"], next(iter(curves.values()))[0]["n_tokens"]
+        first = next(iter(curves.values()))[0]  # every curve has the same settings (checked above)
+        split, n_tokens = first["split"], first["n_tokens"]
         refs = {f"{r.variant} (no exit)": (r.summary.flops_per_token, float(np.mean(list(r.values(f"{split}_nll")
                                                                                              .values()))))
                 for r in ds_rows if r.variant not in curves and r.variant not in partial

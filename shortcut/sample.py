@@ -21,6 +21,7 @@ import torch
 from shortcut import rundir
 from shortcut.config import SampleConfig, SampleJob, UserError
 from shortcut.data import TokenData
+from shortcut.generate import KVCacheDecoder, slide, supports_cache
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ class FullForward:
 
     @torch.no_grad()
     def push(self, ids: torch.Tensor) -> torch.Tensor:
-        from shortcut.generate import slide
-
         self.seq, _ = slide(self.seq, ids, self.model.cfg.block_size)
         return self._last()
 
@@ -69,8 +68,6 @@ class FullForward:
 
 def stepper_for(model, cache: bool):
     if cache:
-        from shortcut.generate import KVCacheDecoder, supports_cache
-
         if supports_cache(model):
             return KVCacheDecoder(model)
         log.info("%s has no KV cache here: decoding with a full forward per token", model.cfg.arch)
