@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from shortcut.config import AttnImpl, Device, ModelConfig, Precision, TrainConfig
+from shortcut.attention import runnable_impls
+from shortcut.config import Device, ModelConfig, Precision, TrainConfig
 from shortcut.model import GPT, flops_per_token
 from shortcut.runtime import autocast, make_optimizer, peak_flops, pick_device
 
@@ -75,10 +76,6 @@ def interleaved(steps: dict) -> dict[str, list[float]]:
     return times
 
 
-def attn_impls(device: torch.device) -> list[AttnImpl]:
-    return [i for i in AttnImpl if i != AttnImpl.auto and (i != AttnImpl.flex or device.type == "cuda")]
-
-
 def throughput(device: torch.device) -> None:
     sizes = [dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch=16)]
     if device.type == "cuda":
@@ -107,7 +104,7 @@ def cost_ratios(device: torch.device) -> None:
         batch = s.pop("batch")
         base = ModelConfig(arch="baseline", vocab_size=512, **s)
         cfgs = {"baseline": base} | {impl: ModelConfig(arch="shortcut", vocab_size=512, attn_impl=impl, **s)
-                                     for impl in attn_impls(device)}
+                                     for impl in runnable_impls(device.type)}
         times = step_times(cfgs, batch, device)
         tb, fb = times["baseline"], flops_per_token(base)["train"]
         for name, ts in times.items():

@@ -1,10 +1,11 @@
-"""Depth-and-context attention, three exact ways (model.attn_impl), and the audit's explicit one.
+"""Depth-and-context attention, four exact ways (model.attn_impl), and the audit's explicit one.
 
 All take q: (B, nh, T, hs) and k, v: (B, nh, K, T, hs) (tap l, position s) and return (B, nh, T, hs): query t
 attends, with one softmax, to every key (l, s) with s <= t (Verma & Pilanci 2024, the shortcut's final layer).
 An optional bias (nh, K) adds b[h, l] to every score of head h on tap l (model.tap_bias, issue 13):
 softmax_{(l, s), s <= t}(q_t·k_ls/√hs + b_l). `masked` is the readable reference; `lse` and `flex` compute the
-same function faster where kernels allow, the bias and its gradient included.
+same function faster where kernels allow (`lse` and `flex` on CUDA, `chunked` on CPU), the bias and its gradient
+included.
 """
 
 from __future__ import annotations
@@ -139,6 +140,75 @@ def _causal_attention_backward(dy, q, k, v, y, lse, state):
         dy, q, k, v, y, lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
 
 
+CHUNK = 32  # positions per kernel call of the chunked path (benchmarks/attn_impls.py: 16 is slower, 64 no faster)
+
+
+def chunked_depth_context_attention(q, k, v, dropout_p: float = 0.0, bias=None, chunk: int = CHUNK):
+    """The CPU fast path: torch's CPU flash kernel on position-major keys, `chunk` positions at a time, so that
+    the future is skipped except within a chunk. About (1 + chunk/T)/2 of the masked path's K·T² scores.
+
+    With the keys laid out position-major (key s·K + l is tap l at position s), query t sees exactly the prefix
+    of (t+1)·K keys. Forward: each chunk of queries [t0, t1) attends to the prefix [0, t1·K) under an additive mask
+    that hides only its own future within the chunk; the kernel returns each query's log-sum-exp. Backward: each
+    chunk of keys [s0, s1) with the queries [s0, T) that see it, given the merged output and log-sum-exp (the
+    split-KV identity, as in _TapMergedCausalAttention), so every dk, dv is written once and dq sums over chunks.
+    A tap bias rides along as one more head dimension: q gains √hs, k_l gains b_l and v a zero, so the scores are
+    q·k/√hs + b_l and the kernel's gradient of that key column is Σ_t dS, the bias' gradient (exact, and ~14%
+    slower at hs=64). No attention dropout (the caller uses the reference when it is on)."""
+    assert dropout_p == 0.0, "the chunked path has no attention dropout"
+    return _ChunkedDepthContextAttention.apply(q, k, v, bias, chunk)
+
+
+class _ChunkedDepthContextAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, chunk):
+        B, nh, K, T, hs = k.shape
+        width = hs + (bias is not None)  # + the bias column
+        kp, vp = (t.new_empty(B, nh, T, K, width) for t in (k, v))  # position-major: key s*K + l
+        kp[..., :hs], vp[..., :hs] = k.transpose(2, 3), v.transpose(2, 3)
+        if bias is not None:
+            kp[..., hs], vp[..., hs] = bias.to(k.dtype)[None, :, None, :], 0
+            ctx.bias_dtype = bias.dtype
+            q = torch.cat([q, q.new_full((B, nh, T, 1), math.sqrt(hs))], dim=-1)  # q·k/√hs + √hs·b_l/√hs
+        kp, vp = kp.view(B, nh, T * K, width), vp.view(B, nh, T * K, width)
+        y = q.new_empty(B, nh, T, width)
+        lse = q.new_empty(B, nh, T, dtype=torch.float32)
+        for t0 in range(0, T, chunk):
+            t1 = min(T, t0 + chunk)
+            y[:, :, t0:t1], lse[:, :, t0:t1] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[:, :, t0:t1], kp[:, :, :t1 * K], vp[:, :, :t1 * K], attn_mask=_visible(t0, t1, 0, t1, K, q),
+                scale=1 / math.sqrt(hs))
+        ctx.save_for_backward(q, kp, vp, y, lse)
+        ctx.shape, ctx.chunk, ctx.has_bias = (B, nh, K, T, hs), chunk, bias is not None
+        return y[..., :hs]  # (B, nh, T, hs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, kp, vp, y, lse = ctx.saved_tensors
+        B, nh, K, T, hs = ctx.shape
+        dy = F.pad(dy, (0, y.size(-1) - hs)).contiguous()  # the bias column's output is 0, its gradient too
+        dq, dk, dv = torch.zeros_like(q), torch.empty_like(kp), torch.empty_like(vp)
+        for s0 in range(0, T, ctx.chunk):
+            s1 = min(T, s0 + ctx.chunk)
+            keys = slice(s0 * K, s1 * K)
+            gq, dk[:, :, keys], dv[:, :, keys] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dy[:, :, s0:], q[:, :, s0:], kp[:, :, keys], vp[:, :, keys], y[:, :, s0:], lse[:, :, s0:], 0.0,
+                False, attn_mask=_visible(s0, T, s0, s1, K, q), scale=1 / math.sqrt(hs))
+            dq[:, :, s0:] += gq
+        dk, dv = (t.view(B, nh, T, K, -1).transpose(2, 3) for t in (dk, dv))  # 2 x (B, nh, K, T, width)
+        dbias = dk[..., hs].sum(dim=(0, 3)).to(ctx.bias_dtype) if ctx.has_bias else None  # (nh, K): Σ dS
+        return dq[..., :hs], dk[..., :hs], dv[..., :hs], dbias, None
+
+
+def _visible(t0: int, t1: int, s0: int, s1: int, K: int, like):
+    """Additive mask for queries at positions [t0, t1) over position-major keys at positions [s0, s1): 0 where
+    the key's position s <= t, -inf elsewhere; (t1 - t0, (s1 - s0)·K), the dtype the CPU kernel asks for (q's)."""
+    s = torch.arange(s0, s1, device=like.device).repeat_interleave(K)
+    t = torch.arange(t0, t1, device=like.device)
+    return torch.zeros(t1 - t0, len(s), dtype=like.dtype, device=like.device).masked_fill_(s > t[:, None],
+                                                                                            float("-inf"))
+
+
 def flex_depth_context_attention(q, k, v, dropout_p: float = 0.0, bias=None):
     """torch's flex_attention (compiled) with a block mask over the (T, K*T) tap-major layout: blocks wholly in
     the future of their queries are skipped, the rest masked element-wise. A tap bias is a score_mod (flex
@@ -174,7 +244,13 @@ def _compiled_flex():
 
 
 ATTENTION = {AttnImpl.masked: masked_depth_context_attention, AttnImpl.lse: lse_depth_context_attention,
-             AttnImpl.flex: flex_depth_context_attention}
+             AttnImpl.flex: flex_depth_context_attention, AttnImpl.chunked: chunked_depth_context_attention}
+
+
+def runnable_impls(device_type: str) -> list[AttnImpl]:
+    """The implementations (auto aside) that run on this kind of device."""
+    return [i for i in AttnImpl if i != AttnImpl.auto and (i != AttnImpl.flex or device_type == "cuda")
+            and (i != AttnImpl.chunked or device_type == "cpu")]
 
 
 def resolve_attn_impl(impl: AttnImpl, device_type: str) -> AttnImpl:
@@ -182,13 +258,16 @@ def resolve_attn_impl(impl: AttnImpl, device_type: str) -> AttnImpl:
     impl = AttnImpl(impl)
     if impl == AttnImpl.flex and device_type != "cuda":
         raise UserError(f"model.attn_impl=flex needs CUDA (torch's flex_attention has no backward on "
-                        f"{device_type}); use auto, lse or masked")
+                        f"{device_type}); use auto, chunked, lse or masked")
+    if impl == AttnImpl.chunked and device_type != "cpu":
+        raise UserError(f"model.attn_impl=chunked runs torch's CPU kernel only, not on {device_type}; "
+                        "use auto, lse, flex or masked")
     if impl == AttnImpl.auto:
-        # CPU: masked, measured fastest (benchmarks/attn_impls.py): torch's CPU flash kernel skips the future
-        # only in blocks of 512 keys, so below that a causal call costs as much as a full one and lse only adds
-        # its merge. CUDA: lse, as FlashAttention-2 skips the future half; an expectation, to be measured against
-        # flex and masked by `make gpu-check` (benchmarks/attn_impls.py).
-        return AttnImpl.masked if device_type == "cpu" else AttnImpl.lse
+        # CPU: chunked, measured fastest (benchmarks/attn_impls.py): torch's CPU flash kernel skips the future
+        # only in blocks of 512 keys, so a causal call per tap (lse) computes as much as the masked one; chunks of
+        # CHUNK positions skip it. CUDA: lse, as FlashAttention-2 skips the future half; an expectation, to be
+        # measured against flex and masked by `make gpu-check` (benchmarks/attn_impls.py).
+        return AttnImpl.chunked if device_type == "cpu" else AttnImpl.lse
     return impl
 
 

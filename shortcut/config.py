@@ -284,6 +284,7 @@ class AttnImpl(enum.StrEnum):
     masked = "masked"  # the readable reference: one attention under a boolean (T, K*T) mask
     lse = "lse"  # one causal attention per tap (kernels skip the future half), merged exactly by log-sum-exp
     flex = "flex"  # torch flex_attention with a block mask over the (T, K*T) layout; CUDA only
+    chunked = "chunked"  # CPU: the flash kernel over position-major keys, chunks of queries, skipping the future
 
 
 @dataclass

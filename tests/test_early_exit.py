@@ -65,8 +65,8 @@ def fixed_logits(model, x, d):
 @pytest.mark.parametrize("kind", MODELS)
 def test_a_fixed_exit_costs_what_the_counter_counts(kind):
     """Blocks 0..d-1 and the exit head, against torch's FLOP counter (the forward, per token; MATH: attention
-    counted as its two matmuls)."""
-    model = make(kind)
+    counted as its two matmuls; the reference attention, one SDPA call)."""
+    model = make(kind, attn_impl="masked")
     T = model.cfg.block_size
     x = torch.randint(0, V, (1, T))
     for d in model.cfg.exit_depths():

@@ -1,12 +1,14 @@
 """The two architectures: causality, the degenerate shortcut equals the baseline, counts match measurements."""
 
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 from conftest import assert_flops_match_the_counter
 
-from shortcut.attention import ATTENTION, depth_context_attention_probs, resolve_attn_impl
+from shortcut.attention import (ATTENTION, chunked_depth_context_attention, depth_context_attention_probs,
+                                resolve_attn_impl)
 from shortcut.config import AttnImpl, ModelConfig, UserError
 from shortcut.model import GPT, match_params, param_counts
 
@@ -170,6 +172,40 @@ def test_models_with_each_impl_match_the_reference(impl, variant, T):
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 16, 200])  # one position, not dividing T, dividing 64, beyond T
+@pytest.mark.parametrize("K,T", [(1, 24), (4, 17), (3, 64), (2, 70)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_attention_matches_the_reference_at_every_chunk_size(chunk, K, T, with_bias):
+    """The chunked path's chunk boundaries (forward: query chunks; backward: key chunks) never change the function."""
+    q, k, v = qkv(2, 3, K, T, 16)
+    bias = (torch.randn(3, K, generator=torch.Generator().manual_seed(2)) * 2).requires_grad_() if with_bias else None
+    inputs = (q, k, v) + ((bias,) if with_bias else ())
+    dy = torch.randn(2, 3, T, 16, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for f in (ATTENTION[AttnImpl.masked], partial(chunked_depth_context_attention, chunk=chunk)):
+        y = f(q, k, v, bias=bias)
+        outs.append((y, *torch.autograd.grad(y, inputs, dy)))
+    for ref, got in zip(*outs):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_attention_is_causal_and_runs_in_bf16():
+    """Changing keys/values at positions > t leaves output t unchanged, at chunk boundaries and inside a chunk; the
+    bfloat16 path (CPU autocast) stays within bf16 rounding of the float32 reference."""
+    q, k, v = (t.detach() for t in qkv(1, 2, 3, 40, 16))
+    y = chunked_depth_context_attention(q, k, v, chunk=8)
+    for t in (0, 7, 8, 21, 38):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, :, t + 1:] += 3.0
+        v2[:, :, :, t + 1:] -= 5.0
+        y2 = chunked_depth_context_attention(q, k2, v2, chunk=8)
+        torch.testing.assert_close(y2[:, :, :t + 1], y[:, :, :t + 1], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(y2[:, :, t + 1:], y[:, :, t + 1:])
+    low = chunked_depth_context_attention(*(t.bfloat16() for t in (q, k, v)), chunk=8)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), y, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_block_mask_layout_on_cpu():
     """flex's mask over the tap-major layout, checked where it can run here: eager, forward only."""
@@ -179,11 +215,13 @@ def test_flex_block_mask_layout_on_cpu():
 
 
 def test_auto_picks_an_exact_impl_for_the_device():
-    assert resolve_attn_impl(AttnImpl.auto, "cpu") in (AttnImpl.masked, AttnImpl.lse)  # never flex on CPU
+    assert resolve_attn_impl(AttnImpl.auto, "cpu") == AttnImpl.chunked  # measured fastest; never flex on CPU
     assert resolve_attn_impl("auto", "cuda") in (AttnImpl.masked, AttnImpl.lse, AttnImpl.flex)
     assert resolve_attn_impl("lse", "cpu") == AttnImpl.lse
     with pytest.raises(UserError, match="needs CUDA"):
         resolve_attn_impl("flex", "cpu")
+    with pytest.raises(UserError, match="CPU kernel only"):
+        resolve_attn_impl("chunked", "cuda")
     with pytest.raises(UserError):  # the model says so in its first forward
         GPT(replace(SHORTCUT, attn_impl="flex"))(tokens())
     assert ModelConfig(attn_impl="lse").attn_impl is AttnImpl.lse
