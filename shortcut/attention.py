@@ -119,7 +119,12 @@ def lse_kernel_available(q) -> bool:
         return True
     hs = q.size(-1)
     return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and hs % 8 == 0 and hs <= 256
-            and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(q.device) >= (8, 0))
+            and _flash_backend_ready(q.device.index or 0))
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break in every shortcut block
+def _flash_backend_ready(index: int) -> bool:
+    return torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def _causal_attention_with_lse(q, k, v):
@@ -156,6 +161,9 @@ def chunked_depth_context_attention(q, k, v, dropout_p: float = 0.0, bias=None, 
     q·k/√hs + b_l and the kernel's gradient of that key column is Σ_t dS, the bias' gradient (exact, and ~14%
     slower at hs=64). No attention dropout (the caller uses the reference when it is on)."""
     assert dropout_p == 0.0, "the chunked path has no attention dropout"
+    if bias is not None and q.dtype not in (torch.float32, torch.float64):
+        # the bias' gradient sums one term per key, terms that largely cancel: in bf16 that sum would be noise
+        return _ChunkedDepthContextAttention.apply(q.float(), k.float(), v.float(), bias, chunk).to(q.dtype)
     return _ChunkedDepthContextAttention.apply(q, k, v, bias, chunk)
 
 
@@ -163,6 +171,7 @@ class _ChunkedDepthContextAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, chunk):
         B, nh, K, T, hs = k.shape
+        q = q.contiguous()  # the CPU kernel assumes a unit stride in the head dimension
         width = hs + (bias is not None)  # + the bias column
         kp, vp = (t.new_empty(B, nh, T, K, width) for t in (k, v))  # position-major: key s*K + l
         kp[..., :hs], vp[..., :hs] = k.transpose(2, 3), v.transpose(2, 3)
@@ -240,6 +249,9 @@ def _tap_block_mask(T: int, K: int, device: str):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # One graph per shape and grad mode (training, eval, each shortcut block's K): torch's default of 8 recompiles
+    # is soon reached, and past it flex runs eagerly, materialising every score (tens of GB at T=2048).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -249,8 +261,9 @@ ATTENTION = {AttnImpl.masked: masked_depth_context_attention, AttnImpl.lse: lse_
 
 def runnable_impls(device_type: str) -> list[AttnImpl]:
     """The implementations (auto aside) that run on this kind of device."""
-    return [i for i in AttnImpl if i != AttnImpl.auto and (i != AttnImpl.flex or device_type == "cuda")
-            and (i != AttnImpl.chunked or device_type == "cpu")]
+    cuda_only, cpu_only = (AttnImpl.flex,), (AttnImpl.chunked,)
+    return [i for i in AttnImpl if i != AttnImpl.auto and (i not in cuda_only or device_type == "cuda")
+            and (i not in cpu_only or device_type == "cpu") and (i != AttnImpl.lse or device_type in ("cpu", "cuda"))]
 
 
 def resolve_attn_impl(impl: AttnImpl, device_type: str) -> AttnImpl:

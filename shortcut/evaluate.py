@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from shortcut import corpus, rundir
+from shortcut.attention import runnable_impls
 from shortcut.config import (
+    AttnImpl,
     EvalConfig,
     EvalJob,
     ExitPolicy,
@@ -50,6 +52,8 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu", data_root: str |
                         f"readable one is step {state.step}. Run the same `shortcut train` command again: it "
                         f"resumes from there and rebuilds it")
     mcfg = ModelConfig(**state.model_config)
+    if mcfg.attn_impl not in runnable_impls(torch.device(device).type):  # how the training device computed it
+        mcfg = replace(mcfg, attn_impl=AttnImpl.auto)  # (flex on a GPU, chunked on a CPU): the same function
     data_dir = Path(state.data_dir)
     if data_root is not None:  # the corpora moved: the same settings' folder under the new root
         data_dir = corpus.locate(data_root, state.config["domain"])

@@ -19,11 +19,13 @@ Issue 13's switches, each a field of ModelConfig (the defaults are the paper's m
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from shortcut.attention import (ATTENTION, depth_context_attention_probs, lse_kernel_available,
                                 resolve_attn_impl)
@@ -178,7 +180,10 @@ class DepthContextAttention(CausalSelfAttention):
             impl = resolve_attn_impl(self.attn_impl, q.device.type)
             if dropout_p > 0 or (impl == AttnImpl.lse and not lse_kernel_available(q)):
                 impl = AttnImpl.masked  # only the reference applies attention dropout / fits every dtype
-            y = ATTENTION[impl](q, k, v, dropout_p, bias=bias)  # (B, nh, T, hs)
+            # a named range, so a profile shows the kernels this attention ran (benchmarks/gpu_check.py)
+            name = f"depth_context_attention.{impl}"
+            with nullcontext() if torch.compiler.is_compiling() else record_function(name):
+                y = ATTENTION[impl](q, k, v, dropout_p, bias=bias)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y)), probs
 

@@ -18,7 +18,8 @@ from shortcut.config import Device, Precision, TrainConfig, UserError
 # first: an H100 PCIe must not get the SXM figure. CPUs have no agreed peak: MFU is left out there.
 PEAK_FLOPS = [
     (r"H100.*PCIe", 756e12), (r"H100.*NVL", 835e12), (r"H100", 989e12),  # "H100 80GB HBM3" is the SXM part
-    (r"H200", 989e12), (r"GH200", 989e12), (r"A100", 312e12), (r"L40S", 362e12), (r"\bL40\b", 181e12),
+    (r"GH200", 989e12), (r"H200.*NVL", 835e12), (r"H200", 989e12), (r"A100", 312e12), (r"L40S", 362e12),
+    (r"\bL40\b", 181e12),
     (r"A10G", 70e12), (r"\bA10\b", 125e12), (r"RTX 4090", 165e12), (r"RTX 3090", 71e12), (r"L4\b", 121e12),
 ]
 

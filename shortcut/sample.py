@@ -9,7 +9,6 @@ the other variants run a full forward per token.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time

@@ -227,8 +227,8 @@ def train_step(loop: Loop, model, fwd_model, optimizer, ctx) -> None:
     exits = sample_exit(model.cfg, loop.job.seed, loop.step)
     for k, starts in enumerate(parts):
         x, y = loop.data.windows("train", starts)
-        if loop.device.type == "cuda":  # page-locked, so the copy overlaps the previous step's kernels
-            x, y = x.pin_memory(), y.pin_memory()
+        if loop.device.type == "cuda":  # page-locked (and contiguous), so the copy overlaps the step's kernels
+            x, y = x.contiguous().pin_memory(), y.contiguous().pin_memory()
         x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
         with fwd_model.no_sync() if loop.dist.world > 1 and k < len(parts) - 1 else nullcontext():
             with ctx:
@@ -258,10 +258,12 @@ def read_loss(loop: Loop) -> float:
 def run_loop(loop: Loop, model, metrics: MetricsLog | None, tracker, optimizer, ctx, session_start: float) -> None:
     """Train from loop.step to max_steps: log, validate and checkpoint on their intervals (this process's share)."""
     cfg = loop.cfg
-    fwd_model = torch.compile(model) if cfg.compile and loop.device.type == "cuda" else model
+    fwd_model = model
     if loop.dist.world > 1:
         fwd_model = torch.nn.parallel.DistributedDataParallel(
-            fwd_model, device_ids=[loop.device.index] if loop.device.type == "cuda" else None)
+            model, device_ids=[loop.device.index] if loop.device.type == "cuda" else None)
+    if cfg.compile and loop.device.type == "cuda":  # after DDP, so compiled graphs split at its gradient buckets
+        fwd_model = torch.compile(fwd_model)
     val_starts = loop.data.fixed_starts("val", cfg.eval_windows)
     bar = tqdm(total=cfg.max_steps, initial=loop.step, desc=f"train {model.cfg.arch}", unit="step",
                dynamic_ncols=True, disable=not loop.dist.main,
@@ -273,7 +275,9 @@ def run_loop(loop: Loop, model, metrics: MetricsLog | None, tracker, optimizer, 
         interval_tokens += loop.tokens_per_step
         bar.update(1)
         evaluate_now = step % cfg.eval_every == 0 or step == cfg.max_steps
-        if step % cfg.log_every == 0 or evaluate_now or step % cfg.ckpt_every == 0:
+        checkpoint_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        log_now = step % cfg.log_every == 0 or evaluate_now or checkpoint_now
+        if log_now:
             train_loss = read_loss(loop)
             elapsed = time.perf_counter() - t0
             loop.train_time += elapsed
@@ -291,9 +295,10 @@ def run_loop(loop: Loop, model, metrics: MetricsLog | None, tracker, optimizer, 
             tracker.log(row, step)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}" if tok_s else "-",
                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-            t0, interval_tokens = time.perf_counter(), 0  # validation time stays out of tokens/s
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+        if checkpoint_now:
             save(loop, model, optimizer, train_loss, session_start)
+        if log_now:
+            t0, interval_tokens = time.perf_counter(), 0  # validation and checkpoint time stay out of tokens/s
     bar.close()
 
 

@@ -12,6 +12,7 @@ from shortcut.cli import compose
 from shortcut.compare import compare
 from shortcut.config import UserError
 from shortcut.evaluate import evaluate, load_run, sliding_windows, split_nll
+from shortcut.rundir import Checkpoint
 from shortcut.config import Precision
 from shortcut.runtime import autocast
 from shortcut.train import train
@@ -37,6 +38,20 @@ def trained(tmp_path, prepared):
     train(compose("train", prepared + TINY + ["model=shortcut", "train.max_steps=60", "train.lr=3e-3",
                                               "train.warmup_steps=10"]), run)
     return run
+
+
+def test_a_checkpoint_evaluates_on_a_device_its_attention_kernel_does_not_run_on(trained):
+    """model.attn_impl is how the training device computed the attention (flex on a GPU, chunked on a CPU), not
+    what: a checkpoint trained with flex loads on a CPU with the CPU's choice and gives the same logits."""
+    path = Checkpoint.paths(trained)[-1]
+    state = torch.load(path, weights_only=True)
+    x = torch.randint(0, 50, (2, 16))
+    before = load_run(trained)[0](x)[0]
+    state["model_config"]["attn_impl"] = "flex"
+    torch.save(state, path)
+    model = load_run(trained)[0]
+    assert model.cfg.attn_impl == "auto"
+    torch.testing.assert_close(model(x)[0], before)
 
 
 def test_sliding_nll_equals_a_token_by_token_reference(trained):

@@ -8,7 +8,8 @@ from shortcut.runtime import Dist, peak_flops, peak_from_table
 
 @pytest.mark.parametrize("name,peak", [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
     ("NVIDIA L40S", 362e12), ("NVIDIA A10G", 70e12), ("NVIDIA A10", 125e12),
     ("NVIDIA GeForce RTX 4090", 165e12), ("Some Future GPU", None)])
 def test_peak_by_exact_device_model(name, peak):
@@ -32,3 +33,5 @@ def test_gpu_check_plumbing_runs_on_a_cpu():
     r = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "all checks passed" in r.stdout and "shortcut/baseline: step time" in r.stdout
+    shortcut_ops = next(ln for ln in r.stdout.splitlines() if ln.startswith("shortcut attention ops:"))
+    assert "flash_attention" in shortcut_ops  # found inside the depth-and-context attention's own range
