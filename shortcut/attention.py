@@ -25,6 +25,9 @@ def masked_depth_context_attention(q, k, v, dropout_p: float = 0.0, bias=None):
 
     A boolean mask rules out the fused causal kernels: all K·T² scores are computed, half of them to be masked."""
     B, nh, K, T, hs = k.shape
+    if bias is not None and q.dtype not in (torch.float32, torch.float64):  # as the chunked path: see there
+        with torch.autocast(q.device.type, enabled=False):  # else SDPA would be cast back down
+            return masked_depth_context_attention(q.float(), k.float(), v.float(), dropout_p, bias).to(q.dtype)
     k, v = k.flatten(2, 3), v.flatten(2, 3)  # (B, nh, K*T, hs), tap-major
     # Causal in position, every tap visible: query t sees key (l, s) iff s <= t.
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
@@ -105,10 +108,10 @@ class _TapMergedCausalAttention(torch.autograd.Function):
         dk, dv = (t.view(B, K, nh, T, hs).transpose(1, 2) for t in (dk, dv))  # 2 x (B, nh, K, T, hs)
         if not with_bias:
             return dq, dk, dv, None
-        dyf = dy.float()
-        dyo = (dyf.unsqueeze(1) * o.float()).sum(dim=-1)  # (B, K, nh, T) dy·o_l
-        dyy = (dyf * y.float()).sum(dim=-1)  # (B, nh, T) dy·y, the D of every tap
-        dbias = (w * (dyo - dyy.unsqueeze(1))).sum(dim=(0, 3)).t()  # (nh, K)
+        dyo = (dy.float().unsqueeze(1) * o.float()).sum(dim=-1)  # (B, K, nh, T) dy·o_l
+        # dy·y = Σ_l w_l·dy·o_l, summed here in float32: from the rounded y (bf16) it would not cancel dy·o_l
+        dyy = (w * dyo).sum(dim=1, keepdim=True)  # (B, 1, nh, T)
+        dbias = (w * (dyo - dyy)).sum(dim=(0, 3)).t()  # (nh, K)
         return dq, dk, dv, dbias.to(bias.dtype)
 
 
@@ -145,7 +148,10 @@ def _causal_attention_backward(dy, q, k, v, y, lse, state):
         dy, q, k, v, y, lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
 
 
-CHUNK = 32  # positions per kernel call of the chunked path (benchmarks/attn_impls.py: 16 is slower, 64 no faster)
+# Positions per kernel call of the chunked path. Measured (2 cores, fp32, forward+backward, the first and third sizes
+# of benchmarks/attn_impls.py): chunks of 16 / 32 / 64 took 112 / 99 / 97 ms at T=256, K=6 and 798 / 722 / 750 ms at
+# T=512, K=12 (the masked path: 144 and 1,203 ms).
+CHUNK = 32
 
 
 def chunked_depth_context_attention(q, k, v, dropout_p: float = 0.0, bias=None, chunk: int = CHUNK):
@@ -196,7 +202,8 @@ class _ChunkedDepthContextAttention(torch.autograd.Function):
         q, kp, vp, y, lse = ctx.saved_tensors
         B, nh, K, T, hs = ctx.shape
         dy = F.pad(dy, (0, y.size(-1) - hs)).contiguous()  # the bias column's output is 0, its gradient too
-        dq, dk, dv = torch.zeros_like(q), torch.empty_like(kp), torch.empty_like(vp)
+        dq = torch.zeros_like(q, dtype=torch.float32)  # summed over T/chunk key chunks: in float32
+        dk, dv = torch.empty_like(kp), torch.empty_like(vp)
         for s0 in range(0, T, ctx.chunk):
             s1 = min(T, s0 + ctx.chunk)
             keys = slice(s0 * K, s1 * K)
@@ -206,7 +213,7 @@ class _ChunkedDepthContextAttention(torch.autograd.Function):
             dq[:, :, s0:] += gq
         dk, dv = (t.view(B, nh, T, K, -1).transpose(2, 3) for t in (dk, dv))  # 2 x (B, nh, K, T, width)
         dbias = dk[..., hs].sum(dim=(0, 3)).to(ctx.bias_dtype) if ctx.has_bias else None  # (nh, K): Σ dS
-        return dq[..., :hs], dk[..., :hs], dv[..., :hs], dbias, None
+        return dq[..., :hs].to(q.dtype), dk[..., :hs], dv[..., :hs], dbias, None
 
 
 def _visible(t0: int, t1: int, s0: int, s1: int, K: int, like):

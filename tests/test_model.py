@@ -206,25 +206,12 @@ def test_chunked_attention_is_causal_and_runs_in_bf16():
     torch.testing.assert_close(low.float(), y, atol=3e-2, rtol=3e-2)
 
 
-def test_chunked_attention_takes_any_strides_and_a_bf16_bias_gradient_in_float32():
-    """A q whose head dimension is strided gives the same output (the CPU kernel wants a unit stride); in bf16 the
-    tap bias' gradient, a sum of largely cancelling per-key terms, is computed in float32: within 1% of float64
-    at the `last` initialisation (the masked bf16 reference is ~10% off there)."""
-    from shortcut.model import last_tap_bias
-
-    q, k, v = (t.detach().double() for t in qkv(2, 4, 6, 64, 16))
+def test_chunked_attention_takes_any_strides():
+    """A q whose head dimension is strided gives the same output (the CPU kernel wants a unit stride)."""
+    q, k, v = (t.detach() for t in qkv(2, 4, 6, 64, 16))
     strided = q.transpose(-1, -2).contiguous().transpose(-1, -2)
-    torch.testing.assert_close(chunked_depth_context_attention(strided.float(), k.float(), v.float(), chunk=16),
-                               chunked_depth_context_attention(q.float(), k.float(), v.float(), chunk=16))
-    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    bias = last_tap_bias(4, 6).view(4, 6).double().requires_grad_()
-    ref, = torch.autograd.grad(ATTENTION[AttnImpl.masked](q, k, v, bias=bias), bias, dy)
-    low = bias.detach().float().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = chunked_depth_context_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias=low, chunk=16)
-    got, = torch.autograd.grad(y, low, dy.bfloat16())
-    assert y.dtype == torch.bfloat16
-    assert (got.double() - ref).abs().max() <= 0.01 * ref.abs().max()
+    torch.testing.assert_close(chunked_depth_context_attention(strided, k, v, chunk=16),
+                               chunked_depth_context_attention(q, k, v, chunk=16))
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
