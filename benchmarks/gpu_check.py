@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from shortcut import corpus
+from shortcut.attention import resolve_attn_impl
 from shortcut.cli import compose
+from shortcut.config import AttnImpl
 from shortcut.rundir import Checkpoint
 from shortcut.train import train
 
@@ -83,10 +85,11 @@ def speed(base, s, out: Path, compile_: bool) -> dict:
 ATTENTION_RANGES = {"baseline": "aten::scaled_dot_product_attention", "shortcut": "depth_context_attention."}
 
 
-def fused_kernels(s, out: Path, device: str) -> dict[str, list[str]]:
-    """What ran inside each trained model's attention in one bf16 training forward: on CUDA the names of the
-    kernels launched there, on a CPU (--smoke) the ops. For the shortcut only its depth-and-context attention
-    counts (its other blocks are ordinary causal attention, which would pass any check)."""
+def fused_kernels(s, out: Path, device: str) -> dict[str, tuple[list[str], list[str]]]:
+    """What ran inside each trained model's attention in one bf16 training forward: the ranges found (the
+    shortcut's names the implementation that ran) and, inside them, on CUDA the kernels launched, on a CPU
+    (--smoke) the ops. For the shortcut only its depth-and-context attention counts (its other blocks are ordinary
+    causal attention, which would pass any check)."""
     from torch.profiler import ProfilerActivity, profile
 
     from shortcut.evaluate import load_run
@@ -101,7 +104,7 @@ def fused_kernels(s, out: Path, device: str) -> dict[str, list[str]]:
             model(x.to(device), y.to(device))
             if device == "cuda":
                 torch.cuda.synchronize()
-        names = set()
+        names, ranges = set(), set()
 
         def inside(event):  # the kernels (CUDA) or the ops (CPU) an event and its children ran
             names.update([k.name for k in event.kernels] if device == "cuda" else [event.name])
@@ -110,9 +113,10 @@ def fused_kernels(s, out: Path, device: str) -> dict[str, list[str]]:
 
         for event in prof.events():
             if event.name.startswith(prefix):
+                ranges.add(event.name)
                 inside(event)
-        found[arch] = sorted(n for n in names if not n.startswith(prefix)
-                             and (device == "cuda" or "attention" in n.lower()))  # CPU: the attention ops
+        found[arch] = (sorted(ranges), sorted(n for n in names if not n.startswith(prefix)
+                                              and (device == "cuda" or "attention" in n.lower())))  # CPU: those ops
     return found
 
 
@@ -165,15 +169,24 @@ def main() -> int:
             print(f"{arch:9s} {r['tokens_per_s']:10,.0f} {mfu:>6s} {r['step_s']:7.3f} {r['final_val']:7.3f} "
                   f"{r['wall_s']:7.1f}")
         time_ratio, flop_ratio = sc["step_s"] / b["step_s"], sc["flops_per_token"] / b["flops_per_token"]
+        met = "met" if time_ratio / flop_ratio <= 1.05 else "NOT met"
         print(f"shortcut/baseline: step time {time_ratio:.3f}, FLOPs {flop_ratio:.3f}, "
-              f"time/FLOP ratio {time_ratio / flop_ratio:.3f} (target <= 1.05)")
+              f"time/FLOP ratio {time_ratio / flop_ratio:.3f} (target <= 1.05: {met}; a target, not a check)")
+        if b["mfu"]:
+            print(f"baseline MFU {b['mfu']:.1%} (target >= 45% on an H100/H200: "
+                  f"{'met' if b['mfu'] >= 0.45 else 'NOT met'}; a target, not a check)")
         for arch, r in fast.items():
             if not r["final_val"] < r["first_loss"]:
                 failures.append(f"{arch} did not learn ({r['first_loss']:.3f} -> {r['final_val']:.3f})")
-        for arch, names in fused_kernels(s, out, "cuda" if cuda else "cpu").items():
-            print(f"{arch} attention {'kernels' if cuda else 'ops'}: {', '.join(names) or 'none found'}")
+        device = "cuda" if cuda else "cpu"
+        expected = f"{ATTENTION_RANGES['shortcut']}{resolve_attn_impl(AttnImpl.auto, device)}"
+        for arch, (ranges, names) in fused_kernels(s, out, device).items():
+            print(f"{arch} attention ({', '.join(ranges) or 'not found'}) {'kernels' if cuda else 'ops'}: "
+                  f"{', '.join(names) or 'none found'}")
             if not any("flash" in n.lower() for n in names):  # FlashAttention (CUDA), the flash kernel (CPU)
                 failures.append(f"{arch}: no fused (flash) attention kernel ran in its attention")
+            if arch == "shortcut" and ranges != [expected]:  # not the reference it may fall back to
+                failures.append(f"shortcut: its attention ran as {ranges}, not as auto's {expected}")
         shutil.rmtree(out)  # ~1.5 GB a checkpoint at full size: each phase removes its runs
         tr = tracking(base, s, out)
         print(f"bf16 vs float32 (same seed): largest gap of logged losses {tr['max_gap']:.4f} nats "

@@ -444,6 +444,11 @@ def dataset_table(ds_rows: list[Row], job: CompareJob, notes: list[str]) -> list
         s0 = row.summary
         tok_s = [np.median([m["tokens_per_s"] for m in r.metrics if m.get("tokens_per_s")]) for r in row.runs
                  if any(m.get("tokens_per_s") for m in r.metrics)]
+        ran_on = sorted({(r.summary.device.split(":")[0], " then ".join(r.summary.attn_kernels or ()) or "-")
+                         for r in row.runs})  # (device type, attention kernels) of each seed
+        if tok_s and len(ran_on) > 1:
+            notes.append(f"{ds}, {row.variant}: tokens/s averages seeds run on different devices or attention "
+                         f"kernels ({'; '.join(' '.join(x) for x in ran_on)}): the same function, not the same speed")
         entries.append({
             "_key": row.key, "dataset": ds, "variant": row.variant, "arch": s0.arch,
             "settings_hash": s0.identity.settings_hash, "params": s0.params,

@@ -186,6 +186,7 @@ class Summary(_Record):
     peak_flops: float | None = None
     peak_flops_source: str | None = None
     nproc: int = 1
+    attn_kernels: list | None = None  # the shortcut's attention kernel(s) as resolved on the device, in order
 
     @classmethod
     def from_dict(cls, d: dict, where: Path | str = "?"):
@@ -300,6 +301,7 @@ class Checkpoint:
     data_hash: str
     data_dir: str
     weights_hash: str = ""
+    attn_kernels: list = field(default_factory=list)  # the shortcut's attention kernel, each change in order
     path: str = ""  # where it was read from (not saved)
 
     def save(self, ckpt_dir: Path, keep: int) -> Path:

@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from shortcut import corpus, rundir
-from shortcut.config import ModelConfig, TrainConfig, TrainJob, UserError
+from shortcut.attention import resolve_attn_impl
+from shortcut.config import Arch, ModelConfig, TrainConfig, TrainJob, UserError
 from shortcut.data import TokenData
 from shortcut.model import GPT, flops_per_token, match_params, param_counts
 from shortcut.rundir import Checkpoint, Summary
@@ -189,6 +190,7 @@ class Loop:
     loss_sum: torch.Tensor | None = None  # training losses since the last check, on the device (no sync per step)
     loss_steps: int = 0
     peak_source: str | None = None
+    attn_kernels: list[str] = field(default_factory=list)  # the shortcut's attention kernel, each change in order
 
     @property
     def tokens_per_step(self) -> int:
@@ -321,7 +323,8 @@ def checkpoint(loop: Loop, model, optimizer, train_loss: float, session_start: f
         rng={},
         best_val_loss=loop.best, last_val_loss=loop.last_val, train_loss=train_loss, train_time=loop.train_time,
         wall_time=loop.prior_wall + time.perf_counter() - session_start, config=plain(loop.job),
-        model_config=plain(model.cfg), data_hash=loop.data.meta["content_hash"], data_dir=str(loop.data.path))
+        model_config=plain(model.cfg), data_hash=loop.data.meta["content_hash"], data_dir=str(loop.data.path),
+        attn_kernels=list(loop.attn_kernels))
 
 
 # --- the command ---
@@ -395,11 +398,13 @@ def _train_locked(job: TrainJob, run_dir: Path, resolved_yaml: str | None, refer
     data = open_corpus(job)
     mcfg = resolve_model(job.model, data.vocab_size)
     cfg = effective_train(job.train, mcfg, data.vocab_size, match)
+    # the device and the attention kernel first: a setting this machine cannot run is refused before run_dir changes
+    device = pick_device(cfg.device, dist.local_rank)
+    kernel = str(resolve_attn_impl(mcfg.attn_impl, device.type)) if mcfg.arch == Arch.shortcut else None
     state = resume_or_reset(job, run_dir, data, dist)
     if state is not None and state.step >= cfg.max_steps and (run_dir / rundir.SUMMARY).is_file():
         log.info("%s already finished (step %d of %d); nothing to train", run_dir, state.step, cfg.max_steps)
         return Summary.read(run_dir)
-    device = pick_device(cfg.device, dist.local_rank)
     model, optimizer = build(mcfg, cfg, job.seed, device, state, dist)
     if resolved_yaml is not None and dist.main:
         (run_dir / rundir.CONFIG).write_text(resolved_yaml)
@@ -409,11 +414,18 @@ def _train_locked(job: TrainJob, run_dir: Path, resolved_yaml: str | None, refer
     if state is not None:
         loop.step, loop.best, loop.last_val = state.step, state.best_val_loss, state.last_val_loss
         loop.train_time, loop.prior_wall, loop.weights_hash = state.train_time, state.wall_time, state.weights_hash
+        loop.attn_kernels = list(state.attn_kernels)
+    if kernel is not None and loop.attn_kernels[-1:] != [kernel]:
+        if state is not None:  # the same function, other rounding: not bit-identical to an uninterrupted run
+            log.warning("%s resumes at step %d with attention kernel %s; it trained with %s until now (same "
+                        "function, float rounding differs)", run_dir, state.step, kernel,
+                        " then ".join(loop.attn_kernels) or "a kernel its checkpoint does not record")
+        loop.attn_kernels.append(kernel)
     counts = param_counts(mcfg)
-    log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, %d steps%s, taps %s", mcfg.arch,
+    log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, %d steps%s, taps %s%s", mcfg.arch,
              f"{counts['params']:,}", f"{counts['non_embedding_params']:,}", loop.flops["forward"], cfg.max_steps,
              f" on {dist.world} processes" if dist.world > 1 else "",
-             mcfg.tap_layers() if mcfg.arch == "shortcut" else "-")
+             mcfg.tap_layers() if mcfg.arch == "shortcut" else "-", f", attention {kernel}" if kernel else "")
     metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=loop.step) if dist.main else None
     tracker = open_tracker(job.wandb, run_dir, name=run_dir.name, config=plain(job)) if dist.main else Tracker()
     session_start, failed = time.perf_counter(), True
@@ -451,4 +463,5 @@ def summarise(job: TrainJob, loop: Loop, mcfg: ModelConfig, counts: dict, refere
         best_val_loss=loop.best if loop.best < math.inf else None, train_time_s=loop.train_time,
         wall_time_s=loop.prior_wall + time.perf_counter() - session_start, finished=loop.step >= loop.cfg.max_steps,
         checkpoint_hash=loop.weights_hash, finished_at=rundir.now(),
-        peak_flops=loop.peak, peak_flops_source=loop.peak_source, nproc=loop.dist.world)
+        peak_flops=loop.peak, peak_flops_source=loop.peak_source, nproc=loop.dist.world,
+        attn_kernels=list(loop.attn_kernels) or None)

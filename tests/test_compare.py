@@ -21,7 +21,8 @@ SC_TEST = {0: 1.45, 1: 1.50, 2: 1.46}
 
 def fake_run(root, name, arch, seed, test_nll, data_hash="abc", domain="text", train_flops=3000.0,
              val_curve=(3.0, 2.0, 1.6), label=None, variant_hash=None, setup_label="", setup_hash="s0",
-             finished_at="2026-01-01T00:00:00Z", stride=16, evaluated=True, params=None, model=None, split="test"):
+             finished_at="2026-01-01T00:00:00Z", stride=16, evaluated=True, params=None, model=None, split="test",
+             device="cpu", attn_kernels=None):
     """A finished run dir as train and eval write it; the identity is given (train computes it)."""
     d = root / name
     d.mkdir(parents=True)
@@ -31,9 +32,9 @@ def fake_run(root, name, arch, seed, test_nll, data_hash="abc", domain="text", t
     Summary(identity=identity, domain=domain, source="files", tokenizer="char", arch=arch, model=model or {}, train={},
             seed=seed, params=params or (1000 if arch == "baseline" else 1100), non_embedding_params=900,
             flops_per_token=10, train_flops_per_token=30, tokens_per_step=10, max_steps=30, data_hash=data_hash,
-            data_dir="data", git_commit=None, device="cpu", step=30, train_flops=train_flops,
+            data_dir="data", git_commit=None, device=device, step=30, train_flops=train_flops,
             final_val_loss=val_curve[-1], best_val_loss=min(val_curve), train_time_s=1.0, wall_time_s=1.0,
-            finished=True, checkpoint_hash=f"w-{name}", finished_at=finished_at).write(d)
+            finished=True, checkpoint_hash=f"w-{name}", finished_at=finished_at, attn_kernels=attn_kernels).write(d)
     rows = [{"step": 10 * (i + 1), "train_flops": train_flops * (i + 1) / len(val_curve), "val_loss": v,
              "tokens_per_s": 500.0} for i, v in enumerate(val_curve)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -61,6 +62,19 @@ def job(tmp_path, *overrides):
 
 def rows_of(summary):
     return {r["variant"]: r for r in summary["rows"]}
+
+
+def test_tokens_per_s_of_seeds_on_different_kernels_is_flagged(tmp_path):
+    """A row's tokens/s is a mean over its seeds: seeds whose attention ran on other kernels (or devices) make it
+    a mix, and compare says so (their NLLs stay comparable: attn_impl never changes the function)."""
+    for s, kernels in enumerate([["chunked"], ["masked", "chunked"], ["chunked"]]):
+        fake_run(tmp_path / "runs", f"s{s}", "shortcut", s, SC_TEST[s], attn_kernels=kernels)
+    notes = compare(job(tmp_path))["notes"]
+    assert any("different devices or attention kernels (cpu chunked; cpu masked then chunked)" in n for n in notes)
+    same = tmp_path / "same"
+    for s in range(2):
+        fake_run(same / "runs", f"s{s}", "shortcut", s, SC_TEST[s], attn_kernels=["chunked"])
+    assert not any("attention kernels" in n for n in compare(job(same))["notes"])
 
 
 def test_table_statistics_match_scipy(runs):

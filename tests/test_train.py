@@ -73,6 +73,29 @@ def test_resume_continues_exactly(tmp_path, prepared):
     assert [(r["step"], r["train_loss"], r["val_loss"]) for r in a] == [(r["step"], r["train_loss"], r["val_loss"]) for r in b]
 
 
+def test_the_attention_kernel_is_recorded_and_a_change_on_resume_is_said(tmp_path, prepared, caplog):
+    """model.attn_impl is an execution setting: a run may resume on another kernel (the same function), but its
+    summary lists each kernel in order and the resume says so, never silently."""
+    common = ["model=shortcut", "train.max_steps=20", "train.ckpt_every=10"]
+    train(job(prepared, *common, "model.attn_impl=masked"), tmp_path / "r")
+    sorted((tmp_path / "r" / "ckpt").glob("step_*.pt"))[-1].unlink()  # it stopped after step 10
+    (tmp_path / "r" / "summary.json").unlink()
+    summary = train(job(prepared, *common), tmp_path / "r")  # auto: chunked on a CPU
+    assert summary.attn_kernels == ["masked", "chunked"]
+    assert "resumes at step 10 with attention kernel chunked; it trained with masked until now" in caplog.text
+    assert train(job(prepared, *common), tmp_path / "fresh").attn_kernels == ["chunked"]
+    assert train(job(prepared, "train.max_steps=5"), tmp_path / "base").attn_kernels is None  # no such attention
+
+
+def test_a_kernel_this_device_lacks_is_refused_before_the_run_dir_changes(tmp_path, prepared):
+    run = tmp_path / "r"
+    train(job(prepared, "model=shortcut", "train.max_steps=10"), run)
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(UserError, match="flex needs CUDA"):
+        train(job(prepared, "model=shortcut", "train.max_steps=10", "model.attn_impl=flex", "train.resume=false"), run)
+    assert sorted(p.name for p in run.rglob("*")) == before  # the fresh start never began
+
+
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, prepared, caplog):
     cfg = job(prepared, "train.max_steps=20", "train.ckpt_every=10")
     full = train(cfg, tmp_path / "a")
