@@ -69,3 +69,66 @@ def assert_flops_match_the_counter(model, cfg, x) -> None:
             run()
         measured = counter.get_total_flops() / x.numel()
         assert abs(analytic[key] - measured) <= 1e-6 * measured, (key, analytic, measured)
+
+
+def tokens(B: int = 2, T: int = 24, seed: int = 0):
+    """(B, T) token ids below 40, the tiny models' vocabulary."""
+    import torch
+
+    return torch.randint(0, 40, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_causal_and_trainable(model) -> None:
+    """Changing the tokens from position 15 on leaves every earlier logit unchanged and changes the later ones;
+    one backward gives every parameter a gradient."""
+    import torch
+
+    x = tokens()
+    logits, loss, _ = model(x, x)
+    x2 = x.clone()
+    x2[:, 15:] = (x2[:, 15:] + 7) % 40  # change the future
+    logits2 = model(x2)[0]
+    assert torch.equal(logits[:, :15], logits2[:, :15]), "earlier logits depend on later tokens"
+    assert not torch.allclose(logits[:, 15:], logits2[:, 15:])
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def assert_impl_matches_the_reference(cfg, impl, T: int, perturb=None) -> None:
+    """The model with model.attn_impl=impl gives the masked reference's logits, loss and gradient of every
+    parameter within 1e-5 (same seed; perturb(model) first moves chosen parameters off their init). flex runs on
+    CUDA, everything else on the CPU."""
+    from dataclasses import replace
+
+    import torch
+
+    from shortcut.config import AttnImpl
+    from shortcut.model import GPT
+
+    device = "cuda" if impl == AttnImpl.flex else "cpu"
+    results = []
+    for attn_impl in (AttnImpl.masked, impl):
+        torch.manual_seed(0)
+        model = GPT(replace(cfg, attn_impl=attn_impl))
+        if perturb is not None:
+            perturb(model)
+        model = model.to(device)
+        x = tokens(B=3, T=T).to(device)
+        logits, loss, _ = model(x, x)
+        loss.backward()
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def impls_to_test() -> list:
+    """Every attention implementation but auto: flex where CUDA is present (it has no CPU backward)."""
+    import torch
+
+    from shortcut.config import AttnImpl
+
+    return [i for i in AttnImpl if i != AttnImpl.auto and (i != AttnImpl.flex or torch.cuda.is_available())]

@@ -5,7 +5,8 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import assert_flops_match_the_counter
+from conftest import (assert_causal_and_trainable, assert_flops_match_the_counter, assert_impl_matches_the_reference,
+                      impls_to_test, tokens)
 
 from shortcut.attention import (ATTENTION, chunked_depth_context_attention, depth_context_attention_probs,
                                 resolve_attn_impl)
@@ -22,27 +23,14 @@ VARIANTS = [
     {"attn_impl": "masked"}, {"attn_impl": "lse"}, {"attn_impl": "lse", "taps": [0, 2]},
 ]
 # The attention implementations this machine runs (flex needs CUDA).
-IMPLS = [i for i in AttnImpl if i != AttnImpl.auto and (i != AttnImpl.flex or torch.cuda.is_available())]
-
-
-def tokens(B=2, T=24, seed=0):
-    return torch.randint(0, 40, (B, T), generator=torch.Generator().manual_seed(seed))
+IMPLS = impls_to_test()
 
 
 @pytest.mark.parametrize("cfg", [BASE] + [replace(SHORTCUT, **v) for v in VARIANTS],
                          ids=["baseline"] + [f"shortcut-{v}" for v in VARIANTS])
 def test_causal_and_trainable(cfg):
     torch.manual_seed(0)
-    model = GPT(cfg).eval()
-    x = tokens()
-    logits, loss, _ = model(x, x)
-    x2 = x.clone()
-    x2[:, 15:] = (x2[:, 15:] + 7) % 40  # change the future
-    logits2, _, _ = model(x2)
-    assert torch.equal(logits[:, :15], logits2[:, :15]), "earlier logits depend on later tokens"
-    assert not torch.allclose(logits[:, 15:], logits2[:, 15:])
-    loss.backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert_causal_and_trainable(GPT(cfg).eval())
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
@@ -154,22 +142,7 @@ def test_attention_impls_match_the_reference(impl, K, T):
                          ids=lambda v: str(v))
 def test_models_with_each_impl_match_the_reference(impl, variant, T):
     """Logits, loss and the gradient of every parameter, at T not a multiple of any kernel block."""
-    device = "cuda" if impl == AttnImpl.flex else "cpu"
-    cfg = replace(SHORTCUT, **{"n_layer": 4, "block_size": 80, **variant})
-    results = []
-    for attn_impl in (AttnImpl.masked, impl):
-        torch.manual_seed(0)
-        model = GPT(replace(cfg, attn_impl=attn_impl)).to(device)
-        x = tokens(B=3, T=T).to(device)
-        logits, loss, _ = model(x, x)
-        loss.backward()
-        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
-    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == ref_grads.keys()
-    for name, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert_impl_matches_the_reference(replace(SHORTCUT, **{"n_layer": 4, "block_size": 80, **variant}), impl, T)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 200])  # one position, not dividing T, dividing 64, beyond T

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import assert_flops_match_the_counter
+from conftest import (assert_causal_and_trainable, assert_flops_match_the_counter, assert_impl_matches_the_reference,
+                      impls_to_test, tokens)
 
 from shortcut.attention import ATTENTION, depth_context_attention_probs
 from shortcut.config import AttnImpl, ModelConfig
@@ -24,15 +25,11 @@ GRID = [dict(shortcut_mode=m, tap_bias=b, taps=t, shortcut_layers=n)
 # A cover of the grid (every mode x taps x N, the bias alternating) and a few points for the modern baseline.
 COVER = [m for m in GRID if (m["shortcut_mode"] == "add") ^ (m["tap_bias"] == "last") ^ (m["shortcut_layers"] == 2)]
 MODERN_CASES = [(m, MODERN) for m in COVER[::2]]
-IMPLS = [i for i in AttnImpl if i != AttnImpl.auto and (i != AttnImpl.flex or torch.cuda.is_available())]
+IMPLS = impls_to_test()
 
 
 def gid(v):
     return "-".join(str(x).replace(" ", "") for x in v.values()) if isinstance(v, dict) else str(v)
-
-
-def tokens(B=2, T=24, seed=0):
-    return torch.randint(0, 40, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def perturb_shortcut(model, seed=1, scale=0.5):
@@ -84,14 +81,7 @@ def test_causal_and_trainable(mode, style):
     torch.manual_seed(0)
     model = GPT(replace(SHORTCUT, **mode, **style)).eval()
     perturb_shortcut(model)
-    x = tokens()
-    logits, loss, _ = model(x, x)
-    x2 = x.clone()
-    x2[:, 15:] = (x2[:, 15:] + 7) % 40  # change the future
-    assert torch.equal(logits[:, :15], model(x2)[0][:, :15]), "earlier logits depend on later tokens"
-    assert not torch.allclose(logits[:, 15:], model(x2)[0][:, 15:])
-    loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert_causal_and_trainable(model)
 
 
 @pytest.mark.parametrize("mode,style", [(m, s) for m in GRID if m["shortcut_mode"] == "add" for s in ({}, MODERN)
@@ -226,23 +216,7 @@ def test_flex_with_a_tap_bias_on_cpu_forward():
                                   dict(shortcut_mode="add", tap_bias="none", shortcut_layers=3)], ids=gid)
 def test_models_with_each_impl_match_the_reference(impl, mode):
     """Logits, loss and every parameter's gradient (tap biases and the add branch perturbed off their init)."""
-    device = "cuda" if impl == AttnImpl.flex else "cpu"
-    cfg = replace(SHORTCUT, n_layer=4, block_size=80, **mode)
-    results = []
-    for attn_impl in (AttnImpl.masked, impl):
-        torch.manual_seed(0)
-        model = GPT(replace(cfg, attn_impl=attn_impl))
-        perturb_shortcut(model)
-        model = model.to(device)
-        x = tokens(B=3, T=37).to(device)
-        logits, loss, _ = model(x, x)
-        loss.backward()
-        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
-    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    for name, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert_impl_matches_the_reference(replace(SHORTCUT, n_layer=4, block_size=80, **mode), impl, 37, perturb_shortcut)
 
 
 # --- counts: exact against torch's counter and the module ---

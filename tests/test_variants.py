@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_flops_match_the_counter
+from conftest import assert_causal_and_trainable, assert_flops_match_the_counter, tokens
 
 from shortcut.audit import summarise_layer_weights
 from shortcut.config import ModelConfig, TrainConfig
@@ -35,10 +35,6 @@ def cfg_of(arch, extra=None, style=None, **kw):
     return replace(BASE, arch=arch, **(extra or {}), **(style or {}), **kw)
 
 
-def tokens(B=2, T=24, seed=0):
-    return torch.randint(0, 40, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
 def name(case):
     arch, extra = case[:2]
     return arch + "".join(f"-{k}={v}" for k, v in extra.items())
@@ -61,14 +57,7 @@ def test_causal_and_trainable(case, style):
     torch.manual_seed(0)
     model = GPT(cfg_of(*case, style)).eval()
     perturb(model)  # the mixing must be causal whatever its weights, not only at the identity
-    x = tokens()
-    logits, loss, _ = model(x, x)
-    x2 = x.clone()
-    x2[:, 15:] = (x2[:, 15:] + 7) % 40  # change the future
-    assert torch.equal(logits[:, :15], model(x2)[0][:, :15]), "earlier logits depend on later tokens"
-    assert not torch.allclose(logits[:, 15:], model(x2)[0][:, 15:])
-    loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert_causal_and_trainable(model)
 
 
 @pytest.mark.parametrize("style", STYLES, ids=lambda s: "-".join(s.values()) or "gpt2")
