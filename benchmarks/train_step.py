@@ -20,7 +20,8 @@ import torch
 
 from shortcut.attention import resolve_attn_impl, runnable_impls
 from shortcut.config import AttnImpl, Device, ModelConfig, Precision, TrainConfig
-from shortcut.model import GPT, flops_per_token
+from shortcut.costs import flops_per_token
+from shortcut.model import GPT
 from shortcut.runtime import autocast, make_optimizer, peak_flops, pick_device
 
 WARMUP, STEPS = 3, 10
@@ -58,7 +59,7 @@ def bench(cfg: ModelConfig, batch: int, device: torch.device, steps: int = STEPS
         step()
     dt = (time.perf_counter() - t0) / steps
     tokens = batch * cfg.block_size
-    return tokens / dt, tokens * flops_per_token(cfg)["train"] / dt
+    return tokens / dt, tokens * flops_per_token(cfg).train / dt
 
 
 def step_times(cfgs: dict[str, ModelConfig], batch: int, device: torch.device) -> dict[str, list[float]]:
@@ -121,10 +122,10 @@ def cost_ratios(device: torch.device) -> dict[str, float]:
         cfgs = {"baseline": base} | {impl: ModelConfig(arch="shortcut", vocab_size=512, attn_impl=impl, **s)
                                      for impl in runnable_impls(device.type)}
         times = step_times(cfgs, batch, device)
-        tb, fb = times["baseline"], flops_per_token(base)["train"]
+        tb, fb = times["baseline"], flops_per_token(base).train
         for name, ts in times.items():
             ratio = statistics.median(a / b for a, b in zip(ts, tb))  # per round: the same machine load
-            flop_ratio = flops_per_token(cfgs[name])["train"] / fb
+            flop_ratio = flops_per_token(cfgs[name]).train / fb
             print(f"{base.n_layer:3d} {base.n_embd:5d} {base.block_size:5d} {batch:3d} {name:9s} "
                   f"{statistics.median(ts) * 1e3:8.1f} {ratio:10.3f} {min(ts) / min(tb):9.3f} {flop_ratio:10.3f} "
                   f"{ratio / flop_ratio:9.3f}")

@@ -291,6 +291,33 @@ def resolve_attn_impl(impl: AttnImpl, device_type: str) -> AttnImpl:
     return impl
 
 
+# --- over a KV cache (incremental decoding, shortcut.generate): n new queries at positions p.., keys at 0..p+n-1 ---
+
+def _visible_from(p: int, n: int, device) -> torch.Tensor:
+    """(n, p + n) bool: query p + j sees key position s iff s <= p + j."""
+    return torch.arange(p + n, device=device)[None, :] <= (p + torch.arange(n, device=device))[:, None]
+
+
+def cached_attention(q, k, v, offset: int):
+    """Causal self-attention of q (B, nh, n, hs) at positions offset.. over cached k, v (B, nh, offset + n, hs)."""
+    n = q.size(2)
+    if n == 1:
+        return F.scaled_dot_product_attention(q, k, v)  # one query sees every cached key
+    if offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_visible_from(offset, n, q.device))
+
+
+def cached_depth_context_attention(q, k, v, offset: int, bias=None):
+    """q (B, nh, n, hs) at positions offset.. over cached (tap, position) keys and values k, v (B, nh, K,
+    offset + n, hs), laid out tap-major as in masked_depth_context_attention; bias (nh, K) or None."""
+    n, K, t = q.size(2), k.size(2), k.size(3)
+    mask = _visible_from(offset, n, q.device).repeat(1, K)  # (n, K*t): every tap, causal in position
+    if bias is not None:
+        mask = tap_bias_mask(mask, bias, t).to(q.dtype)  # (nh, n, K*t): b[h, l] or -inf
+    return F.scaled_dot_product_attention(q, k.flatten(2, 3), v.flatten(2, 3), attn_mask=mask)  # (B, nh, n, hs)
+
+
 AUDIT_CHUNK_BYTES = 256 * 2**20
 
 

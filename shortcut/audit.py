@@ -77,7 +77,7 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
     for i in range(0, len(starts), 8):
         x, y = data.windows("val", starts[i:i + 8], T)
         x, y = x.to(device), y.to(device)
-        logits, _, probs = model(x, per_head=model.shortcut)
+        logits, probs = model.depth_attention(x, per_head=True) if model.shortcut else (model(x)[0], None)
         out["inputs"].append(x.cpu())
         out["targets"].append(y.cpu())
         out["loss"].append(F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").cpu())  # (B, T)
@@ -106,7 +106,7 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
 def logit_lens(model: GPT, x, y, output_nll: float) -> np.ndarray:
     """NLL (nats/token) when the final LayerNorm and head read each layer's residual stream h_0 .. h_{L-1}, and
     last the model's own output (output_nll, already measured)."""
-    nll = [F.cross_entropy(model.lm_head(model.ln_f(h)).float().transpose(1, 2), y).item()
+    nll = [F.cross_entropy(model.head(h).float().transpose(1, 2), y).item()
            for h in model.hidden_states(x)]
     return np.array(nll + [output_nll])
 

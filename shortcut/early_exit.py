@@ -14,7 +14,7 @@ Policies (eval.exit):
               attend to it unchanged. Computed layer by layer for all positions at once, which is exact: a token's
               decision at d depends only on states at depth <= d of itself and earlier tokens.
 
-Cost per token, analytic, forward (shortcut.model.flop_parts: the same terms as flops_per_token, so the full
+Cost per token, analytic, forward (shortcut.costs: the same terms as flops_per_token, so the full
 depth costs exactly the model's forward FLOPs): the blocks run, every exit head evaluated to decide (each
 depth tried, the exit taken included), the feature maps of the taps read, and, for a state copied upward, its
 keys and values in every deeper attention that later tokens read (the copy is free; projecting it is not).
@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shortcut.config import Arch, EvalConfig, ExitPolicy, ShortcutMode, UserError
+from shortcut.config import Arch, EvalConfig, ExitPolicy, UserError
+from shortcut.costs import costs
 from shortcut.data import TokenData
-from shortcut.model import GPT, exit_flops, flop_parts
+from shortcut.model import GPT
+from shortcut.scoring import scored_batches, sliding_windows, split_nll
 
 NLL_TOLERANCE = 0.01  # the headline: compute saved at <= 1% more NLL than the full depth
 
@@ -41,53 +43,14 @@ def check_supported(model: GPT, where) -> None:
                         f"{model.cfg.arch} (evaluate it with eval.exit=none)")
 
 
-def token_costs(model: GPT) -> dict:
-    """Forward FLOPs per token: "fixed"[d] for a fixed exit at d, "confidence"[d] for a token that exits at d
-    under the confidence policy (every depth <= d tried), "full" the model's forward FLOPs."""
-    cfg = model.cfg
-    part = flop_parts(cfg)
-    depths = cfg.exit_depths()
-    full, taps = depths[-1], part["fmap"]
-    below = lambda d: sum(1 for l in taps if l <= d)
-    before = lambda d: sum(part["blocks"][:d])
-    fixed = {d: before(d) + exit_flops(cfg, d) for d in depths}
-    confidence, tried, projected = {}, 0, 0
-    for d in depths:
-        # the exit head at d; the shortcut's final block re-uses the keys and values of the taps it projected at
-        # the shallower decisions (the same weights on the same states), as a cache would
-        tried += exit_flops(cfg, d, fmaps=False) - part["kv"] * projected
-        projected = below(d) if model.shortcut else 0
-        fmaps = part["fmap_each"] * below(d)
-        confidence[d] = before(d) + tried + fmaps + (copy_up(model, d, part) if d < full else 0)
-    return {"fixed": fixed, "confidence": confidence, "full": fixed[full], "depths": depths}
-
-
-def copy_up(model: GPT, d: int, part: dict) -> int:
-    """FLOPs that a token exiting at d costs later readers, who attend to its state copied upward: its keys and
-    values in every self-attention it never ran (blocks d.. of the baseline; blocks d..L-2 of the shortcut, whose
-    final block ran at the exit) and in every shortcut block it never ran (all the taps such a block reads), the
-    final block's keys and values of the taps above d, and those taps' feature maps."""
-    cfg, L = model.cfg, model.cfg.n_layer
-    last = L - 1 if model.shortcut else L  # the shortcut's final block ran at the exit, on h_d
-    flops = 0
-    for i in range(d, last):
-        if i not in model.block_taps or cfg.shortcut_mode == ShortcutMode.add:
-            flops += part["kv"]  # its self-attention
-        flops += part["kv"] * len(model.block_taps.get(i, ()))  # a shortcut block's taps
-    if model.shortcut:
-        above = sum(1 for l in part["fmap"] if l > d)
-        flops += (part["kv"] + part["fmap_each"]) * above
-    return flops
-
-
 @torch.no_grad()
 def fixed_nll(model: GPT, x, y, keep) -> dict[int, torch.Tensor]:
     """Summed NLL of the kept targets (B, T mask) at every exit depth, from one pass."""
     depths = model.cfg.exit_depths()
-    states, rope, feats = model.run_to(x, depths[-1])
+    trace = model.run_to(x, depths[-1])
     out = {}
     for d in depths:
-        nll = F.cross_entropy(model.exit_logits(states, d, rope, feats).float().transpose(1, 2), y, reduction="none")
+        nll = F.cross_entropy(model.exit_logits(trace, d).float().transpose(1, 2), y, reduction="none")
         out[d] = nll[keep].sum()
     return out
 
@@ -95,19 +58,18 @@ def fixed_nll(model: GPT, x, y, keep) -> dict[int, torch.Tensor]:
 @torch.no_grad()
 def confidence_pass(model: GPT, x, y, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token (B, T): its NLL and the depth it exits at, with exited states copied upward (CALM)."""
-    h, rope = model.embed(x)
-    states, feats = [h], {}
+    trace = model.start(x)
     depths = model.cfg.exit_depths()
     exited = torch.zeros(y.shape, dtype=torch.bool, device=y.device)
     nll = torch.zeros(y.shape, device=y.device)
     depth = torch.zeros(y.shape, dtype=torch.long, device=y.device)
     for d in range(1, depths[-1] + 1):
-        new, _ = model.run_block(d - 1, h, states, feats, rope)
-        h = torch.where(exited[..., None], h, new)  # an exited token's state is copied upward unchanged
-        states.append(h)
+        h = trace.states[-1]
+        new = model.run_block(d - 1, trace)
+        trace.states.append(torch.where(exited[..., None], h, new))  # an exited token's state is copied upward
         if d not in depths:
             continue
-        logp = model.exit_logits(states, d, rope, feats).float().log_softmax(dim=-1)  # (B, T, V)
+        logp = model.exit_logits(trace, d).float().log_softmax(dim=-1)  # (B, T, V)
         take = ~exited & ((logp.max(dim=-1).values.exp() >= threshold) | (d == depths[-1]))
         nll = torch.where(take, -logp.gather(-1, y[..., None]).squeeze(-1), nll)
         depth = torch.where(take, torch.full_like(depth, d), depth)
@@ -119,16 +81,14 @@ def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, ctx=No
     """The curves of eval.exit on the split: per fixed depth and per confidence threshold, the mean NLL of the
     scored targets and the mean forward FLOPs per token, with the full depth as the reference point. ctx: the
     eval's autocast, so that the full depth reproduces eval.json's NLL on the same tokens."""
-    from shortcut.evaluate import scored_batches, sliding_windows, split_nll
-
     caps = [n for n in (cfg.max_tokens, cfg.exit_max_tokens) if n is not None]
     max_tokens = min(caps) if caps else None  # the first targets of the eval's own windows
     windows = sliding_windows(len(data.splits[cfg.split]), data.block_size, stride, max_tokens)
-    costs = token_costs(model)
-    depths = costs["depths"]
+    per_token = costs(model.cfg).exits()
+    depths = per_token.depths
     fixed = {d: 0.0 for d in depths}
     conf = {t: {"nll": 0.0, "flops": 0.0, "exits": torch.zeros(len(depths))} for t in cfg.exit_thresholds}
-    per_depth = torch.tensor([costs["confidence"][d] for d in depths], dtype=torch.float64)
+    per_depth = torch.tensor([per_token.confidence[d] for d in depths], dtype=torch.float64)
     count = 0
     for x, y, keep in scored_batches(data, cfg.split, windows, cfg.batch_size, next(model.parameters()).device):
         count += int(keep.sum())
@@ -146,10 +106,10 @@ def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, ctx=No
                 acc["exits"] += hist
                 acc["flops"] += float((hist * per_depth).sum())
     out = {"policy": str(cfg.exit), "split": cfg.split, "n_tokens": count, "stride": stride,
-           "exit_train": model.cfg.exit_train, "depths": depths, "full": {"depth": depths[-1], "flops": costs["full"]},
+           "exit_train": model.cfg.exit_train, "depths": depths, "full": {"depth": depths[-1], "flops": per_token.full},
            "fixed": [], "confidence": []}
     if cfg.exit in (ExitPolicy.fixed, ExitPolicy.both):
-        out["fixed"] = [{"depth": d, "nll": fixed[d] / count, "flops": costs["fixed"][d]} for d in depths]
+        out["fixed"] = [{"depth": d, "nll": fixed[d] / count, "flops": per_token.fixed[d]} for d in depths]
         out["full"]["nll"] = out["fixed"][-1]["nll"]
     for t, acc in conf.items() if cfg.exit in (ExitPolicy.confidence, ExitPolicy.both) else ():
         share = (acc["exits"] / count).tolist()

@@ -14,7 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from shortcut import corpus, rundir
 from shortcut.attention import runnable_impls
@@ -28,10 +27,12 @@ from shortcut.config import (
     UserError,
     WandbConfig,
 )
+from shortcut.costs import flops_per_token
 from shortcut.data import TokenData
-from shortcut.model import GPT, flops_per_token
+from shortcut.model import GPT
 from shortcut.rundir import Checkpoint, EvalRecord, Summary
 from shortcut.runtime import autocast, effective_precision, pick_device
+from shortcut.scoring import split_nll
 
 log = logging.getLogger(__name__)
 
@@ -66,49 +67,6 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu", data_root: str |
     model = GPT(mcfg)
     model.load_state_dict(state.model)
     return model.to(device).eval(), data, state
-
-
-def sliding_windows(n_tokens: int, block_size: int, stride: int, max_targets: int | None = None
-                    ) -> list[tuple[int, int, int]]:
-    """(start, length, first scored position) of the windows that score targets 1..n-1 (the first max_targets of
-    them) exactly once. The first window scores all its positions; each next one ends `stride` targets later and
-    scores only what is new, so its scored positions are >= length - stride (context >= length - stride + 1)."""
-    targets = n_tokens - 1 if max_targets is None else min(n_tokens - 1, max_targets)
-    T = min(block_size, targets)
-    windows, scored = [(0, T, 0)], T  # targets are token indices 1..scored so far
-    while scored < targets:
-        end = min(scored + stride, targets)
-        windows.append((end - T, T, scored - (end - T)))  # inputs end-T..end-1 predict targets end-T+1..end
-        scored = end
-    return windows
-
-
-@torch.no_grad()
-def split_nll(model: GPT, data: TokenData, split: str, stride: int, max_tokens: int | None, batch_size: int,
-              ctx) -> tuple[float, int, float]:
-    """Summed next-token NLL (nats) over a split, the number of tokens scored, and their mean context length."""
-    windows = sliding_windows(len(data.splits[split]), data.block_size, stride, max_tokens)
-    total, count, context = 0.0, 0, 0
-    for x, y, keep in scored_batches(data, split, windows, batch_size, next(model.parameters()).device):
-        with ctx:
-            logits, _, _ = model(x)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (B, T)
-        total += nll[keep].sum().item()
-        count += int(keep.sum())
-        pos = torch.arange(1, x.size(1) + 1, device=x.device)  # a target at position i sees i + 1 tokens
-        context += int((pos[None, :] * keep).sum())
-    return total, count, context / count
-
-
-def scored_batches(data: TokenData, split: str, windows: list[tuple[int, int, int]], batch_size: int, device):
-    """The windows of sliding_windows in batches: (x, y, keep) on the device, keep (B, T) marking the targets
-    each window scores."""
-    for i in range(0, len(windows), batch_size):
-        chunk = windows[i:i + batch_size]
-        x, y = data.windows(split, [s for s, _, _ in chunk], chunk[0][1])
-        x, y = x.to(device), y.to(device)
-        first = torch.tensor([f for _, _, f in chunk], device=device)
-        yield x, y, torch.arange(x.size(1), device=device)[None, :] >= first[:, None]
 
 
 def resolved_stride(cfg: EvalConfig, block_size: int, where: Path) -> int:
@@ -200,7 +158,7 @@ def evaluate_run(job: EvalJob) -> dict:
     record = EvalRecord(split=cfg.split, nll=nll, n_tokens=n, stride=stride, mean_context=mean_context,
                         max_tokens=cfg.max_tokens, checkpoint_step=state.step, checkpoint_hash=state.weights_hash,
                         checkpoint=state.path, data_hash=data.meta["content_hash"],
-                        flops_per_token=flops_per_token(model.cfg)["forward"], domain=data.meta["domain"],
+                        flops_per_token=flops_per_token(model.cfg).forward, domain=data.meta["domain"],
                         source=data.meta["source"], tokenizer=data.meta["tokenizer"], units=units,
                         precision=precision)
     audit_dir = run_dir / rundir.AUDIT

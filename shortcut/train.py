@@ -26,7 +26,8 @@ from shortcut import corpus, rundir
 from shortcut.attention import resolve_attn_impl
 from shortcut.config import Arch, ModelConfig, TrainConfig, TrainJob, UserError
 from shortcut.data import TokenData
-from shortcut.model import GPT, flops_per_token, match_params, param_counts
+from shortcut.costs import FlopsPerToken, flops_per_token, match_params, param_counts
+from shortcut.model import GPT
 from shortcut.rundir import Checkpoint, Summary
 from shortcut.runtime import (Dist, allow_fast_math, autocast, close_distributed, effective_precision, init_distributed,
                               make_optimizer, model_device, peak_flops, pick_device)
@@ -73,14 +74,14 @@ class Match:
 
 def effective_train(cfg: TrainConfig, mcfg: ModelConfig, vocab_size: int, match: Match | None) -> TrainConfig:
     """The train config with max_steps set by a FLOP budget (train.flops_budget or train.match_flops)."""
-    per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size * flops_per_token(mcfg)["train"]
+    per_step = cfg.batch_size * cfg.grad_accum * mcfg.block_size * flops_per_token(mcfg).train
     budget = cfg.flops_budget
     if cfg.match_flops is not None:
         if match is None:
             raise UserError(f"train.match_flops={cfg.match_flops} needs the command line (shortcut train ...) to "
                             f"compose model={cfg.match_flops}; or give train.flops_budget")
         other = resolve_model(match.model, vocab_size)
-        budget = match.max_steps * cfg.batch_size * cfg.grad_accum * other.block_size * flops_per_token(other)["train"]
+        budget = match.max_steps * cfg.batch_size * cfg.grad_accum * other.block_size * flops_per_token(other).train
     if budget is None:
         return cfg
     steps = int(budget // per_step)
@@ -163,7 +164,7 @@ def evaluate_windows(model, data: TokenData, split: str, starts, batch_size: int
             x, y = data.windows(split, starts[i:i + batch_size])
             x, y = x.to(model_device(model)), y.to(model_device(model))
             with ctx:
-                _, loss, _ = model(x, y)
+                _, loss = model(x, y)
             total += loss.item() * y.numel()
             count += y.numel()
     model.train()
@@ -178,7 +179,7 @@ class Loop:
     run_dir: Path
     data: TokenData
     device: torch.device
-    flops: dict
+    flops: FlopsPerToken
     peak: float | None
     step: int = 0
     best: float = math.inf
@@ -234,7 +235,7 @@ def train_step(loop: Loop, model, fwd_model, optimizer, ctx) -> None:
         x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
         with fwd_model.no_sync() if loop.dist.world > 1 and k < len(parts) - 1 else nullcontext():
             with ctx:
-                _, loss, _ = fwd_model(x, y, exits=exits) if exits else fwd_model(x, y)
+                _, loss = fwd_model(x, y, exits=exits) if exits else fwd_model(x, y)
             (loss / len(parts)).backward()
         loop.loss_sum = loss.detach().float() / len(parts) + (0 if loop.loss_sum is None else loop.loss_sum)
     if cfg.grad_clip > 0:
@@ -289,9 +290,9 @@ def run_loop(loop: Loop, model, metrics: MetricsLog | None, tracker, optimizer, 
                 loop.best = min(loop.best, val_loss)
             tok_s = interval_tokens / elapsed if elapsed > 0 else None
             row = {"step": step, "tokens": step * loop.tokens_per_step,
-                   "train_flops": step * loop.tokens_per_step * loop.flops["train"], "train_loss": train_loss,
+                   "train_flops": step * loop.tokens_per_step * loop.flops.train, "train_loss": train_loss,
                    "val_loss": val_loss, "lr": lr_at(step - 1, cfg), "tokens_per_s": tok_s,
-                   "mfu": tok_s * loop.flops["train"] / (loop.peak * loop.dist.world) if loop.peak and tok_s else None}
+                   "mfu": tok_s * loop.flops.train / (loop.peak * loop.dist.world) if loop.peak and tok_s else None}
             if metrics is not None:
                 metrics.append(row)
             tracker.log(row, step)
@@ -423,7 +424,7 @@ def _train_locked(job: TrainJob, run_dir: Path, resolved_yaml: str | None, refer
         loop.attn_kernels.append(kernel)
     counts = param_counts(mcfg)
     log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, %d steps%s, taps %s%s", mcfg.arch,
-             f"{counts['params']:,}", f"{counts['non_embedding_params']:,}", loop.flops["forward"], cfg.max_steps,
+             f"{counts.params:,}", f"{counts.non_embedding_params:,}", loop.flops.forward, cfg.max_steps,
              f" on {dist.world} processes" if dist.world > 1 else "",
              mcfg.tap_layers() if mcfg.arch == "shortcut" else "-", f", attention {kernel}" if kernel else "")
     metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=loop.step) if dist.main else None
@@ -455,11 +456,11 @@ def summarise(job: TrainJob, loop: Loop, mcfg: ModelConfig, counts: dict, refere
                                {"model": plain(reference.model), "train": plain(reference.train)}, choices or {})
     return Summary(
         identity=identity, domain=job.domain.name, source=str(job.domain.source), tokenizer=loop.data.meta["tokenizer"],
-        arch=str(mcfg.arch), model=plain(mcfg), train=plain(loop.cfg), seed=job.seed, **counts,
-        flops_per_token=loop.flops["forward"], train_flops_per_token=loop.flops["train"],
+        arch=str(mcfg.arch), model=plain(mcfg), train=plain(loop.cfg), seed=job.seed, params=counts.params, non_embedding_params=counts.non_embedding_params,
+        flops_per_token=loop.flops.forward, train_flops_per_token=loop.flops.train,
         tokens_per_step=loop.tokens_per_step, max_steps=loop.cfg.max_steps, data_hash=loop.data.meta["content_hash"],
         data_dir=str(loop.data.path), git_commit=git_commit(), device=str(loop.device), step=loop.step,
-        train_flops=float(loop.step * loop.tokens_per_step * loop.flops["train"]), final_val_loss=loop.last_val,
+        train_flops=float(loop.step * loop.tokens_per_step * loop.flops.train), final_val_loss=loop.last_val,
         best_val_loss=loop.best if loop.best < math.inf else None, train_time_s=loop.train_time,
         wall_time_s=loop.prior_wall + time.perf_counter() - session_start, finished=loop.step >= loop.cfg.max_steps,
         checkpoint_hash=loop.weights_hash, finished_at=rundir.now(),

@@ -56,14 +56,15 @@ def prepared(tmp_path: Path, text_files: Path) -> list[str]:
 
 
 def assert_flops_match_the_counter(model, cfg, x) -> None:
-    """shortcut.model.flops_per_token(cfg) equals FlopCounterMode's count per token of model on x (B, T), forward
+    """shortcut.costs.flops_per_token(cfg) equals FlopCounterMode's count per token of model on x (B, T), forward
     and training, relative error <= 1e-6 (MATH backend: attention counted as its two matmuls)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from shortcut.model import flops_per_token
+    from shortcut.costs import flops_per_token
 
-    analytic = flops_per_token(cfg, seq_len=x.size(1))
+    f = flops_per_token(cfg, seq_len=x.size(1))
+    analytic = {"forward": f.forward, "train": f.train}
     for key, run in (("forward", lambda: model(x)), ("train", lambda: model(x, x)[1].backward())):
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             run()
@@ -84,7 +85,7 @@ def assert_causal_and_trainable(model) -> None:
     import torch
 
     x = tokens()
-    logits, loss, _ = model(x, x)
+    logits, loss = model(x, x)
     x2 = x.clone()
     x2[:, 15:] = (x2[:, 15:] + 7) % 40  # change the future
     logits2 = model(x2)[0]
@@ -114,7 +115,7 @@ def assert_impl_matches_the_reference(cfg, impl, T: int, perturb=None) -> None:
             perturb(model)
         model = model.to(device)
         x = tokens(B=3, T=T).to(device)
-        logits, loss, _ = model(x, x)
+        logits, loss = model(x, x)
         loss.backward()
         results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
     (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results

@@ -11,8 +11,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from shortcut.config import EvalConfig, ModelConfig, UserError
-from shortcut.early_exit import compute_saved, confidence_pass, fixed_nll, token_costs
-from shortcut.model import GPT, exit_flops, flops_per_token
+from shortcut.costs import costs, flops_per_token
+from shortcut.early_exit import compute_saved, confidence_pass, fixed_nll
+from shortcut.model import GPT, Trace
 
 V = 29
 MODELS = {
@@ -37,9 +38,9 @@ def make(kind, **kw):
 def test_the_full_depth_exit_is_the_model(kind):
     model = make(kind)
     x = torch.randint(0, V, (2, 16))
-    logits, _, _ = model(x)
+    logits, _ = model(x)
     torch.testing.assert_close(fixed_logits(model, x, model.cfg.exit_depths()[-1]), logits, atol=1e-5, rtol=0)
-    assert token_costs(model)["full"] == flops_per_token(model.cfg)["forward"]
+    assert costs(model.cfg).exits().full == flops_per_token(model.cfg).forward
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -58,8 +59,7 @@ def test_exits_are_causal(kind):
 
 
 def fixed_logits(model, x, d):
-    states, rope, feats = model.run_to(x, d)
-    return model.exit_logits(states, d, rope, feats)
+    return model.exit_logits(model.run_to(x, d), d)
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -72,7 +72,7 @@ def test_a_fixed_exit_costs_what_the_counter_counts(kind):
     for d in model.cfg.exit_depths():
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             fixed_logits(model, x, d)
-        assert counter.get_total_flops() / T == pytest.approx(token_costs(model)["fixed"][d], rel=1e-6), d
+        assert counter.get_total_flops() / T == pytest.approx(costs(model.cfg).exits().fixed[d], rel=1e-6), d
 
 
 @pytest.mark.parametrize("kind", ["baseline", "shortcut"])
@@ -80,7 +80,7 @@ def test_threshold_one_is_the_full_model_and_zero_the_first_exit(kind):
     model = make(kind)
     x = torch.randint(0, V, (2, 16))
     y = torch.randint(0, V, (2, 16))
-    logits, _, _ = model(x)
+    logits, _ = model(x)
     nll, depth = confidence_pass(model, x, y, 1.0 + 1e-9)
     assert (depth == model.cfg.exit_depths()[-1]).all()
     torch.testing.assert_close(nll, F.cross_entropy(logits.transpose(1, 2), y, reduction="none"), atol=1e-5, rtol=0)
@@ -108,11 +108,11 @@ def calm_reference(model, x, y, threshold):
                 S[d][t] = S[d - 1][t]
                 continue
             states = [torch.stack([S[j][s] for s in range(t + 1)], dim=1) for j in range(d)]  # h_0..h_{d-1}
-            S[d][t] = model.run_block(d - 1, states[-1], states, {}, rope)[0][:, -1]
+            S[d][t] = model.run_block(d - 1, Trace(states, rope))[:, -1]
             if d not in depths:
                 continue
             states.append(torch.stack([S[d][s] for s in range(t + 1)], dim=1))
-            logp = model.exit_logits(states, d, rope, {})[0, -1].log_softmax(-1)
+            logp = model.exit_logits(Trace(states, rope), d)[0, -1].log_softmax(-1)
             if logp.max().exp() >= threshold or d == full:
                 nll[t], depth[t], done = -logp[y[0, t]], d, True
     return nll, depth
@@ -138,41 +138,39 @@ def test_copied_states_cost_their_projections_in_every_block_they_skip():
     at d=1 skips block 1 (self-attention: 1 K/V), block 2 (3 taps: 3 K/V) and leaves taps 2, 3 (their feature
     maps and the final block's K/V); at d=2: block 2 (3 K/V) and tap 3. Add mode: the final block's own
     self-attention ran at the exit, so it costs nothing more; block 2's adds one."""
-    from shortcut.early_exit import copy_up
-    from shortcut.model import flop_parts
-
     for mode, extra in (("replace", 0), ("add", 1)):
         model = make("shortcut", shortcut_layers=2, shortcut_mode=mode)
-        part = flop_parts(model.cfg)
-        kv, fmap = part["kv"], part["fmap_each"]
-        assert copy_up(model, 1, part) == (6 + extra) * kv + 2 * fmap
-        assert copy_up(model, 2, part) == (4 + extra) * kv + 1 * fmap
+        part = costs(model.cfg)
+        kv, fmap = part.kv, part.feature_map
+        assert part.copy_up(1) == (6 + extra) * kv + 2 * fmap
+        assert part.copy_up(2) == (4 + extra) * kv + 1 * fmap
     base = make("baseline")
-    assert copy_up(base, 1, flop_parts(base.cfg)) == 3 * flop_parts(base.cfg)["kv"]  # blocks 1, 2, 3
+    assert costs(base.cfg).copy_up(1) == 3 * costs(base.cfg).kv  # blocks 1, 2, 3
 
 
 def test_confidence_costs_count_decisions_and_copies():
     model = make("shortcut")
-    c = token_costs(model)
+    c = costs(model.cfg).exits()
     depths = model.cfg.exit_depths()
     for d in depths[:-1]:
-        assert c["confidence"][d] > c["fixed"][d]  # the decisions at shallower depths and the copy upward
+        assert c.confidence[d] > c.fixed[d]  # the decisions at shallower depths and the copy upward
     kv = 4 * model.cfg.n_embd ** 2  # a decision re-uses the final block's K/V of taps an earlier one projected
-    tried = exit_flops(model.cfg, 1, fmaps=False) + exit_flops(model.cfg, 2, fmaps=False) - (2 + 3) * kv
-    assert depths == [1, 2, 3] and c["confidence"][3] == c["full"] + tried  # a token that never exits pays them all
+    part = costs(model.cfg)
+    tried = part.exit(1, fmaps=False) + part.exit(2, fmaps=False) - (2 + 3) * kv
+    assert depths == [1, 2, 3] and c.confidence[3] == c.full + tried  # a token that never exits pays them all
 
 
 @pytest.mark.parametrize("kind", ["baseline", "shortcut"])
 def test_exit_training_adds_the_exit_loss(kind):
     model = make(kind, exit_train=0.5)
     x, y = torch.randint(0, V, (2, 16)), torch.randint(0, V, (2, 16))
-    logits, full, _ = model(x, y)
+    logits, full = model(x, y)
     d = model.cfg.exit_depths()[0]
-    logits2, mixed, _ = model(x, y, exits=(d,))
+    logits2, mixed = model(x, y, exits=(d,))
     torch.testing.assert_close(logits, logits2)
     exit_loss = F.cross_entropy(fixed_logits(model, x, d).transpose(1, 2), y)
     assert mixed.item() == pytest.approx((full.item() + exit_loss.item()) / 2, abs=1e-5)
-    assert flops_per_token(model.cfg)["train"] > flops_per_token(make(kind).cfg)["train"]
+    assert flops_per_token(model.cfg).train > flops_per_token(make(kind).cfg).train
 
 
 def test_exit_training_is_refused_for_a_variant_and_bad_settings():

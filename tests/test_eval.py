@@ -11,7 +11,8 @@ from conftest import TINY
 from shortcut.cli import compose
 from shortcut.compare import compare
 from shortcut.config import UserError
-from shortcut.evaluate import evaluate, load_run, sliding_windows, split_nll
+from shortcut.evaluate import evaluate, load_run
+from shortcut.scoring import sliding_windows, split_nll
 from shortcut.rundir import Checkpoint
 from shortcut.config import Precision
 from shortcut.runtime import autocast

@@ -11,7 +11,8 @@ from conftest import (assert_causal_and_trainable, assert_flops_match_the_counte
 from shortcut.attention import (ATTENTION, chunked_depth_context_attention, depth_context_attention_probs,
                                 resolve_attn_impl)
 from shortcut.config import AttnImpl, ModelConfig, UserError
-from shortcut.model import GPT, match_params, param_counts
+from shortcut.costs import match_params, param_counts
+from shortcut.model import GPT
 
 BASE = ModelConfig(arch="baseline", n_layer=3, n_head=2, n_embd=32, block_size=24, vocab_size=40)
 SHORTCUT = replace(BASE, arch="shortcut")
@@ -37,7 +38,7 @@ def test_causal_and_trainable(cfg):
 def test_attention_probabilities_are_normalised(variant):
     cfg = replace(SHORTCUT, **variant)
     model = GPT(cfg).eval()
-    logits, _, probs = model(tokens(), return_attn=True)
+    logits, probs = model.depth_attention(tokens())
     K = len(cfg.tap_layers())
     assert probs.shape == (2, 24, K, 24)
     torch.testing.assert_close(probs.sum(dim=(2, 3)), torch.ones(2, 24))
@@ -80,19 +81,19 @@ def test_flops_match_the_counter(cfg, T):
 def test_param_counts():
     model = GPT(SHORTCUT)
     counts = param_counts(SHORTCUT)
-    assert counts["params"] == sum(p.numel() for p in model.parameters())
-    assert counts["non_embedding_params"] == counts["params"] - 40 * 32 - 24 * 32
-    assert param_counts(SHORTCUT)["params"] > param_counts(BASE)["params"]
+    assert counts.params == sum(p.numel() for p in model.parameters())
+    assert counts.non_embedding_params == counts.params - 40 * 32 - 24 * 32
+    assert param_counts(SHORTCUT).params > param_counts(BASE).params
 
 
 @pytest.mark.parametrize("by", ["width", "depth"])
 @pytest.mark.parametrize("size", [dict(n_layer=3, n_embd=32, n_head=2), dict(n_layer=6, n_embd=128, n_head=4)])
 def test_parameter_matching(by, size):
     sc = replace(SHORTCUT, **size)
-    target = param_counts(sc)["params"]
+    target = param_counts(sc).params
     matched = match_params(replace(BASE, **size, match_params="shortcut", match_by=by))
     assert matched.arch == "baseline" and matched.match_params is None
-    got = param_counts(matched)["params"]
+    got = param_counts(matched).params
     assert abs(got - target) / target < 0.02, (got, target)
     GPT(matched)(tokens())  # and it runs
 

@@ -14,7 +14,9 @@ from conftest import (assert_causal_and_trainable, assert_flops_match_the_counte
 
 from shortcut.attention import ATTENTION, depth_context_attention_probs
 from shortcut.config import AttnImpl, ModelConfig
-from shortcut.model import GPT, LAST_TAP_MASS, flops_per_token, last_tap_bias, param_counts
+from shortcut.blocks import LAST_TAP_MASS, last_tap_bias
+from shortcut.costs import flops_per_token, param_counts
+from shortcut.model import GPT
 
 BASE = ModelConfig(arch="baseline", n_layer=3, n_head=2, n_embd=32, block_size=24, vocab_size=40)
 SHORTCUT = replace(BASE, arch="shortcut")
@@ -230,17 +232,17 @@ def test_flops_and_params_match_the_counter(mode, style, T):
     x = tokens(B=2, T=T)
     assert_flops_match_the_counter(model, cfg, x)
     counts = param_counts(cfg)
-    assert counts["params"] == sum(p.numel() for p in model.parameters())
+    assert counts.params == sum(p.numel() for p in model.parameters())
     tables = 40 * 32 + (24 * 32 if cfg.pos == "learned" else 0)
-    assert counts["non_embedding_params"] == counts["params"] - tables
+    assert counts.non_embedding_params == counts.params - tables
 
 
 def test_sparse_taps_cost_less_and_add_costs_more():
     """What compare shows per row: each choice has its own parameter and FLOP count."""
     cfg = replace(SHORTCUT, n_layer=12, n_embd=64, n_head=4, block_size=128)
     sparse = replace(cfg, taps=[0, 6, 11])
-    f = lambda c: flops_per_token(c)["forward"]  # noqa: E731
-    p = lambda c: param_counts(c)["params"]  # noqa: E731
+    f = lambda c: flops_per_token(c).forward  # noqa: E731
+    p = lambda c: param_counts(c).params  # noqa: E731
     assert f(replace(cfg, arch="baseline")) < f(sparse) < f(cfg) < f(replace(cfg, shortcut_mode="add"))
     assert f(cfg) < f(replace(cfg, shortcut_layers=2))
     assert p(replace(cfg, arch="baseline")) < p(sparse) < p(cfg) < p(replace(cfg, shortcut_mode="add"))
@@ -257,13 +259,13 @@ def test_layer_weights_report_every_shortcut_block(mode):
     x = tokens()
     with torch.no_grad():
         lw = model.layer_weights(x)
-        _, _, probs = model(x, return_attn=True)
+        _, probs = model.depth_attention(x)
         states = model.hidden_states(x)
     assert lw["consumers"] == ["block 1", "final block"] and lw["sources"] == model.taps
     w = lw["weights"]  # (B, T, 2, K)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 24, 2))
     assert (w[:, :, 0, [j for j, l in enumerate(model.taps) if l > 1]] == 0).all()  # block 1 reads taps <= 1
-    torch.testing.assert_close(w[:, :, 1], probs.sum(-1))  # the final block's: what return_attn gives
+    torch.testing.assert_close(w[:, :, 1], probs.sum(-1))  # the final block's: what depth_attention gives
     assert len(states) == 3 and torch.equal(states[0], model.embed(x)[0])
 
 

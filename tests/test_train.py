@@ -122,13 +122,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, prepared, m
     real = model_mod.GPT.forward
     calls = []
 
-    def poisoned(self, idx, targets=None, return_attn=False):
-        logits, loss, probs = real(self, idx, targets, return_attn)
+    def poisoned(self, idx, targets=None, **kwargs):
+        logits, loss = real(self, idx, targets, **kwargs)
         if self.training:
             calls.append(1)
             if len(calls) > 12:
                 loss = loss * float("nan")
-        return logits, loss, probs
+        return logits, loss
 
     monkeypatch.setattr(model_mod.GPT, "forward", poisoned)
     with pytest.raises(UserError, match="nan by step 15.*step_00000010.pt"):  # read at log and checkpoint steps

@@ -12,7 +12,8 @@ from conftest import assert_causal_and_trainable, assert_flops_match_the_counter
 
 from shortcut.audit import summarise_layer_weights
 from shortcut.config import ModelConfig, TrainConfig
-from shortcut.model import GPT, flops_per_token, match_params, param_counts
+from shortcut.costs import flops_per_token, match_params, param_counts
+from shortcut.model import GPT
 
 BASE = ModelConfig(arch="baseline", n_layer=3, n_head=2, n_embd=32, block_size=24, vocab_size=40)
 ARCHS = ["baseline", "shortcut", "denseformer", "connect_last", "attnres", "mudd", "value_residual"]
@@ -133,13 +134,13 @@ def test_param_counts(case, style):
     cfg = cfg_of(*case, style)
     model = GPT(cfg)
     counts = param_counts(cfg)
-    assert counts["params"] == sum(p.numel() for p in model.parameters())
+    assert counts.params == sum(p.numel() for p in model.parameters())
     tables = 40 * 32 + (24 * 32 if cfg.pos == "learned" else 0)
-    assert counts["non_embedding_params"] == counts["params"] - tables
+    assert counts.non_embedding_params == counts.params - tables
 
 
 def test_swiglu_keeps_the_mlp_parameters():
-    gelu, swiglu = param_counts(BASE)["params"], param_counts(replace(BASE, mlp="swiglu"))["params"]
+    gelu, swiglu = param_counts(BASE).params, param_counts(replace(BASE, mlp="swiglu")).params
     assert abs(swiglu - gelu) / gelu < 0.01
 
 
@@ -149,10 +150,10 @@ def test_swiglu_keeps_the_mlp_parameters():
 def test_parameter_matching_against_any_variant(target, by, style):
     """model=baseline_matched model.match_params=<arch>: a baseline grown to that arch's parameter count."""
     size = dict(n_layer=4, n_embd=64, n_head=4, block_size=32)
-    goal = param_counts(cfg_of(target, style=style, **size))["params"]
+    goal = param_counts(cfg_of(target, style=style, **size)).params
     matched = match_params(cfg_of("baseline", style=style, match_params=target, match_by=by, **size))
     assert matched.arch == "baseline" and matched.match_params is None
-    got = param_counts(matched)["params"]
+    got = param_counts(matched).params
     assert got <= goal and (goal - got) / goal < 0.01, (got, goal)
     GPT(matched)(tokens(T=16))  # and it runs
 
@@ -165,7 +166,7 @@ def test_compute_matching_against_any_variant(arch):
     cfg = TrainConfig(max_steps=100, batch_size=4, match_flops=arch)
     base = replace(BASE, vocab_size=None)
     mine = effective_train(cfg, replace(BASE), 40, Match(replace(base, arch=arch), 100))
-    ratio = flops_per_token(cfg_of(arch))["train"] / flops_per_token(BASE)["train"]
+    ratio = flops_per_token(cfg_of(arch)).train / flops_per_token(BASE).train
     assert mine.max_steps == int(100 * ratio)
     theirs = effective_train(replace(cfg, match_flops="baseline"), cfg_of(arch), 40, Match(base, 100))
     assert theirs.max_steps == int(100 / ratio + 1e-9)
@@ -186,7 +187,7 @@ def test_bad_settings_name_the_key(bad):
 def test_denseformer_sources_follow_dilation_and_period():
     """Section 4: with dilation k the DWA after block i reads X_j for j <= i, (i - j) % k == 0; with period p,
     a DWA follows blocks p, 2p, ... only."""
-    from shortcut.variants import DenseFormer
+    from shortcut.variants.denseformer import DenseFormer
 
     dwa = DenseFormer(replace(BASE, n_layer=6, dwa_dilation=2, dwa_period=3))
     assert dwa.after == [3, 6] and dwa.sources == {3: [1, 3], 6: [0, 2, 4, 6]}
@@ -202,7 +203,7 @@ def test_denseformer_computes_its_weighted_averages():
     h, _ = model.embed(x)
     outs, alphas = [h], model.denseformer.alphas
     for i, block in enumerate(model.blocks, start=1):  # Y_i = sum_j alpha_ij X_j over j = i, i-2, ...
-        outs.append(block(h))
+        outs.append(block(h)[0])
         h = sum(a * outs[j] for a, j in zip(alphas[i - 1], range(i % 2, i + 1, 2)))
     torch.testing.assert_close(model(x)[0], model.lm_head(model.ln_f(h)))
 
@@ -299,7 +300,7 @@ def test_value_residual_mixes_the_first_layers_values():
 
 
 def test_rope_depends_on_relative_position_only():
-    from shortcut.model import Rotary, apply_rope
+    from shortcut.blocks import Rotary, apply_rope
 
     rope = Rotary(8, 32)
     q, k = torch.randn(8), torch.randn(8)

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shortcut.config import ModelConfig
-from shortcut.variants.common import weighted_sum, weights_record
+from shortcut.config import Arch, ModelConfig
+from shortcut.variants.common import register_variant, weighted_sum, weights_record
 
 EPS = 1e-6
 
@@ -34,6 +34,7 @@ def _rms(v):
     return F.rms_norm(v, (v.size(-1),), eps=EPS)  # RMSNorm without its gain (the gain multiplies w_l)
 
 
+@register_variant(Arch.attnres)
 class AttnRes(nn.Module):
     kind = "attnres softmax"
 
@@ -77,7 +78,7 @@ class AttnRes(nn.Module):
                     m += 1
                 if s == 0:
                     states.append(h)
-                out = block.attn(block.ln_1(h), rope) if s == 0 else block.mlp(block.ln_2(h))  # f_l(h_l)
+                out = block.attn_branch(h, rope) if s == 0 else block.mlp_branch(h)  # f_l(h_l)
                 partial = out if partial is None else partial + out
                 partial_last = n
                 if (n + 1) % self.S == 0:  # the block is complete

@@ -1,8 +1,22 @@
-"""What the variants share: a weighted sum over depth, and the record of its weights for the depth audit."""
+"""What the variants share: their registry, a weighted sum over depth, and the record of its weights for the audit."""
 
 from __future__ import annotations
 
 import torch
+
+from shortcut.config import Arch
+
+VARIANTS: dict[Arch, type] = {}  # arch -> the module that runs the blocks its way (filled by register_variant)
+
+
+def register_variant(arch: Arch):
+    """Class decorator: GPT builds this module for model.arch=arch and keeps it under the arch's name."""
+    def register(cls: type) -> type:
+        if arch in VARIANTS:
+            raise ValueError(f"two variants for model.arch={arch}")
+        VARIANTS[arch] = cls
+        return cls
+    return register
 
 
 def weighted_sum(weights, sources: list[torch.Tensor]) -> torch.Tensor:

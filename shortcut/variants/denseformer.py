@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from shortcut.config import ModelConfig
-from shortcut.variants.common import weighted_sum, weights_record
+from shortcut.config import Arch, ModelConfig
+from shortcut.variants.common import register_variant, weighted_sum, weights_record
 
 
+@register_variant(Arch.denseformer)
 class DenseFormer(nn.Module):
     kind = "dwa coefficients"
 
@@ -47,7 +48,7 @@ class DenseFormer(nn.Module):
         outs = [x]  # X_0 .. X_i
         states, mixes, consumers = [x], [], []
         for i, block in enumerate(blocks, start=1):
-            x = block(x, rope)
+            x, _ = block(x, rope)
             outs.append(x)
             if i in self.index:
                 alpha = self.alphas[self.index[i]]
@@ -65,6 +66,7 @@ class DenseFormer(nn.Module):
         return x
 
 
+@register_variant(Arch.connect_last)
 class ConnectLast(DenseFormer):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, last_only=True)

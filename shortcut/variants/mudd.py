@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shortcut.config import ModelConfig
-from shortcut.model import make_norm
-from shortcut.variants.common import weighted_sum, weights_record
+from shortcut.blocks import Linear, make_norm
+from shortcut.config import Arch, ModelConfig
+from shortcut.variants.common import register_variant, weighted_sum, weights_record
 
 STREAMS = ("q", "k", "v", "r")
 
@@ -41,11 +41,8 @@ class WeightGenerator(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
         self.streams, self.sources, hidden = _shape(cfg, i)
-        self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)
-        self.w1.init_std = cfg.n_embd ** -0.5  # fan-in normal (GPT._init_weights reads it)
-        self.w2 = nn.Linear(hidden, self.streams * self.sources, bias=False)
-        nn.init.zeros_(self.w2.weight)
-        self.w2.is_zero_init = True
+        self.w1 = Linear(cfg.n_embd, hidden, bias=False, std=cfg.n_embd ** -0.5)  # fan-in normal
+        self.w2 = Linear(hidden, self.streams * self.sources, bias=False, init="zero")
         static = torch.zeros(self.streams, self.sources)
         static[:, -1] = 1.0  # every stream starts as the newest output X_i
         self.static = nn.Parameter(static.flatten())  # a_i
@@ -56,6 +53,7 @@ class WeightGenerator(nn.Module):
         return dw.unflatten(-1, (self.streams, self.sources))
 
 
+@register_variant(Arch.mudd)
 class MUDD(nn.Module):
     kind = "mudd dynamic weights"
 
@@ -81,12 +79,12 @@ class MUDD(nn.Module):
         states, mixes, consumers = [x], [], []
         for i, block in enumerate(blocks):
             if i == 0:  # all four streams are X_0: the plain block
-                a = block.attn(block.ln_1(x), rope)
+                a = block.attn_branch(x, rope)
             else:
                 q, k, v = block.attn.project(block.ln_1(xq), self.ln_k[i - 1](xk), self.ln_v[i - 1](xv), rope)
                 a = block.attn.attend(q, k, v)
             h = xr + a
-            x = h + block.mlp(block.ln_2(h))  # X_{i+1}
+            x = h + block.mlp_branch(h)  # X_{i+1}
             outs.append(x)
             dw = self.gen[i](x)  # (B, T, streams, i + 2)
             streams = [weighted_sum(dw[:, :, s], outs) for s in range(dw.size(2))]

@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from shortcut.config import ModelConfig
+from shortcut.config import Arch, ModelConfig
+from shortcut.variants.common import register_variant
 
 
+@register_variant(Arch.value_residual)
 class ValueResidual(nn.Module):
     kind = None  # weighs values, not layers' outputs: the audit reports its lambdas instead
 
@@ -39,7 +41,7 @@ class ValueResidual(nn.Module):
                 lam = self.lambdas[n - 1]
                 v = lam[0] * v + lam[1] * v1  # lambda_{n,1} V_n + lambda_{n,2} V_1
             x = x + block.attn.attend(q, k, v)
-            x = x + block.mlp(block.ln_2(x))
+            x = x + block.mlp_branch(x)
             if n < len(blocks) - 1:
                 states.append(x)
         if record is not None:
