@@ -16,7 +16,7 @@ import torch
 
 from shortcut.config import ModelConfig, SampleConfig
 from shortcut.model import GPT
-from shortcut.sample import generate
+from shortcut.generate import generate
 
 MODELS = {"baseline": dict(arch="baseline"), "shortcut": dict(arch="shortcut"),
           "shortcut add+bias, 2 blocks": dict(arch="shortcut", shortcut_mode="add", tap_bias="last",
@@ -39,8 +39,9 @@ def main() -> None:
         for cache in (True, False):
             cfg = SampleConfig(n=4, max_new_tokens=args.new, temperature=1.0, cache=cache)
             generate(model, prompt, SampleConfig(n=4, max_new_tokens=8, cache=cache))  # warm-up
-            _, speeds[cache], used = generate(model, prompt, cfg)
-            assert used == cache
+            gen = generate(model, prompt, cfg)
+            speeds[cache] = gen.tokens_per_s
+            assert gen.cached == cache
         print(f"{name:28s} cached {speeds[True]:8,.0f} tok/s   full forward {speeds[False]:8,.0f} tok/s   "
               f"x{speeds[True] / speeds[False]:.1f}")
 

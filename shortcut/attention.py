@@ -298,9 +298,12 @@ def _visible_from(p: int, n: int, device) -> torch.Tensor:
     return torch.arange(p + n, device=device)[None, :] <= (p + torch.arange(n, device=device))[:, None]
 
 
-def cached_attention(q, k, v, offset: int):
-    """Causal self-attention of q (B, nh, n, hs) at positions offset.. over cached k, v (B, nh, offset + n, hs)."""
+def cached_attention(q, k, v, offset: int, visible=None):
+    """Causal self-attention of q (B, nh, n, hs) at positions offset.. over cached k, v (B, nh, offset + n, hs);
+    visible (B, 1, n, offset + n) bool, where not every cached position holds a key (a routed block's)."""
     n = q.size(2)
+    if visible is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     if n == 1:
         return F.scaled_dot_product_attention(q, k, v)  # one query sees every cached key
     if offset == 0:

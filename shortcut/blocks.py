@@ -1,11 +1,13 @@
 """The modules a GPT is built from: norms, RoPE, MLPs, the two attentions, the blocks and the taps' feature maps.
 
 Every block has one forward, which training, evaluation, the depth audit, early exits and cached decoding all call:
-``block(x, rope, taps=None, cache=None, need_weights=False) -> (x, probs)``. x (B, n, C) is the block's input at n
+``block(x, rope, taps=None, cache=None, need_weights=False) -> (x, info)``. x (B, n, C) is the block's input at n
 positions; a shortcut block also takes its taps z (B, K_i, n, C), the features of the layers it reads at those
 positions (GPT.tap_stack makes them). With a BlockCache the n positions are the next ones after those cached
-(decoding): the block appends their keys and values and attends over everything cached. probs: the shortcut
-block's attention probabilities when need_weights, else None.
+(decoding): the block appends their keys and values and attends over everything cached. info: a BlockInfo (the
+shortcut block's attention probabilities when need_weights; a routed block's choices and router loss) or None.
+``block.remember(x, rope, taps, cache)`` only writes the keys and values a position would leave in the cache: what
+a state copied upward past the block costs (CALM early exits, shortcut.generate).
 
 Block kinds register themselves (``register_block``), most specific first, and GPT builds block i as the first kind
 that ``applies(cfg, i)``; a new kind of block is one module. Each kind states its forward FLOPs per token and the
@@ -95,25 +97,55 @@ class MLP(nn.Module):
 
 @dataclass
 class KV:
-    """One attention's cached keys and values, (B, nh, T, hs), or (B, nh, K, T, hs) for (tap, position) keys."""
+    """One attention's cached keys and values, (B, nh, T, hs), or (B, nh, K, T, hs) for (tap, position) keys.
+
+    valid (B, T) bool, for a routed block (shortcut.routing): which positions hold a key (the tokens it processed);
+    None: every written position does. rows: this view reads and writes those rows only (the sequences of a batch
+    that still run a block while the others have exited)."""
     k: torch.Tensor
     v: torch.Tensor
+    valid: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, taps: tuple[int, ...] = (), device=None, dtype=None) -> KV:
+    def empty(cls, cfg: ModelConfig, batch: int, taps: tuple[int, ...] = (), device=None, dtype=None,
+              routed: bool = False) -> KV:
         shape = (batch, cfg.n_head, *taps, cfg.block_size, cfg.n_embd // cfg.n_head)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        valid = torch.zeros(batch, cfg.block_size, dtype=torch.bool, device=device) if routed else None
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   valid)
+
+    def select(self, rows: torch.Tensor) -> KV:
+        """A view of these rows (B' indices) of the batch."""
+        return KV(self.k, self.v, self.valid, rows if self.rows is None else self.rows[rows])
 
     def write(self, k, v, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, [K',] n, hs) at positions pos..pos+n-1 (the first K' taps); returns the cached keys
         and values of positions 0..pos+n-1 (of those taps)."""
-        t = pos + k.size(-2)
+        t, rows = pos + k.size(-2), slice(None) if self.rows is None else self.rows
         if k.dim() == 5:  # (tap, position) keys: a shallow exit writes and reads only its first K' taps
             K = k.size(2)
-            self.k[:, :, :K, pos:t], self.v[:, :, :K, pos:t] = k, v
-            return self.k[:, :, :K, :t], self.v[:, :, :K, :t]
-        self.k[:, :, pos:t], self.v[:, :, pos:t] = k, v
-        return self.k[:, :, :t], self.v[:, :, :t]
+            self.k[rows, :, :K, pos:t], self.v[rows, :, :K, pos:t] = k, v
+            return self.k[rows, :, :K, :t], self.v[rows, :, :K, :t]
+        self.k[rows, :, pos:t], self.v[rows, :, pos:t] = k, v
+        return self.k[rows, :, :t], self.v[rows, :, :t]
+
+    def mark(self, pos: int, processed: torch.Tensor) -> None:
+        """A routed block's positions pos..pos+n-1: processed (B, n) bool says which of them now hold a key."""
+        rows = slice(None) if self.rows is None else self.rows
+        self.valid[rows, pos:pos + processed.size(1)] = processed
+
+    def visible(self, pos: int, n: int) -> torch.Tensor | None:
+        """(B, 1, n, pos + n) bool for n queries at positions pos..: causal and, for a routed block, valid keys
+        only (None when causality alone decides)."""
+        if self.valid is None:
+            return None
+        rows = slice(None) if self.rows is None else self.rows
+        keys = torch.arange(pos + n, device=self.valid.device)[None, :]
+        queries = (pos + torch.arange(n, device=self.valid.device))[:, None]
+        # a query whose own token is not processed sees its own key only: its output is discarded, and it must not
+        # be an empty softmax (NaN)
+        return ((keys <= queries) & self.valid[rows, None, :pos + n] | (keys == queries))[:, None]  # (B,1,n,pos+n)
 
 
 @dataclass
@@ -123,6 +155,20 @@ class BlockCache:
     self_kv: KV | None = None
     tap_kv: KV | None = None
     pos: int = 0
+
+    def select(self, rows: torch.Tensor) -> BlockCache:
+        """The same cache for these rows of the batch only."""
+        pick = lambda kv: None if kv is None else kv.select(rows)  # noqa: E731
+        return BlockCache(pick(self.self_kv), pick(self.tap_kv), self.pos)
+
+
+@dataclass
+class BlockInfo:
+    """What a block reports besides its output: a shortcut block's attention probabilities (B, nh, n, K, t)
+    (need_weights), a routed block's processed tokens (B, n) bool and its router's auxiliary loss (training)."""
+    probs: torch.Tensor | None = None
+    processed: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 # --- attention ----------------------------------------------------------------------------------------------
@@ -169,7 +215,14 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             return self.attend(q, k, v)
         k, v = cache.write(k, v, pos)  # (B, nh, pos + n, hs)
-        return self.merge(cached_attention(q, k, v, pos))
+        return self.merge(cached_attention(q, k, v, pos, cache.visible(pos, q.size(2))))
+
+    def remember(self, x, rope, cache: KV, pos: int) -> None:
+        """Only the keys and values of x (B, n, C, normalised) at positions pos.. into the cache."""
+        C = self.n_embd
+        w, b = self.c_attn.weight[C:], None if self.c_attn.bias is None else self.c_attn.bias[C:]
+        k, v = (self.heads(t) for t in F.linear(x, w, b).split(C, dim=-1))  # 2 x (B, nh, n, hs)
+        cache.write(apply_rope(k, rope) if rope is not None else k, v, pos)
 
 
 LAST_TAP_MASS = 0.995  # tap_bias=last: the deepest tap's share of the attention at init, were all scores equal
@@ -237,6 +290,14 @@ class DepthContextAttention(CausalSelfAttention):
         with nullcontext() if torch.compiler.is_compiling() else record_function(f"depth_context_attention.{impl}"):
             y = ATTENTION[impl](q, k, v, dropout_p, bias=bias)  # (B, nh, T, hs)
         return self.merge(y), None
+
+    def remember(self, z, rope, cache: KV, pos: int) -> None:
+        """Only the keys and values of the taps z (B, K, n, C, normalised) at positions pos.. into the cache."""
+        B, K, n, C = z.shape
+        w, b = self.c_attn.weight[C:], None if self.c_attn.bias is None else self.c_attn.bias[C:]
+        k, v = F.linear(z, w, b).split(C, dim=3)  # 2 x (B, K, n, C)
+        k, v = (t.view(B, K, n, self.n_head, C // self.n_head).permute(0, 3, 1, 2, 4) for t in (k, v))
+        cache.write(apply_rope(k, rope) if rope is not None else k, v, pos)
 
 
 # --- blocks -------------------------------------------------------------------------------------------------
@@ -307,6 +368,9 @@ class Block(nn.Module):
         x = x + self.attn_branch(x, rope, cache)
         return x + self.mlp_branch(x), None
 
+    def remember(self, x, rope, taps, cache: BlockCache) -> None:
+        self.attn.remember(self.ln_1(x), rope, cache.self_kv, cache.pos)
+
 
 @register_block
 class ShortcutBlock(Block):
@@ -368,7 +432,12 @@ class ShortcutBlock(Block):
             x = x + self.attn(h, rope, kv, pos) + d
         else:
             x = x + d
-        return x + self.mlp_branch(x), probs
+        return x + self.mlp_branch(x), None if probs is None else BlockInfo(probs=probs)
+
+    def remember(self, x, rope, taps, cache: BlockCache) -> None:
+        self.depth_attn.remember(self.ln_1(taps), rope, cache.tap_kv, cache.pos)
+        if self.add:
+            self.attn.remember(self.ln_1(x), rope, cache.self_kv, cache.pos)
 
 
 # --- the shortcut's feature maps f_l ------------------------------------------------------------------------

@@ -69,6 +69,12 @@ class ExitPolicy(enum.StrEnum):
     both = "both"
 
 
+class DecodeExit(enum.StrEnum):
+    """How `shortcut sample` chooses each new token's depth (issue 21)."""
+    none = "none"  # every block, every token
+    confidence = "confidence"  # the first exit depth whose top probability reaches sample.exit_threshold
+
+
 class MatchBy(enum.StrEnum):
     width = "width"
     depth = "depth"
@@ -315,6 +321,13 @@ class ModelConfig:
     # step) (baseline: the final norm and head on h_d; shortcut: the final block on h_d reading the taps <= d);
     # its loss is then the mean of the full model's and the exit's. 0: off (the default models are unchanged).
     # chosen: one exit a step, so the extra cost is bounded (one head, or one final block, per step)
+    # --- Mixture-of-Depths routing (issue 21; Raposo et al. 2024, arXiv 2404.02258), baseline and shortcut ---
+    mod_capacity: Optional[float] = None  # c: the fraction of a sequence's tokens a routed block processes
+    # (training: its top c·T by router weight; evaluation and decoding: the router's own causal decision); None: dense
+    mod_every: int = 2  # every k-th block is routed (blocks k-1, 2k-1, ...; the paper's best: every other one),
+    # never the last block nor a shortcut block, which must see every token
+    mod_aux_weight: float = 0.01  # the router's auxiliary loss (binary cross-entropy of its weight against the
+    # top-k choice, the paper's section 3.5): what makes the causal decision agree with top-k. chosen: 0.01
     # --- the modern baseline, for every arch (the shortcut included); the defaults are GPT-2's ---
     pos: PosEmb = PosEmb.learned  # learned | rope (chosen: theta 10000, rotate-half pairs, on every attention)
     norm: Norm = Norm.layernorm  # layernorm | rmsnorm (every norm of the model, the feature maps' too)
@@ -361,6 +374,18 @@ class ModelConfig:
                 setattr(self, key, choices(getattr(self, key)))
             except ValueError:
                 raise ValueError(f"model.{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}") from None
+        _check(self.mod_capacity is None or 0 < self.mod_capacity <= 1, "model.mod_capacity",
+               "must be a fraction in (0, 1], or null for a dense model")
+        _check(self.mod_every >= 1, "model.mod_every", "must be at least 1")
+        _check(self.mod_aux_weight >= 0, "model.mod_aux_weight", "must be >= 0")
+        if self.mod_capacity is not None:
+            _check(self.arch in ("baseline", "shortcut"), "model.mod_capacity",
+                   f"routing is built for model=baseline and model=shortcut, not {self.arch}")
+            _check(self.exit_train == 0, "model.mod_capacity",
+                   "routing and early exits (model.exit_train) do not compose here: choose one")
+            _check(len(self.routed_blocks()) > 0, "model.mod_every",
+                   f"routes no block of this {self.n_layer}-layer model (never the last block nor a shortcut "
+                   f"block); lower it or add layers")
         _check(self.dwa_dilation >= 1, "model.dwa_dilation", "must be at least 1")
         _check(1 <= self.dwa_period <= self.n_layer, "model.dwa_period", f"must be in 1..model.n_layer={self.n_layer}")
         _check(self.attnres_block is None or self.attnres_block >= 1, "model.attnres_block",
@@ -383,6 +408,15 @@ class ModelConfig:
         depth-and-context attention reads: every tap l <= i, for each of the last shortcut_layers blocks."""
         L, taps = self.n_layer, self.tap_layers()
         return {i: [l for l in taps if l <= i] for i in range(L - self.shortcut_layers, L)}
+
+    def routed_blocks(self) -> list[int]:
+        """The blocks Mixture-of-Depths routes (model.mod_capacity): every mod_every-th, k-1, 2k-1, ..., except the
+        last block and the shortcut blocks (they must see every token); [] for a dense model."""
+        if self.mod_capacity is None:
+            return []
+        k, last = self.mod_every, self.n_layer - 1
+        shortcut = self.shortcut_taps() if self.arch == Arch.shortcut else {}
+        return [i for i in range(k - 1, last, k) if i not in shortcut]
 
     def exit_depths(self) -> list[int]:
         """The depths d (blocks run before the exit) an early exit can use, the full depth last: baseline 1..L
@@ -520,8 +554,27 @@ class SampleConfig:
     prompt_seconds: float = 2.0  # audio: the prompt's first seconds
     cache: bool = True  # KV cache (baseline and shortcut); False: a full forward per token, for comparison
     device: Device = Device.auto
+    # Adaptive decoding (issue 21), baseline and shortcut with the KV cache:
+    exit: DecodeExit = DecodeExit.none  # confidence: each new token stops at the
+    # first exit depth whose top probability reaches exit_threshold (CALM: its state copied upward), really skipping
+    exit_threshold: float = 0.9
+    speculative: Optional[int] = None  # self-speculative decoding (LayerSkip): draft with the exit at this depth,
+    # verify with the full model; greedy output = full-depth greedy output, sampled output distributed as its
+    draft_tokens: int = 4  # drafts per round
 
     def __post_init__(self) -> None:
+        try:
+            self.exit = DecodeExit(self.exit)
+        except ValueError:
+            raise ValueError(f"sample.exit: {self.exit!r} is not one of {', '.join(DecodeExit)}") from None
+        _check(0 < self.exit_threshold <= 1, "sample.exit_threshold", "must be a probability in (0, 1]")
+        _check(self.speculative is None or self.speculative >= 1, "sample.speculative",
+               "must be an exit depth (at least 1), or null")
+        _check(self.draft_tokens >= 1, "sample.draft_tokens", "must be at least 1")
+        _check(self.speculative is None or self.exit == DecodeExit.none, "sample.speculative",
+               "drafts with a fixed exit depth: leave sample.exit=none")
+        _check(self.cache or (self.speculative is None and self.exit == DecodeExit.none), "sample.cache",
+               "exit and speculative decoding need the KV cache: sample.cache=true")
         for key in ("n", "max_new_tokens", "prompt_tokens", "prompt_bars"):
             _check(getattr(self, key) >= 1, f"sample.{key}", "must be at least 1")
         _check(self.temperature >= 0, "sample.temperature", "must be >= 0 (0 is greedy)")

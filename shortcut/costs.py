@@ -38,7 +38,7 @@ class Costs:
     """Forward FLOPs per token, part by part, at one context length."""
     cfg: ModelConfig
     seq_len: int
-    blocks: tuple[int, ...]  # block i's forward
+    blocks: tuple[float, ...]  # block i's forward (a routed block's is an expectation: a fraction)
     taps: tuple[int, ...]  # the shortcut's tap layers, one feature map each (() for other archs)
     feature_map: int  # one tap's feature map
     head: int  # the tied output matmul
@@ -47,7 +47,7 @@ class Costs:
 
     @property
     def forward(self) -> int:
-        return sum(self.blocks) + len(self.taps) * self.feature_map + self.head + self.extra
+        return round(sum(self.blocks) + len(self.taps) * self.feature_map + self.head + self.extra)
 
     def taps_upto(self, d: int) -> int:
         return sum(1 for l in self.taps if l <= d)

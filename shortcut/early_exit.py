@@ -55,14 +55,12 @@ def fixed_nll(model: GPT, x, y, keep) -> dict[int, torch.Tensor]:
     return out
 
 
-@torch.no_grad()
-def confidence_pass(model: GPT, x, y, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token (B, T): its NLL and the depth it exits at, with exited states copied upward (CALM)."""
+def _confidence_exits(model: GPT, x, threshold: float):
+    """The confidence policy over all positions at once, layer by layer, with exited states copied upward (CALM):
+    yields per exit depth d the exit's log-probabilities (B, T, V) and the tokens that exit there (B, T) bool."""
     trace = model.start(x)
     depths = model.cfg.exit_depths()
-    exited = torch.zeros(y.shape, dtype=torch.bool, device=y.device)
-    nll = torch.zeros(y.shape, device=y.device)
-    depth = torch.zeros(y.shape, dtype=torch.long, device=y.device)
+    exited = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     for d in range(1, depths[-1] + 1):
         h = trace.states[-1]
         new = model.run_block(d - 1, trace)
@@ -71,10 +69,31 @@ def confidence_pass(model: GPT, x, y, threshold: float) -> tuple[torch.Tensor, t
             continue
         logp = model.exit_logits(trace, d).float().log_softmax(dim=-1)  # (B, T, V)
         take = ~exited & ((logp.max(dim=-1).values.exp() >= threshold) | (d == depths[-1]))
+        yield d, logp, take
+        exited |= take
+
+
+@torch.no_grad()
+def confidence_pass(model: GPT, x, y, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (B, T): its NLL and the depth it exits at, with exited states copied upward (CALM)."""
+    nll = torch.zeros(y.shape, device=y.device)
+    depth = torch.zeros(y.shape, dtype=torch.long, device=y.device)
+    for d, logp, take in _confidence_exits(model, x, threshold):
         nll = torch.where(take, -logp.gather(-1, y[..., None]).squeeze(-1), nll)
         depth = torch.where(take, torch.full_like(depth, d), depth)
-        exited |= take
     return nll, depth
+
+
+@torch.no_grad()
+def confidence_choices(model: GPT, x, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (B, T): the next token greedy decoding under the confidence policy emits (its exit's argmax) and
+    the depth it exits at: what shortcut.generate.ExitDecoder must reproduce."""
+    tokens = torch.zeros(x.shape, dtype=torch.long, device=x.device)
+    depth = torch.zeros_like(tokens)
+    for d, logp, take in _confidence_exits(model, x, threshold):
+        tokens = torch.where(take, logp.argmax(dim=-1), tokens)
+        depth = torch.where(take, torch.full_like(depth, d), depth)
+    return tokens, depth
 
 
 def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, ctx=None) -> dict:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shortcut import routing  # noqa: F401 - registers the routed block kind
 from shortcut.blocks import FEATURE_MAPS, BlockCache, Linear, Rotary, block_kind, make_norm
 from shortcut.config import Arch, ModelConfig, PosEmb
 from shortcut.variants import VARIANTS
@@ -29,25 +30,43 @@ from shortcut.variants import VARIANTS
 @dataclass
 class Cache:
     """The keys and values of every block for incremental decoding (shortcut.generate), and how many positions
-    they hold: the next tokens sit at positions length, length + 1, ..."""
+    they hold: the next tokens sit at positions length, length + 1, ...
+
+    exits: for decoding with early exits, the final block's cache when it runs as the exit at depth d < full (the
+    shortcut; its tap keys are the final block's own, its self-attention's, in add mode, its own per depth: at an
+    exit at d the block reads h_d of every earlier position)."""
     blocks: list[BlockCache]
     length: int = 0
+    exits: dict[int, BlockCache] = field(default_factory=dict)
+
+    def select(self, rows: torch.Tensor) -> Cache:
+        """The same cache for these rows of the batch only (those still running a block)."""
+        return Cache([b.select(rows) for b in self.blocks], self.length, {d: e.select(rows) for d, e in
+                                                                         self.exits.items()})
 
 
 @dataclass
 class Trace:
     """One pass through the blocks so far: states h_0 .. h_d (B, n, C) at the pass's n positions, the RoPE tables
     (None with learned positions), f_l(h_l) of the taps read so far (tap l -> (B, n, C)), the attention
-    probabilities asked for (block i -> (B, nh, n, K_i, n)) and the Cache when decoding."""
+    probabilities asked for (block i -> (B, nh, n, K_i, n)), the tokens each routed block processed (block i ->
+    (B, n) bool) and the routers' auxiliary losses, and the Cache when decoding."""
     states: list[torch.Tensor]
     rope: tuple | None = None
     feats: dict[int, torch.Tensor] = field(default_factory=dict)
     probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    processed: dict[int, torch.Tensor] = field(default_factory=dict)
+    aux_losses: list[torch.Tensor] = field(default_factory=list)
     cache: Cache | None = None
 
     @property
     def depth(self) -> int:
         return len(self.states) - 1  # blocks run
+
+    def select(self, rows: torch.Tensor) -> Trace:
+        """The trace of these rows of the batch only (shares nothing it could write back)."""
+        return Trace([h[rows] for h in self.states], self.rope, {l: f[rows] for l, f in self.feats.items()},
+                     cache=None if self.cache is None else self.cache.select(rows))
 
 
 class GPT(nn.Module):
@@ -126,14 +145,30 @@ class GPT(nn.Module):
         """Block i on h_i = trace.states[i] (a shortcut block reads its taps from trace.states[:i+1]); returns
         h_{i+1} (B, n, C) without appending it. Its attention probabilities go to trace.probs[i] when asked."""
         taps = self.tap_stack(trace, self.block_taps[i]) if i in self.block_taps else None
-        cache = None
-        if trace.cache is not None:
-            cache = trace.cache.blocks[i]
-            cache.pos = trace.cache.length
-        x, probs = self.blocks[i](trace.states[i], trace.rope, taps=taps, cache=cache, need_weights=need_weights)
-        if probs is not None:
-            trace.probs[i] = probs
+        cache = self._block_cache(trace, i)
+        x, info = self.blocks[i](trace.states[i], trace.rope, taps=taps, cache=cache, need_weights=need_weights)
+        if info is not None:
+            if info.probs is not None:
+                trace.probs[i] = info.probs
+            if info.processed is not None:
+                trace.processed[i] = info.processed
+            if info.aux_loss is not None:
+                trace.aux_losses.append(info.aux_loss)
         return x
+
+    def remember(self, i: int, trace: Trace) -> None:
+        """Only the keys and values block i would cache for h_i = trace.states[i] (a state copied upward past
+        block i: CALM's early exit), into trace.cache."""
+        taps = self.tap_stack(trace, self.block_taps[i]) if i in self.block_taps else None
+        self.blocks[i].remember(trace.states[i], trace.rope, taps, self._block_cache(trace, i))
+
+    @staticmethod
+    def _block_cache(trace: Trace, i: int, exit_depth: int | None = None) -> BlockCache | None:
+        if trace.cache is None:
+            return None
+        cache = trace.cache.blocks[i] if exit_depth is None else trace.cache.exits[exit_depth]
+        cache.pos = trace.cache.length
+        return cache
 
     def run(self, trace: Trace, depth: int | None = None, weights=()) -> Trace:
         """Run the blocks from trace.depth up to depth (default: all), appending each output to trace.states;
@@ -165,14 +200,23 @@ class GPT(nn.Module):
         the model's own output."""
         if not self.shortcut:
             return self.head(trace.states[d])
-        L = len(self.blocks)
-        z = self.tap_stack(trace, [l for l in self.taps if l <= d])
-        cache = None
-        if trace.cache is not None:
-            cache = trace.cache.blocks[L - 1]
-            cache.pos = trace.cache.length
-        x, _ = self.blocks[L - 1](trace.states[d], trace.rope, taps=z, cache=cache)  # (B, n, C)
+        x, _ = self.blocks[-1](trace.states[d], trace.rope, taps=self._exit_taps(trace, d),
+                               cache=self._exit_cache(trace, d))  # (B, n, C)
         return self.head(x)
+
+    def remember_exit(self, trace: Trace, d: int) -> None:
+        """Only the keys and values the exit at depth d caches (the shortcut's final block on h_d and the taps
+        <= d); nothing for the baseline, whose exit is its head."""
+        if self.shortcut:
+            self.blocks[-1].remember(trace.states[d], trace.rope, self._exit_taps(trace, d),
+                                     self._exit_cache(trace, d))
+
+    def _exit_taps(self, trace: Trace, d: int):
+        return self.tap_stack(trace, [l for l in self.taps if l <= d])
+
+    def _exit_cache(self, trace: Trace, d: int) -> BlockCache | None:
+        full = d == self.cfg.exit_depths()[-1]
+        return self._block_cache(trace, len(self.blocks) - 1, None if full or trace.cache is None else d)
 
     def forward(self, idx, targets=None, exits=(), cache: Cache | None = None):
         """idx: (B, n) token ids. Returns (logits (B, n, V), the mean next-token loss or None).
@@ -198,14 +242,23 @@ class GPT(nn.Module):
         loss = ce(logits)
         if exits:  # LayerSkip / CALM-style training: one set of weights serves every exit depth
             loss = (loss + sum(ce(self.exit_logits(trace, d)) for d in exits)) / (1 + len(exits))
+        if trace is not None and trace.aux_losses:  # Mixture-of-Depths: the routers learn to predict their top-k
+            loss = loss + self.cfg.mod_aux_weight * torch.stack(trace.aux_losses).mean()
         return logits, loss
 
-    def new_cache(self, batch: int, device=None, dtype=None) -> Cache:
-        """An empty Cache of block_size positions for `batch` sequences (baseline and shortcut)."""
+    def new_cache(self, batch: int, device=None, dtype=None, exits=()) -> Cache:
+        """An empty Cache of block_size positions for `batch` sequences (baseline and shortcut); exits: the exit
+        depths < full the decoding will use (their caches for the shortcut's final block)."""
         if self.variant is not None:
             raise ValueError(f"no KV cache for {self.cfg.arch}")
         device, dtype = device or self.wte.weight.device, dtype or self.wte.weight.dtype
-        return Cache([block.new_cache(self.cfg, batch, device, dtype) for block in self.blocks])
+        cache = Cache([block.new_cache(self.cfg, batch, device, dtype) for block in self.blocks])
+        if self.shortcut:
+            final = cache.blocks[-1]
+            for d in exits:  # the tap keys are shared (a shallow exit reads the first of them); add mode's are not
+                own = self.blocks[-1].new_cache(self.cfg, batch, device, dtype).self_kv
+                cache.exits[d] = BlockCache(self_kv=own, tap_kv=final.tap_kv)
+        return cache
 
     # --- what the audit reads ---
 

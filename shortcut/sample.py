@@ -3,15 +3,14 @@
 Outputs go to DIR/samples/: .txt (text), .mid plus a piano-roll .png (music, through the corpus' own miditok
 tokenizer), .wav plus a spectrogram .png (audio: mu-law decodes exactly; k-means codes through their codebook's
 log-mel frames, an inverse mel scale and Griffin-Lim; EnCodec through its decoder). samples.json lists every file
-with its settings and the generation speed. Baseline and shortcut models decode with a KV cache (shortcut.generate);
-the other variants run a full forward per token.
+with its settings and the generation speed. The decoding itself (KV cache, early exits, speculative decoding) is
+shortcut.generate's.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,74 +19,9 @@ import torch
 from shortcut import rundir
 from shortcut.config import SampleConfig, SampleJob, UserError
 from shortcut.data import TokenData
-from shortcut.generate import KVCacheDecoder, slide, supports_cache
+from shortcut.generate import generate
 
 log = logging.getLogger(__name__)
-
-
-# --- choosing the next token ---
-
-def pick_next(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids: greedy at temperature 0, else sampled after top-k and top-p filtering."""
-    logits = logits.float()
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
-        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p is not None and cfg.top_p < 1:
-        probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
-        outside = probs.cumsum(dim=-1) - probs >= cfg.top_p  # tokens after the nucleus is full (the first stays)
-        logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1).cpu(), 1, generator=generator).squeeze(1).to(logits.device)
-
-
-class FullForward:
-    """Decoding without a cache: each new token runs the model over its window, which slides as the cache's does
-    (shortcut.generate.slide), so both decoders compute the same logits. Works for every architecture; the speed
-    reference for the KV cache."""
-
-    def __init__(self, model):
-        self.model, self.seq = model, None
-
-    @torch.no_grad()
-    def start(self, prompt: torch.Tensor) -> torch.Tensor:
-        self.seq = prompt[:, -self.model.cfg.block_size:]
-        return self._last()
-
-    @torch.no_grad()
-    def push(self, ids: torch.Tensor) -> torch.Tensor:
-        self.seq, _ = slide(self.seq, ids, self.model.cfg.block_size)
-        return self._last()
-
-    def _last(self) -> torch.Tensor:
-        return self.model(self.seq)[0][:, -1]  # (B, V)
-
-
-def stepper_for(model, cache: bool):
-    if cache:
-        if supports_cache(model):
-            return KVCacheDecoder(model)
-        log.info("%s has no KV cache here: decoding with a full forward per token", model.cfg.arch)
-    return FullForward(model)
-
-
-def generate(model, prompt: torch.Tensor, cfg: SampleConfig) -> tuple[torch.Tensor, float, bool]:
-    """prompt (B, T0) -> (B, T0 + max_new_tokens), the new tokens per second (all samples together), and whether a
-    KV cache decoded them."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    stepper = stepper_for(model, cfg.cache)
-    out = [prompt]
-    t0 = time.perf_counter()
-    logits = stepper.start(prompt)
-    for i in range(cfg.max_new_tokens):
-        nxt = pick_next(logits, cfg, generator)
-        out.append(nxt[:, None])
-        if i + 1 < cfg.max_new_tokens:
-            logits = stepper.push(nxt)
-    seconds = time.perf_counter() - t0
-    return torch.cat(out, dim=1), prompt.size(0) * cfg.max_new_tokens / seconds, not isinstance(stepper, FullForward)
 
 
 # --- what the tokens mean: each domain's prompt and output ---
@@ -284,7 +218,8 @@ def sample(job: SampleJob) -> dict:
     out_dir = run_dir / rundir.SAMPLES
     shutil.rmtree(out_dir, ignore_errors=True)  # samples of another model or other settings must not stay
     out_dir.mkdir(parents=True)
-    ids, tok_s, cached = generate(model, torch.tensor([prompt] * cfg.n, device=device), cfg)
+    gen = generate(model, torch.tensor([prompt] * cfg.n, device=device), cfg)
+    ids, tok_s = gen.tokens, gen.tokens_per_s
     settings = {k: (str(v) if not isinstance(v, (int, float, bool, type(None))) else v)
                 for k, v in vars(cfg).items()}
     files = []
@@ -292,7 +227,9 @@ def sample(job: SampleJob) -> dict:
         written = codec.write(row, out_dir / f"sample{i}")
         files.append({"files": [p.name for p in written], "prompt_tokens": len(prompt), "tokens": len(row)})
     record = {"run": str(run_dir), "checkpoint_step": state.step, "checkpoint_hash": state.weights_hash,
-              "cache": cached, "tokens_per_s": tok_s,
+              "cache": gen.cached, "decoder": gen.decoder, "tokens_per_s": tok_s,
+              "flops_per_token": gen.flops_per_token, "mean_exit_depth": gen.mean_exit_depth,
+              "acceptance": gen.acceptance, "draft_depth": gen.draft_depth,
               "settings": settings, "samples": files}
     rundir.write_json(out_dir / "samples.json", record)
     log.info("%d sample(s) of %d tokens at %.0f tokens/s -> %s", cfg.n, cfg.max_new_tokens, tok_s, out_dir)

@@ -16,11 +16,11 @@ LAYERS = [
     ["download", "runtime", "rundir", "tracking", "scaling"],
     ["corpus", "data"],
     ["prepare"],
-    ["attention", "blocks", "variants", "model"],
+    ["attention", "blocks", "routing", "variants", "model"],
     ["costs"],
     ["train"],
-    ["scoring", "evaluate", "audit", "early_exit"],
-    ["generate", "sample", "compare"],
+    ["scoring", "evaluate", "audit", "early_exit", "generate"],
+    ["sample", "compare"],
     ["cli", "launch", "__main__"],
 ]
 

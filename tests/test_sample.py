@@ -15,7 +15,8 @@ from shortcut.config import ModelConfig, SampleConfig, UserError
 from shortcut.generate import KVCacheDecoder, supports_cache
 from shortcut.model import GPT
 from shortcut.prepare import prepare
-from shortcut.sample import FullForward, pick_next, sample
+from shortcut.generate import FullForward, pick_next
+from shortcut.sample import sample
 from shortcut.train import train
 
 
