@@ -73,7 +73,7 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
     starts = data.fixed_starts("val", cfg.audit_sequences, T)
     device = next(model.parameters()).device
     out = {"starts": starts, "inputs": [], "targets": [], "loss": [], "profile": [], "profile_heads": [],
-           "attn": None, "lens": [], "layer_weights": [], "layer_weights_info": None}
+           "attn": None, "lens": [], "layer_weights": [], "layer_weights_info": None, "blocks_run": []}
     for i in range(0, len(starts), 8):
         x, y = data.windows("val", starts[i:i + 8], T)
         x, y = x.to(device), y.to(device)
@@ -92,14 +92,38 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
             out["layer_weights"].append(lw.pop("weights").cpu())  # (B, T, consumers, sources)
             out["layer_weights_info"] = lw
         out["lens"].append(logit_lens(model, x, y, out["loss"][-1].mean().item()))
+        if model.cfg.routed_blocks():
+            out["blocks_run"].append(blocks_run(model, x).cpu())
     if model.shortcut and out["layer_weights_info"] is None:  # the final block's mass on each tap, as every
         # layer-weighing model reports it
         out["layer_weights"] = [torch.cat(out["profile"])[:, :, None, :]]
         out["layer_weights_info"] = {"kind": "shortcut attention mass", "sources": list(model.taps),
                                      "consumers": ["final block"], "normalised": True}
-    for key in ("inputs", "targets", "loss", "profile", "profile_heads", "layer_weights"):
+    for key in ("inputs", "targets", "loss", "profile", "profile_heads", "layer_weights", "blocks_run"):
         out[key] = torch.cat(out[key]) if out[key] else None
     out["lens"] = np.mean(np.stack(out["lens"]), axis=0)
+    return out
+
+
+def blocks_run(model: GPT, x) -> torch.Tensor:
+    """(B, T): how many blocks each token ran (Mixture-of-Depths: the dense ones plus the routed ones that chose it,
+    under the causal rule evaluation and decoding use)."""
+    trace = model.run(model.start(x))
+    dense = model.cfg.n_layer - len(trace.processed)
+    return dense + sum(p.long() for p in trace.processed.values())
+
+
+def summarise_blocks_run(counts: torch.Tensor, depth: torch.Tensor | None) -> dict:
+    """depth.json's blocks_run: the mean, the share of tokens per count, and, for the shortcut, Spearman between
+    the blocks a token ran and the depth its final block drew on (do tokens that skip read shallower taps?)."""
+    from scipy.stats import spearmanr
+
+    c = counts.reshape(-1)
+    values, n = c.unique(return_counts=True)
+    out = {"mean": float(c.double().mean()), "share": {int(v): float(k) / len(c) for v, k in zip(values, n)},
+           "n_tokens": int(len(c))}
+    if depth is not None and len(values) > 1:
+        out["spearman_vs_mean_depth"] = float(spearmanr(c.numpy(), depth.reshape(-1).numpy())[0])
     return out
 
 
@@ -412,6 +436,12 @@ def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig, checkpoint_ha
     if model.shortcut:
         sec = data.meta.get("seconds_per_token")
         pictures += draw(m, summary, taps, labels, axis, sec, out, cfg)
+    if m["blocks_run"] is not None:
+        depth = m["profile"].reshape(-1, len(taps)).double() @ torch.tensor(taps, dtype=torch.float64) \
+            if model.shortcut else None
+        summary["blocks_run"] = summarise_blocks_run(m["blocks_run"], depth)
+        log.info("blocks run per token: mean %.2f of %d, shares %s", summary["blocks_run"]["mean"],
+                 model.cfg.n_layer, summary["blocks_run"]["share"])
     summary["pictures"] = [str(p) for p in pictures]
     summary["checkpoint_hash"] = checkpoint_hash
     tmp = out / "depth.json.tmp"

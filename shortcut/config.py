@@ -516,6 +516,13 @@ class EvalConfig:
     exit_thresholds: list = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     exit_max_tokens: Optional[int] = None  # the exit curves score the first of the eval's targets, at most this
     # many (and at most max_tokens; None: the eval's own): one pass per threshold
+    # Decoding speeds (issue 21), eval.json's "decode": greedy, one sequence, from the split's first block_size // 2
+    # tokens: plain (KV cache), exit decoding at decode_threshold and speculative decoding drafting at depth
+    # decode_draft (None: the middle exit depth), for the models with exits. 0: not measured.
+    decode_tokens: int = 0
+    decode_threshold: float = 0.9
+    decode_draft: Optional[int] = None
+    decode_draft_tokens: int = 4
 
     def __post_init__(self) -> None:
         try:
@@ -537,6 +544,10 @@ class EvalConfig:
         _check(self.max_tokens is None or self.max_tokens >= 1, "eval.max_tokens", "must be at least 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be at least 1")
         _check(self.stride is None or self.stride >= 1, "eval.stride", "must be at least 1")
+        _check(self.decode_tokens >= 0, "eval.decode_tokens", "must be >= 0 (0: no decoding speeds)")
+        _check(0 < self.decode_threshold <= 1, "eval.decode_threshold", "must be a probability in (0, 1]")
+        _check(self.decode_draft is None or self.decode_draft >= 1, "eval.decode_draft", "must be at least 1")
+        _check(self.decode_draft_tokens >= 1, "eval.decode_draft_tokens", "must be at least 1")
 
 
 @dataclass

@@ -127,7 +127,28 @@ def needs_eval(run: Path, cfg: EvalConfig) -> str | None:
         have = {k: (record.exit or {}).get(k) for k in want}
         if have != want:
             return f"its early-exit curves were measured with {have}, now {want}"
+    if cfg.decode_tokens:
+        from shortcut.adaptive import decode_settings
+
+        if (record.decode or {}).get("settings") != decode_settings(cfg):
+            return "its decoding speeds are missing or were measured with other settings"
     return None
+
+
+def adaptive_figures(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, record: EvalRecord, ctx) -> None:
+    """A routed model's training-rule NLL and causal shares; decoding speeds (eval.decode_tokens)."""
+    from shortcut import adaptive
+
+    if model.cfg.mod_capacity is not None:
+        record.routing = adaptive.routing_figures(model, data, cfg, stride, ctx)
+        log.info("routing: causal NLL %.4f (evaluation), training-rule (top-k) NLL %.4f; causal shares %s of "
+                 "capacity %s", record.nll, record.routing["train_mode_nll"],
+                 [round(s, 3) for s in record.routing["causal_share"]], model.cfg.mod_capacity)
+    if cfg.decode_tokens:
+        record.decode = adaptive.decode_figures(model, data, cfg)
+        log.info("decoding %s tokens: %s", cfg.decode_tokens, ", ".join(
+            f"{k} {v['tokens_per_s']:,.0f} tok/s (x{v['speedup']:.2f})" for k, v in record.decode.items()
+            if isinstance(v, dict) and "tokens_per_s" in v))
 
 
 def exit_settings(cfg: EvalConfig) -> dict:
@@ -168,7 +189,8 @@ def evaluate_run(job: EvalJob) -> dict:
 
         summary = audit(model, data, audit_dir, cfg, checkpoint_hash=state.weights_hash)
         record.audit = {k: summary[k] for k in ("taps", "mean_profile", "mean_depth", "spearman_depth_vs_loss",
-                                                "pictures", "logit_lens_nll", "layer_weights") if k in summary}
+                                                "pictures", "logit_lens_nll", "layer_weights", "blocks_run")
+                        if k in summary}
     elif depth is not None and depth.get("checkpoint_hash") != state.weights_hash:
         import shutil
 
@@ -178,6 +200,7 @@ def evaluate_run(job: EvalJob) -> dict:
     else:  # curves of an earlier evaluation must not sit beside this one
         for name in (rundir.EXIT_CURVE, "exit_curve.png"):
             (run_dir / rundir.AUDIT / name).unlink(missing_ok=True)
+    adaptive_figures(model, data, cfg, stride, record, autocast(device, Precision.auto))
     record.write(run_dir)
     result = record.to_dict()
     track(run_dir, state, result)

@@ -224,6 +224,8 @@ class EvalRecord(_Record):
     audit: dict | None = None
     precision: str = "float32"  # of the forward passes: bfloat16 on CUDA, float32 on CPUs
     exit: dict | None = None  # eval.exit's curves (shortcut.early_exit.exit_curve), also in audit/exit_curve.json
+    routing: dict | None = None  # a routed model's training-rule NLL and causal shares (shortcut.adaptive)
+    decode: dict | None = None  # eval.decode_tokens' decoding speeds (shortcut.adaptive)
 
     def to_dict(self) -> dict:
         """The JSON keeps today's flat keys (test_nll, test_ppl, bits_per_token, bits_per_char, ...) for readers."""

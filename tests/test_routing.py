@@ -130,3 +130,49 @@ def test_the_router_loss_joins_the_training_loss():
 def test_what_does_not_compose_is_refused_in_one_line(kw, key):
     with pytest.raises(ValueError, match=key):
         replace(BASE, **kw)
+
+
+def test_train_and_eval_a_routed_run_report_both_nlls_the_shares_and_the_blocks_run(tmp_path, prepared):
+    """The commands end to end: a routed shortcut trains, and eval.json holds the causal NLL (the headline), the
+    training rule's beside it, the causal shares, and the audit the blocks each token ran."""
+    import json
+
+    from conftest import TINY
+
+    from shortcut.cli import compose
+    from shortcut.evaluate import evaluate
+    from shortcut.train import train
+
+    run = tmp_path / "routed"
+    train(compose("train", prepared + TINY + ["model=shortcut", "model.n_layer=4", "model.mod_capacity=0.25",
+                                              "model.mod_every=2", "train=smoke", "train.max_steps=8"]), run)
+    evaluate(compose("eval", [f"run_dir={run}", "eval.max_tokens=300", "eval.audit_sequences=2"]))
+    record = json.loads((run / "eval.json").read_text())
+    routing = record["routing"]
+    assert routing["routed_blocks"] == [1] and len(routing["causal_share"]) == 1
+    assert 0 <= routing["causal_share"][0] <= 1 and routing["train_mode_nll"] > 0
+    assert routing["train_mode_nll"] != record["test_nll"]  # two rules, two numbers
+    blocks = record["audit"]["blocks_run"]
+    assert 3 <= blocks["mean"] <= 4 and abs(sum(blocks["share"].values()) - 1) < 1e-9
+
+
+def test_eval_measures_decoding_speeds_of_an_exit_trained_run(tmp_path, prepared):
+    import json
+
+    from conftest import TINY
+
+    from shortcut.cli import compose
+    from shortcut.evaluate import evaluate, needs_eval
+    from shortcut.train import train
+
+    run = tmp_path / "exits"
+    train(compose("train", prepared + TINY + ["model=shortcut", "model.n_layer=3", "model.exit_train=0.5",
+                                              "train=smoke", "train.max_steps=6"]), run)
+    args = [f"run_dir={run}", "eval.max_tokens=200", "eval.audit=false", "eval.decode_tokens=24"]
+    evaluate(compose("eval", args))
+    decode = json.loads((run / "eval.json").read_text())["decode"]
+    assert set(decode) >= {"plain", "exit", "speculative"} and decode["draft_depth"] == 1
+    assert decode["speculative"]["same_output"] is True and decode["plain"]["speedup"] == 1.0
+    assert 1 <= decode["exit"]["mean_exit_depth"] <= 2
+    assert needs_eval(run, compose("eval", args).eval) is None
+    assert "decoding" in needs_eval(run, compose("eval", args[:-1] + ["eval.decode_tokens=30"]).eval)
