@@ -7,7 +7,7 @@ LAUNCHER ?=
 SWEEP = $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
 
 .PHONY: help install test test-all gpu-check demo reproduce-paper reproduce-paper-cpu scaling scaling-cpu bench \
-	peers peers-cpu ablations-cpu shortcut-search shortcut-search-cpu early-exit-cpu
+	peers peers-cpu ablations-cpu shortcut-search shortcut-search-cpu early-exit-cpu adaptive adaptive-cpu
 help:
 	@echo "make reproduce-paper      the paper's table on one GPU (downloads text8, WikiText-103, MAESTRO, LibriSpeech)"
 	@echo "make reproduce-paper-cpu  the same table at CPU scale on offline data, under 30 min (TEXT='books/*.txt')"
@@ -17,6 +17,8 @@ help:
 	@echo "make peers        the same on text8, WikiText-103, MAESTRO, LibriSpeech, 12 and 24 layers (~47 GPU-hours)"
 	@echo "make shortcut-search-cpu  issue 13's grid of shortcut modes vs a baseline ladder, chorales + text, CPU (~2 h)"
 	@echo "make shortcut-search      the same at GPT-2-small scale on text8, for one GPU (~5 GPU-hours)"
+	@echo "make adaptive-cpu  routing, exit and speculative decoding vs dense ladders, chorales + text, CPU (~75 min)"
+	@echo "make adaptive      the same at GPT-2-small scale on text8, for one GPU (~6 GPU-hours)"
 	@echo "make early-exit-cpu  NLL vs compute of early exits, baseline (LayerSkip) and shortcut, chorales, CPU (~25 min)"
 	@echo "make ablations-cpu  the shortcut's own ablations (taps, feature map, depth embedding), chorales, CPU"
 	@echo "make gpu-check  on a CUDA device: fused kernels, bf16 vs fp32, resume, tokens/s and MFU (< 8 min on an H200)"
@@ -128,6 +130,36 @@ shortcut-search:
 	-shortcut train -m experiment=shortcut_search $(SEARCH_GRID) $(SWEEP)
 	shortcut eval run_dir=runs/shortcut_search
 	shortcut compare runs=runs/shortcut_search name=shortcut_search compute_multiplier=true sort=multiplier
+
+# Issue 21: adaptive compute. The baseline ladder (the experiment's sweep), then the baseline, the paper's shortcut
+# and issue 13's choice, dense / routed (Mixture-of-Depths) / exit-trained; decoding speeds (plain, exit, speculative)
+# in every eval.json; one table per domain sorted by compute multiplier.
+ADAPTIVE_SPARSE = model=shortcut "model.taps=[0,6,11]" model.shortcut_layers=2
+ADAPTIVE_EVAL = eval.max_tokens=40000 eval.audit_sequences=4 eval.decode_tokens=256 eval.decode_threshold=0.5 \
+	eval.decode_draft=3
+
+adaptive-cpu: $(filter data/kjv.txt,$(SEARCH_TEXT))
+	shortcut prepare domain=music
+	shortcut prepare dataset=text_local "domain.files='$(SEARCH_TEXT)'"
+	-shortcut train -m experiment=adaptive_cpu
+	-shortcut train -m experiment=adaptive_cpu model=baseline,shortcut model.n_embd=64 model.mod_capacity=0.125
+	-shortcut train -m experiment=adaptive_cpu model=baseline,shortcut model.n_embd=64 model.exit_train=0.5
+	-shortcut train -m experiment=adaptive_cpu model=shortcut model.n_embd=64
+	-shortcut train -m experiment=adaptive_cpu $(ADAPTIVE_SPARSE) model.n_embd=64 model.mod_capacity=null,0.125
+	-shortcut train -m experiment=adaptive_cpu $(ADAPTIVE_SPARSE) model.n_embd=64 model.exit_train=0.5
+	shortcut eval run_dir=runs/adaptive_cpu $(ADAPTIVE_EVAL)
+	shortcut compare runs=runs/adaptive_cpu name=adaptive_cpu compute_multiplier=true sort=multiplier wandb=off
+
+adaptive:
+	shortcut prepare dataset=text8
+	-shortcut train -m experiment=adaptive $(SWEEP)
+	-shortcut train -m experiment=adaptive model=baseline,shortcut model.mod_capacity=0.125 $(SWEEP)
+	-shortcut train -m experiment=adaptive model=baseline,shortcut model.exit_train=0.5 $(SWEEP)
+	-shortcut train -m experiment=adaptive model=shortcut $(SWEEP)
+	-shortcut train -m experiment=adaptive $(ADAPTIVE_SPARSE) model.mod_capacity=null,0.125 $(SWEEP)
+	-shortcut train -m experiment=adaptive $(ADAPTIVE_SPARSE) model.exit_train=0.5 $(SWEEP)
+	shortcut eval run_dir=runs/adaptive eval.decode_tokens=512 eval.decode_threshold=0.5 eval.decode_draft=3
+	shortcut compare runs=runs/adaptive name=adaptive compute_multiplier=true sort=multiplier
 
 # Issue 12: early exit. Plain and exit-trained baselines and shortcuts at the demo's size; fixed and confidence exits.
 early-exit-cpu:

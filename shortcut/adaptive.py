@@ -95,7 +95,31 @@ def decode_figures(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
                      "acceptance": gen.acceptance}
     if "speculative" in out:
         out["speculative"]["same_output"] = bool(torch.equal(best["speculative"][1].tokens, plain.tokens))
+    if "exit" in out:  # what exiting at the threshold costs in NLL, on the evaluation's own first targets
+        out["exit"]["nll"], out["exit"]["full_nll"] = exit_nll(model, data, cfg)
     return out
+
+
+EXIT_NLL_TOKENS = 20_000  # the exit policy's NLL is measured on at most this many of the evaluation's targets
+
+
+@torch.no_grad()
+def exit_nll(model: GPT, data: TokenData, cfg: EvalConfig) -> tuple[float, float]:
+    """Mean NLL of the confidence policy at eval.decode_threshold and of the full depth, on the same first targets
+    of the evaluation's sliding windows (stride: block_size // 2 unless eval.stride)."""
+    from shortcut.early_exit import confidence_pass
+
+    stride = cfg.stride or max(1, model.cfg.block_size // 2)
+    cap = min(c for c in (cfg.max_tokens, EXIT_NLL_TOKENS) if c is not None)
+    windows = sliding_windows(len(data.splits[cfg.split]), data.block_size, stride, cap)
+    exits = full = n = 0.0
+    for x, y, keep in scored_batches(data, cfg.split, windows, cfg.batch_size, next(model.parameters()).device):
+        nll, _ = confidence_pass(model, x, y, cfg.decode_threshold)
+        exits += float(nll[keep].sum())
+        logp = model(x)[0].float().log_softmax(-1)
+        full += float(-logp.gather(-1, y[..., None]).squeeze(-1)[keep].sum())
+        n += int(keep.sum())
+    return exits / n, full / n
 
 
 def decode_settings(cfg: EvalConfig) -> dict:

@@ -41,6 +41,9 @@ def check_supported(model: GPT, where) -> None:
     if model.cfg.arch not in (Arch.baseline, Arch.shortcut):
         raise UserError(f"eval.exit: early exit is built for baseline and shortcut runs; {where} is "
                         f"{model.cfg.arch} (evaluate it with eval.exit=none)")
+    if model.cfg.mod_capacity is not None:
+        raise UserError(f"eval.exit: {where} is a routed model (model.mod_capacity): early exits do not compose "
+                        f"with routing here (evaluate it with eval.exit=none)")
 
 
 @torch.no_grad()

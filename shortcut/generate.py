@@ -112,41 +112,53 @@ class ExitDecoder:
         exited = torch.zeros(B, n, dtype=torch.bool, device=ids.device)
         logits = depth = None
         for d in range(1, self.depths[-1] + 1):
+            rows = self._rows(exited)
             h = trace.states[-1]
-            trace.states.append(torch.where(exited[..., None], h, self._block(d - 1, trace, exited)))
+            trace.states.append(torch.where(exited[..., None], h, self._block(d - 1, trace, rows)))
             if d not in self.depths:
                 continue
-            out = self._exit(trace, d, exited)  # (B, n, V), rows that have all exited: unchanged zeros
-            take = ~exited & ((out.float().softmax(-1).max(-1).values >= self.threshold) | (d == self.depths[-1]))
+            out = self._exit(trace, d, rows, exited.shape)  # (B, n, V); the rows that have all exited: zeros
+            take = ~exited & ((out.softmax(-1).max(-1).values >= self.threshold) | (d == self.depths[-1]))
             logits = out if logits is None else torch.where(take[..., None], out, logits)
             depth = torch.where(take, d, 0) if depth is None else torch.where(take, d, depth)
             exited |= take
         self.cache.length += n
         return logits, depth
 
-    def _running(self, exited: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        going = ~exited.all(dim=1)
-        return going.nonzero().squeeze(1), (~going).nonzero().squeeze(1)
+    @staticmethod
+    def _rows(exited: torch.Tensor):
+        """(rows with a token still going, rows that have all exited), or None for "all of them"."""
+        done = exited.all(dim=1)
+        if not done.any():
+            return None, torch.zeros(0, dtype=torch.long)
+        if done.all():
+            return torch.zeros(0, dtype=torch.long), None
+        return (~done).nonzero().squeeze(1), done.nonzero().squeeze(1)
 
-    def _block(self, i: int, trace, exited) -> torch.Tensor:
+    @staticmethod
+    def _part(trace, rows):
+        return trace if rows is None else trace.select(rows)
+
+    def _block(self, i: int, trace, rows) -> torch.Tensor:
         """Block i for the rows with a token still going; the others only leave its keys and values."""
-        run, done = self._running(exited)
+        run, done = rows
+        if done is not None and done.numel() == 0:  # every row runs
+            return self.model.run_block(i, trace)
         new = trace.states[i].clone()
-        if run.numel():
-            new[run] = self.model.run_block(i, trace.select(run) if done.numel() else trace)
-        if done.numel():
-            self.model.remember(i, trace.select(done))
+        if run is not None and run.numel():
+            new[run] = self.model.run_block(i, self._part(trace, run))
+        self.model.remember(i, self._part(trace, done))
         return new
 
-    def _exit(self, trace, d: int, exited) -> torch.Tensor:
+    def _exit(self, trace, d: int, rows, shape) -> torch.Tensor:
         """The exit at depth d for the rows still going (their logits); the others leave its keys and values."""
-        run, done = self._running(exited)
-        B, n = exited.shape
-        out = torch.zeros(B, n, self.model.cfg.vocab_size, device=exited.device)
-        if run.numel():
-            out[run] = self.model.exit_logits(trace.select(run) if done.numel() else trace, d).float()
-        if done.numel():
-            self.model.remember_exit(trace.select(done), d)
+        run, done = rows
+        if done is not None and done.numel() == 0:
+            return self.model.exit_logits(trace, d).float()
+        out = torch.zeros(*shape, self.model.cfg.vocab_size, device=trace.states[0].device)
+        if run is not None and run.numel():
+            out[run] = self.model.exit_logits(self._part(trace, run), d).float()
+        self.model.remember_exit(self._part(trace, done), d)
         return out
 
 
