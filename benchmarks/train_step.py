@@ -6,6 +6,7 @@ small (12 layers, d=768, T=1024, batch 32, bf16 + torch.compile); the shortcut's
 next to its analytic FLOPs over the baseline's, at 6 layers, d=256, T=256, batch 16 (all 6 taps; on CUDA also
 GPT-2 small), for each attention implementation this device runs; with NANOGPT=<a checkout of karpathy/nanoGPT>,
 its GPT timed against our baseline at the same shape and optimizer (nothing of nanoGPT is copied or shipped).
+Also (issue 21) routed against dense step time at 12 layers, c = 0.125 on every other block: target >= 25% less.
 Targets: time ratio <= 1.05 x FLOP ratio (the shortcut's extra attention costs what its FLOPs say, no more) with
 `auto`'s choice; ours >= nanoGPT's throughput; baseline MFU >= 45% at GPT-2 small on an H100/H200-class GPU.
 """
@@ -15,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -134,6 +136,27 @@ def cost_ratios(device: torch.device) -> dict[str, float]:
     return result
 
 
+def routing_saving(device: torch.device) -> dict[str, float]:
+    """Issue 21: step time of Mixture-of-Depths models (mod_capacity=0.125 on every other block) against the dense
+    ones of the same size, interleaved, at 12 layers, d=64, T=128, batch 16 (the size of make adaptive-cpu): the
+    saving 1 - routed/dense per architecture, beside the FLOP saving."""
+    base = ModelConfig(n_layer=12, n_head=4, n_embd=64, block_size=128, vocab_size=512)
+    sparse = dict(arch="shortcut", taps=[0, 6, 11], shortcut_layers=2)
+    cfgs = {"baseline": base, "baseline routed": replace(base, mod_capacity=0.125),
+            "shortcut [0,6,11]x2": replace(base, **sparse),
+            "shortcut [0,6,11]x2 routed": replace(base, **sparse, mod_capacity=0.125)}
+    times = step_times(cfgs, 16, device)
+    print("\nrouted / dense training step, L=12 d=64 T=128 B=16, c=0.125 every other block (blocks 1,3,5,7,9)")
+    result = {}
+    for dense, routed in (("baseline", "baseline routed"), ("shortcut [0,6,11]x2", "shortcut [0,6,11]x2 routed")):
+        ratio = statistics.median(r / d for r, d in zip(times[routed], times[dense]))
+        flops = flops_per_token(cfgs[routed]).train / flops_per_token(cfgs[dense]).train
+        print(f"{dense:22s} dense {statistics.median(times[dense]) * 1e3:6.1f} ms, routed "
+              f"{statistics.median(times[routed]) * 1e3:6.1f} ms: {1 - ratio:.1%} less time ({1 - flops:.1%} fewer FLOPs)")
+        result[dense] = 1 - ratio
+    return result
+
+
 def against_nanogpt(device: torch.device, checkout: str) -> tuple[float, float, float]:
     """Our baseline against nanoGPT's GPT (imported from a local checkout) at one shape, interleaved; returns
     our throughput over theirs: the median over rounds and the quartiles (the spread a shared machine gives)."""
@@ -161,6 +184,7 @@ def main() -> None:
     mfu = throughput(device).get("mfu")
     ratios = cost_ratios(device)
     nano = against_nanogpt(device, os.environ["NANOGPT"]) if os.environ.get("NANOGPT") else None
+    routing = routing_saving(device)
     auto = resolve_attn_impl(AttnImpl.auto, device.type)
     rows = [(f"shortcut time / FLOP ratio, {shape}, attn_impl=auto ({auto})", f"{r:.3f}", "<= 1.05",
              "yes" if r <= 1.05 else "NO") for shape, r in ratios.items()]
@@ -171,6 +195,8 @@ def main() -> None:
                  "-" if nano is None else "yes" if nano[1] >= 1.0 else "NO" if nano[2] < 1.0 else "tie"))
     rows.append(("baseline MFU, GPT-2 small, bf16 + compile", f"{mfu:.1%}" if mfu else f"no MFU on {device.type}",
                  ">= 45% (H100/H200 class)", "-" if mfu is None else "yes" if mfu >= 0.45 else "NO"))
+    rows += [(f"routed step time saving, {arch}, L=12 d=64 c=0.125", f"{v:.1%}", ">= 25%", "yes" if v >= 0.25 else "NO")
+             for arch, v in routing.items()]
     print(f"\n{'target (this run)':62s} {'measured':>12s} {'goal':>24s}  met")
     for name, value, goal, met in rows:
         print(f"{name:62s} {value:>12s} {goal:>24s}  {met}")
