@@ -148,8 +148,10 @@ def _task(cfg) -> None:
                 other = _compose_in_app([o for o in hc.overrides.task if not o.lstrip("+~").startswith(
                     _MATCH_DROPS)] + [f"model={job.train.match_flops}"])
                 match = Match(other.model, other.train.max_steps)
+            record = {"config.yaml": OmegaConf.to_yaml(cfg), "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
+                      "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg)}  # .hydra/, once accepted
             train(job, Path(hc.runtime.output_dir), resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-                  reference=reference, choices=choices, match=match)
+                  reference=reference, choices=choices, match=match, hydra_record=record)
         elif command == "eval":
             from shortcut.evaluate import evaluate
 
@@ -168,8 +170,10 @@ def _task(cfg) -> None:
             log.error("job %s (%s) failed: %s", hc.job.num, " ".join(hc.overrides.task), message)
             if command == "train" and os.environ.get("RANK", "0") == "0":  # so that compare can say what is missing
                 from shortcut.rundir import write_failed
+                from shortcut.train import RunRefused
 
-                write_failed(Path(hc.runtime.output_dir), message)
+                if not isinstance(exc, RunRefused):  # a refused run dir is another run's: it stays as it was
+                    write_failed(Path(hc.runtime.output_dir), message)
             _failures.append(f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {message}")
             return
         _fail(message)
@@ -184,10 +188,10 @@ def _launch_torchrun(job, overrides: list[str], run_dir: Path) -> None:
     """`shortcut train train.nproc=N`: the same job as N data-parallel processes (torchrun, one machine). What can
     be checked here is checked before any process starts; the launcher dies with this process (even kill -9)."""
     import signal
-    import subprocess
 
     from shortcut import corpus
     from shortcut.config import UserError
+    from shortcut.stop import run_launcher
 
     n, cfg = job.train.nproc, job.train
     if (cfg.batch_size * cfg.grad_accum) % n:
@@ -207,7 +211,7 @@ def _launch_torchrun(job, overrides: list[str], run_dir: Path) -> None:
         except OSError:
             pass
 
-    rc = subprocess.run(cmd, preexec_fn=die_with_parent).returncode
+    rc = run_launcher(cmd, preexec_fn=die_with_parent)  # passes SIGTERM/SIGINT on and waits; Stopped after one
     if rc != 0:
         raise UserError(f"the {n}-process run in {run_dir} failed (exit status {rc}); its reason is above")
 

@@ -49,9 +49,14 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu", data_root: str |
         raise UserError(f"{run_dir} has no usable checkpoint in ckpt/ (train it first: shortcut train ...)")
     summary = Summary.read(run_dir)
     if summary is not None and state.weights_hash != summary.checkpoint_hash:
-        raise UserError(f"the final checkpoint of {run_dir} (step {summary.step}) is missing or unreadable; the newest "
-                        f"readable one is step {state.step}. Run the same `shortcut train` command again: it "
-                        f"resumes from there and rebuilds it")
+        if state.step < summary.step:
+            raise UserError(f"the final checkpoint of {run_dir} (step {summary.step}) is missing or unreadable; the "
+                            f"newest readable one is step {state.step}. Run the same `shortcut train` command again: "
+                            f"it resumes from there and rebuilds it")
+        raise UserError(f"the checkpoint at step {state.step} of {run_dir} ({Path(state.path).name}) holds weights "
+                        f"{state.weights_hash}, but its summary.json names {summary.checkpoint_hash}: it is not this "
+                        f"run's checkpoint (copied from another run?); restore the run's own checkpoint, or train "
+                        f"it again with train.resume=false")
     mcfg = ModelConfig(**state.model_config)
     if mcfg.attn_impl not in runnable_impls(torch.device(device).type):  # how the training device computed it
         mcfg = replace(mcfg, attn_impl=AttnImpl.auto)  # (flex on a GPU, chunked on a CPU): the same function
@@ -79,14 +84,17 @@ def resolved_stride(cfg: EvalConfig, block_size: int, where: Path) -> int:
 
 def evaluate(job: EvalJob) -> dict:
     """Evaluate run_dir; if it is not a run but a folder of runs (a sweep), every finished run under it whose
-    eval.json does not already describe its final checkpoint with these settings. Returns the result (or
-    {run dir: result} for a folder)."""
+    eval.json does not already describe its final checkpoint with these settings, naming every run dir it skips
+    and why. Returns the result (or {run dir: result} for a folder)."""
     root = Path(job.run_dir)
     if not (root.is_dir() and not (root / rundir.CKPT).is_dir()):
         return evaluate_run(job)
-    runs = sorted(p.parent for p in root.glob(f"**/{rundir.SUMMARY}") if (p.parent / rundir.CKPT).is_dir())
+    runs, skipped = find_runs(root)
+    for run, why in skipped.items():
+        log.warning("%s: skipped: %s", run, why)
     if not runs:
-        raise UserError(f"{root} is neither a run dir (no ckpt/) nor a folder of finished runs")
+        raise UserError(f"{root} is neither a run dir (no ckpt/) nor a folder of finished runs" + (
+            f"; skipped {len(skipped)}: " + "; ".join(f"{r} ({why})" for r, why in skipped.items()) if skipped else ""))
     results, problems = {}, []
     for run in runs:
         try:
@@ -101,6 +109,48 @@ def evaluate(job: EvalJob) -> dict:
     if problems:
         raise UserError(f"{len(problems)} of {len(runs)} run(s) could not be evaluated: " + "; ".join(problems))
     return results
+
+
+def find_runs(root: Path) -> tuple[list[Path], dict[Path, str]]:
+    """The finished runs under root (summary.json and ckpt/), and every other run dir there with why it is not
+    evaluated (unfinished, failed, or without checkpoints)."""
+    found = {p.parent for name in (rundir.SUMMARY, rundir.FAILED) for p in root.glob(f"**/{name}")}
+    found |= {p.parent for p in root.glob(f"**/{rundir.CKPT}") if p.is_dir()}
+    runs, skipped = [], {}
+    for d in sorted(found):
+        has_ckpt = bool(Checkpoint.paths(d))
+        if (d / rundir.SUMMARY).is_file() and (d / rundir.CKPT).is_dir():
+            runs.append(d)
+        elif rundir.failed_message(d) is not None:
+            skipped[d] = f"its training failed ({rundir.failed_message(d)})"
+        elif (d / rundir.SUMMARY).is_file() or not has_ckpt:
+            skipped[d] = "it has no checkpoint in ckpt/ to score"
+        else:
+            step, max_steps = checkpoint_progress(Checkpoint.paths(d)[-1])
+            skipped[d] = (f"unfinished: its newest checkpoint is step {step}{f' of {max_steps}' if max_steps else ''}"
+                          f" and it has no summary.json (stopped or killed); run its `shortcut train` command again "
+                          f"to finish it, or score this checkpoint with `shortcut eval run_dir={d}`")
+    return runs, skipped
+
+
+def checkpoint_progress(path: Path) -> tuple[int | str, int | None]:
+    """(step, the run's max_steps) of a checkpoint file, read without loading its tensors (memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["step"]), state.get("max_steps") or state["config"]["train"].get("max_steps")
+    except Exception:  # noqa: BLE001 - an unreadable file: its name still says the step
+        return path.stem.removeprefix("step_").lstrip("0") or "0", None
+
+
+def run_length(state: Checkpoint, summary: Summary | None) -> int | None:
+    """The number of steps the run trains for: recorded in new checkpoints; older ones give the configured
+    max_steps unless a FLOP budget set it."""
+    if state.max_steps is not None:
+        return state.max_steps
+    if summary is not None:
+        return summary.max_steps
+    train = state.config.get("train", {})
+    return None if train.get("flops_budget") or train.get("match_flops") else train.get("max_steps")
 
 
 def needs_eval(run: Path, cfg: EvalConfig) -> str | None:
@@ -176,12 +226,18 @@ def evaluate_run(job: EvalJob) -> dict:
         if counts.get(cfg.split):
             covered = counts[cfg.split] * n / split_tokens
             units[unit] = {"nll": total / covered, "bits": total / covered / math.log(2)}
+    summary = Summary.read(run_dir)
+    finished, max_steps = summary is not None and summary.finished, run_length(state, summary)
+    if not finished:  # e.g. killed or stopped at step 50 of 200: its number is not the run's final one
+        log.warning("%s is unfinished: scored its checkpoint at step %d of %s (%s); run its `shortcut train` command "
+                    "again to finish it", run_dir, state.step, max_steps or "?",
+                    "it has no summary.json" if summary is None else "its summary.json says it did not finish")
     record = EvalRecord(split=cfg.split, nll=nll, n_tokens=n, stride=stride, mean_context=mean_context,
                         max_tokens=cfg.max_tokens, checkpoint_step=state.step, checkpoint_hash=state.weights_hash,
                         checkpoint=state.path, data_hash=data.meta["content_hash"],
                         flops_per_token=flops_per_token(model.cfg).forward, domain=data.meta["domain"],
                         source=data.meta["source"], tokenizer=data.meta["tokenizer"], units=units,
-                        precision=precision)
+                        precision=precision, max_steps=max_steps, finished=finished)
     audit_dir = run_dir / rundir.AUDIT
     depth = rundir.read_depth(run_dir)
     if cfg.audit:

@@ -346,21 +346,27 @@ def stepper_for(model, cfg: SampleConfig):
     return FullForward(model)
 
 
-def generate(model, prompt: torch.Tensor, cfg: SampleConfig) -> Generation:
-    """prompt (B, T0) -> a Generation of max_new_tokens new tokens per row."""
+def generate(model, prompt: torch.Tensor, cfg: SampleConfig, progress: bool = False) -> Generation:
+    """prompt (B, T0) -> a Generation of max_new_tokens new tokens per row. progress: a bar over the generated
+    tokens (all rows)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.speculative is not None:
         return _speculative(model, prompt, cfg, generator)
     stepper = stepper_for(model, cfg)
-    out = [prompt]
+    B, T0 = prompt.shape
+    out = torch.empty(B, T0 + cfg.max_new_tokens, dtype=prompt.dtype, device=prompt.device)  # one buffer, no list
+    out[:, :T0] = prompt
+    bar = _bar(B * cfg.max_new_tokens, progress)
     t0 = time.perf_counter()
     logits = stepper.start(prompt)
     for i in range(cfg.max_new_tokens):
         nxt = pick_next(logits, cfg, generator)
-        out.append(nxt[:, None])
+        out[:, T0 + i] = nxt
         if i + 1 < cfg.max_new_tokens:
             logits = stepper.push(nxt)
-    tok_s = prompt.size(0) * cfg.max_new_tokens / (time.perf_counter() - t0)
+        bar.update(B)
+    tok_s = B * cfg.max_new_tokens / (time.perf_counter() - t0)
+    bar.close()
     full = flops_per_token(model.cfg).forward
     if isinstance(stepper, ExitDecoder):
         # the first new token came from the prefill (the eval's pass over the prompt), the others from push
@@ -368,9 +374,18 @@ def generate(model, prompt: torch.Tensor, cfg: SampleConfig) -> Generation:
         per_depth = costs(model.cfg).exits().confidence
         flops = float(np.mean([per_depth[int(d)] for d in depths.flatten()])) if depths is not None else full
         mean_depth = float(depths.mean()) if depths is not None else None
-        return Generation(torch.cat(out, dim=1), tok_s, "exit", flops, mean_exit_depth=mean_depth)
+        return Generation(out, tok_s, "exit", flops, mean_exit_depth=mean_depth)
     decoder = "full forward" if isinstance(stepper, FullForward) else "cache"
-    return Generation(torch.cat(out, dim=1), tok_s, decoder, full)
+    return Generation(out, tok_s, decoder, full)
+
+
+def _bar(total: int, progress: bool):
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="sample", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
+                mininterval=0.2 if sys.stderr.isatty() else 15)
 
 
 def _speculative(model, prompt: torch.Tensor, cfg: SampleConfig, generator) -> Generation:

@@ -226,6 +226,8 @@ class EvalRecord(_Record):
     exit: dict | None = None  # eval.exit's curves (shortcut.early_exit.exit_curve), also in audit/exit_curve.json
     routing: dict | None = None  # a routed model's training-rule NLL and causal shares (shortcut.adaptive)
     decode: dict | None = None  # eval.decode_tokens' decoding speeds (shortcut.adaptive)
+    max_steps: int | None = None  # the run's length: checkpoint_step of max_steps was scored (None: not recorded)
+    finished: bool | None = None  # whether the run had finished training (summary.json); False: an unfinished run
 
     def to_dict(self) -> dict:
         """The JSON keeps today's flat keys (test_nll, test_ppl, bits_per_token, bits_per_char, ...) for readers."""
@@ -304,6 +306,9 @@ class Checkpoint:
     data_dir: str
     weights_hash: str = ""
     attn_kernels: list = field(default_factory=list)  # the shortcut's attention kernel, each change in order
+    max_steps: int | None = None  # the run's length (effective: a FLOP budget's steps), for "step N of M"
+    loss_sum: float = 0.0  # training losses since the last logged row (a stop between two rows), over processes
+    loss_steps: int = 0
     path: str = ""  # where it was read from (not saved)
 
     def save(self, ckpt_dir: Path, keep: int) -> Path:

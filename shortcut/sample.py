@@ -1,6 +1,7 @@
 """`shortcut sample run_dir=DIR`: generate from a trained run and decode it as its domain would be heard or read.
 
-Outputs go to DIR/samples/: .txt (text), .mid plus a piano-roll .png (music, through the corpus' own miditok
+Outputs go to DIR/samples/ (written beside it and swapped in at the end, so an interrupted run leaves the earlier
+samples as they were): .txt (text), .mid plus a piano-roll .png (music, through the corpus' own miditok
 tokenizer), .wav plus a spectrogram .png (audio: mu-law decodes exactly; k-means codes through their codebook's
 log-mel frames, an inverse mel scale and Griffin-Lim; EnCodec through its decoder). samples.json lists every file
 with its settings and the generation speed. The decoding itself (KV cache, early exits, speculative decoding) is
@@ -10,6 +11,7 @@ shortcut.generate's.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -24,10 +26,48 @@ from shortcut.generate import generate
 log = logging.getLogger(__name__)
 
 
+# --- what a length costs ---
+
+# Each generated token of each sample is one int64 in the token buffer (on the model's device); decoding a sample
+# turns its tokens into Python ints (a list slot and an int object) and then into the codec's output.
+TOKEN_BYTES, PYTHON_INT_BYTES = 8, 8 + 32
+
+
+def memory_available(device: torch.device) -> int | None:
+    """Bytes free on the device (CUDA), or the host's available memory (Linux /proc/meminfo); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(cfg: SampleConfig, prompt_len: int, codec, device: torch.device) -> None:
+    """Refuse, in one line, a length whose tokens and decoded output do not fit (the KV cache does not grow: its
+    window slides at block_size, so what grows with max_new_tokens is the output)."""
+    length = prompt_len + cfg.max_new_tokens
+    buffer = cfg.n * length * TOKEN_BYTES
+    host = length * (PYTHON_INT_BYTES + codec.bytes_per_token) + (buffer if device.type != "cuda" else 0)
+    wants = [(buffer, device)] if device.type == "cuda" else []
+    wants.append((host, torch.device("cpu")))
+    for need, where in wants:
+        free = memory_available(where)
+        if free is not None and need > free:
+            per_token = need / length
+            raise UserError(f"sample.max_new_tokens={cfg.max_new_tokens:,} with sample.n={cfg.n} needs about "
+                            f"{need / 2**30:,.1f} GiB of {'GPU' if where.type == 'cuda' else 'host'} memory for the "
+                            f"tokens and their decoded output, and {free / 2**30:,.1f} GiB is available; ask for at "
+                            f"most about sample.max_new_tokens={max(1, int(free / per_token) - prompt_len):,}")
+
+
 # --- what the tokens mean: each domain's prompt and output ---
 
 class TextCodec:
     ext = ".txt"
+    bytes_per_token = 32  # a few characters (up to 4 bytes each in a str), and their UTF-8 copy when written
 
     def __init__(self, data: TokenData):
         from shortcut.prepare.text import tokenizer_from_meta
@@ -49,6 +89,7 @@ class TextCodec:
 
 class MusicCodec:
     ext = ".mid"
+    bytes_per_token = 64  # a fraction of a note in the decoded score, its MIDI bytes and piano-roll bar
 
     def __init__(self, data: TokenData):
         from shortcut.prepare.music import load_tokenizer
@@ -92,6 +133,8 @@ class AudioCodec:
         self.cfg = AudioDomain(**fields)
         self.tok = load_tokenizer(data.path, self.cfg)
         self.seconds_per_token = data.meta.get("seconds_per_token")
+        # the waveform's samples in float64 and the copies writing it makes (clip, float32)
+        self.bytes_per_token = int((self.seconds_per_token or 0.02) * self.tok.rate * 24) + 8
 
     def prompt(self, value: str, cfg: SampleConfig) -> list[int]:
         from shortcut.prepare.audio import load_audio
@@ -215,22 +258,77 @@ def sample(job: SampleJob) -> dict:
     model, data, state = load_run(run_dir, device, job.data_root)
     codec = codec_for(data, state)
     prompt = prompt_ids(cfg, codec, data)
+    check_memory(cfg, len(prompt), codec, device)
     out_dir = run_dir / rundir.SAMPLES
-    shutil.rmtree(out_dir, ignore_errors=True)  # samples of another model or other settings must not stay
-    out_dir.mkdir(parents=True)
-    gen = generate(model, torch.tensor([prompt] * cfg.n, device=device), cfg)
-    ids, tok_s = gen.tokens, gen.tokens_per_s
-    settings = {k: (str(v) if not isinstance(v, (int, float, bool, type(None))) else v)
-                for k, v in vars(cfg).items()}
-    files = []
-    for i, row in enumerate(ids.tolist()):
-        written = codec.write(row, out_dir / f"sample{i}")
-        files.append({"files": [p.name for p in written], "prompt_tokens": len(prompt), "tokens": len(row)})
-    record = {"run": str(run_dir), "checkpoint_step": state.step, "checkpoint_hash": state.weights_hash,
-              "cache": gen.cached, "decoder": gen.decoder, "tokens_per_s": tok_s,
-              "flops_per_token": gen.flops_per_token, "mean_exit_depth": gen.mean_exit_depth,
-              "acceptance": gen.acceptance, "draft_depth": gen.draft_depth,
-              "settings": settings, "samples": files}
-    rundir.write_json(out_dir / "samples.json", record)
+    remove_stale(run_dir)
+    tmp = run_dir / f"{PARTIAL}{os.getpid()}"  # beside samples/: the earlier samples stay until the new ones are done
+    tmp.mkdir()
+    try:
+        gen = generate(model, torch.tensor([prompt] * cfg.n, device=device), cfg, progress=True)
+        ids, tok_s = gen.tokens, gen.tokens_per_s
+        settings = {k: (str(v) if not isinstance(v, (int, float, bool, type(None))) else v)
+                    for k, v in vars(cfg).items()}
+        files = []
+        for i in range(ids.size(0)):
+            row = ids[i].tolist()  # one sample's Python ints at a time
+            written = codec.write(row, tmp / f"sample{i}")
+            files.append({"files": [p.name for p in written], "prompt_tokens": len(prompt), "tokens": len(row)})
+        record = {"run": str(run_dir), "checkpoint_step": state.step, "checkpoint_hash": state.weights_hash,
+                  "cache": gen.cached, "decoder": gen.decoder, "tokens_per_s": tok_s,
+                  "flops_per_token": gen.flops_per_token, "mean_exit_depth": gen.mean_exit_depth,
+                  "acceptance": gen.acceptance, "draft_depth": gen.draft_depth,
+                  "settings": settings, "samples": files}
+        rundir.write_json(tmp / "samples.json", record)
+        replace_dir(tmp, out_dir)  # samples of another model or other settings do not stay
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; {out_dir} still holds the earlier samples") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("%d sample(s) of %d tokens at %.0f tokens/s -> %s", cfg.n, cfg.max_new_tokens, tok_s, out_dir)
     return record
+
+
+PARTIAL = f".{rundir.SAMPLES}.partial-"  # + the writer's process id
+
+
+def remove_stale(run_dir: Path) -> None:
+    """Folders an earlier `shortcut sample` left when it was killed (its process is gone)."""
+    for p in run_dir.glob(f".{rundir.SAMPLES}.*-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def replace_dir(new: Path, old: Path) -> None:
+    """Put the folder `new` where `old` is, then remove the earlier folder. One atomic step where the OS has it
+    (Linux renameat2 with RENAME_EXCHANGE); else two renames, between which `old` is briefly absent."""
+    if not old.exists():
+        new.rename(old)
+        return
+    if not _exchange(new, old):
+        aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+        old.rename(aside)
+        new.rename(old)
+        new = aside
+    shutil.rmtree(new)  # now the earlier samples
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        import ctypes
+
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

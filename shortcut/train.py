@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,9 +32,14 @@ from shortcut.model import GPT
 from shortcut.rundir import Checkpoint, Summary
 from shortcut.runtime import (Dist, allow_fast_math, autocast, close_distributed, effective_precision, init_distributed,
                               make_optimizer, model_device, peak_flops, pick_device)
+from shortcut.stop import CHAIN, STOP, Stopped, Watch, name as signal_name
 from shortcut.tracking import MetricsLog, Tracker, open_tracker
 
 log = logging.getLogger(__name__)
+
+
+class RunRefused(UserError):
+    """The run dir belongs to another trainer or another run: refused before anything in it changed."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -109,7 +115,7 @@ def resume_or_reset(job: TrainJob, run_dir: Path, data: TokenData, dist: Dist = 
     if state.data_hash != data.meta["content_hash"]:
         differ.append(f"the corpus at {data.path} (data hash {state.data_hash} then, {data.meta['content_hash']} now)")
     if differ:
-        raise UserError(f"{run_dir} holds a run with other settings ({', '.join(differ[:5])}); choose another "
+        raise RunRefused(f"{run_dir} holds a run with other settings ({', '.join(differ[:5])}); choose another "
                         f"hydra.run.dir or train.resume=false to start over there")
     if dist.main:
         (run_dir / rundir.FAILED).unlink(missing_ok=True)
@@ -192,6 +198,8 @@ class Loop:
     loss_steps: int = 0
     peak_source: str | None = None
     attn_kernels: list[str] = field(default_factory=list)  # the shortcut's attention kernel, each change in order
+    last_train: float = math.nan  # the training loss last read
+    last_ckpt: Path | None = None  # the checkpoint last written (first process)
 
     @property
     def tokens_per_step(self) -> int:
@@ -251,6 +259,7 @@ def read_loss(loop: Loop) -> float:
     only place the loop waits for the device."""
     loss = float(loop.dist.mean(loop.loss_sum)) / loop.loss_steps
     loop.loss_sum, loop.loss_steps = None, 0
+    loop.last_train = loss
     if not math.isfinite(loss):
         latest = Checkpoint.paths(loop.run_dir)
         raise UserError(f"training loss became {loss} by step {loop.step}; stopped. The last good checkpoint is "
@@ -258,9 +267,13 @@ def read_loss(loop: Loop) -> float:
     return loss
 
 
-def run_loop(loop: Loop, model, metrics: MetricsLog | None, tracker, optimizer, ctx, session_start: float) -> None:
-    """Train from loop.step to max_steps: log, validate and checkpoint on their intervals (this process's share)."""
+def run_loop(loop: Loop, model, metrics: MetricsLog | None, tracker, optimizer, ctx, session_start: float,
+             watch: Watch | None = None) -> None:
+    """Train from loop.step to max_steps: log, validate and checkpoint on their intervals (this process's share);
+    after each step, act on the signals any process received (shortcut.stop)."""
     cfg = loop.cfg
+    watch = watch or Watch()
+    watch.join_group(loop.dist.world)
     fwd_model = model
     if loop.dist.world > 1:
         fwd_model = torch.nn.parallel.DistributedDataParallel(
@@ -302,18 +315,58 @@ def run_loop(loop: Loop, model, metrics: MetricsLog | None, tracker, optimizer, 
             save(loop, model, optimizer, train_loss, session_start)
         if log_now:
             t0, interval_tokens = time.perf_counter(), 0  # validation and checkpoint time stay out of tokens/s
+        due = watch.due(loop.dist.world) if step < cfg.max_steps else []  # the last step: the run just finishes
+        if due:
+            if not log_now:  # the time since the last row is training time; tokens/s restarts from here
+                loop.train_time += time.perf_counter() - t0
+                t0, interval_tokens = time.perf_counter(), 0
+            on_signal(loop, model, optimizer, watch, due, checkpoint_now, session_start, bar)
     bar.close()
 
 
-def save(loop: Loop, model, optimizer, train_loss: float, session_start: float) -> None:
-    """Every process hands over its RNG state; the first one writes the checkpoint."""
+def on_signal(loop: Loop, model, optimizer, watch: Watch, due: list[int], saved: bool, session_start: float,
+              bar) -> None:
+    """At a step boundary after a signal (every process the same): write a checkpoint unless this step's was just
+    written, say one line, then stop (raise Stopped), or run the handler that was there before ours (Submitit's:
+    it requeues the job and exits), or go on (Submitit's SIGTERM)."""
+    kind, signum = watch.decide(due)
+    if not saved:
+        save(loop, model, optimizer, None, session_start)
+    sig, where, path = signal_name(signum), f"step {loop.step} of {loop.cfg.max_steps}", loop.last_ckpt
+    if kind == STOP:
+        bar.close()
+        say(loop.dist, f"stopped at {where} by {sig}; checkpoint written to {path}; the same command resumes")
+        raise Stopped(signum)
+    if kind == CHAIN:
+        say(loop.dist, f"{sig} at {where}: checkpoint written to {path}; {sig} goes on to the handler that was "
+                       f"installed before ours (Submitit's requeues the job; the same command resumes)")
+        watch.hand_over(signum)  # may exit; if it returns, training goes on
+    else:
+        say(loop.dist, f"{sig} at {where}: checkpoint written to {path}; training goes on (under Submitit, "
+                       f"SIGTERM announces its preemption signal)")
+
+
+def say(dist: Dist, message: str) -> None:
+    """One line on stderr from the first process, clear of the progress bar."""
+    if dist.main:
+        tqdm.write(f"shortcut: {message}", file=sys.stderr)
+
+
+def save(loop: Loop, model, optimizer, train_loss: float | None, session_start: float) -> None:
+    """Every process hands over its RNG state; the first one writes the checkpoint. train_loss None: between two
+    logged rows (a stop), whose losses so far the checkpoint keeps, so a resumed run logs the same next row."""
     d = loop.dist
+    pending = 0.0
+    if train_loss is None:
+        pending = float(d.mean(loop.loss_sum)) if loop.loss_sum is not None else 0.0
+        train_loss = pending / loop.loss_steps if loop.loss_steps else loop.last_train
     rng = d.gather({"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(loop.device) if loop.device.type == "cuda" else None})
     if d.main:
         ckpt = checkpoint(loop, model, optimizer, train_loss, session_start)
         ckpt.rng = {"cpu": [r["cpu"] for r in rng], "cuda": [r["cuda"] for r in rng]}
-        ckpt.save(loop.run_dir / rundir.CKPT, loop.cfg.keep_ckpts)
+        ckpt.loss_sum, ckpt.loss_steps = pending, loop.loss_steps  # 0, 0 right after a logged row
+        loop.last_ckpt = ckpt.save(loop.run_dir / rundir.CKPT, loop.cfg.keep_ckpts)
         loop.weights_hash = ckpt.weights_hash
     d.barrier()
 
@@ -325,7 +378,7 @@ def checkpoint(loop: Loop, model, optimizer, train_loss: float, session_start: f
         best_val_loss=loop.best, last_val_loss=loop.last_val, train_loss=train_loss, train_time=loop.train_time,
         wall_time=loop.prior_wall + time.perf_counter() - session_start, config=plain(loop.job),
         model_config=plain(model.cfg), data_hash=loop.data.meta["content_hash"], data_dir=str(loop.data.path),
-        attn_kernels=list(loop.attn_kernels))
+        attn_kernels=list(loop.attn_kernels), max_steps=loop.cfg.max_steps)
 
 
 # --- the command ---
@@ -339,17 +392,42 @@ def open_corpus(job: TrainJob) -> TokenData:
     return data
 
 
-def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, reference: TrainJob | None = None,
-          choices: dict | None = None, match: Match | None = None) -> Summary:
-    """Train (or resume, or skip a finished run) in run_dir; under torchrun, this process's share of it.
+@dataclass
+class Invocation:
+    """What the command line gives a run besides its job (all optional when train() is called directly).
 
-    reference: the same config choices composed without command-line values (the CLI gives it), from which the
-    run's readable label is the difference; choices: {"model", "train", "experiment"} config names; match: what
-    train.match_flops names."""
-    dist = init_distributed(job.train.device)
+    resolved_yaml: config.yaml; reference: the same config choices composed without command-line values, from
+    which the run's readable label is the difference; choices: {"model", "train", "experiment"} config names;
+    match: what train.match_flops names; hydra_record: Hydra's own record of the command ({file name: text} for
+    .hydra/), written, with train.log, only once the run is accepted (issue 19: a refused command changes nothing)."""
+    resolved_yaml: str | None = None
+    reference: TrainJob | None = None
+    choices: dict | None = None
+    match: Match | None = None
+    hydra_record: dict[str, str] | None = None
+
+
+def train(job: TrainJob, run_dir: Path, resolved_yaml: str | None = None, reference: TrainJob | None = None,
+          choices: dict | None = None, match: Match | None = None, hydra_record: dict[str, str] | None = None
+          ) -> Summary:
+    """Train (or resume, or skip a finished run) in run_dir; under torchrun, this process's share of it (see
+    Invocation for the optional arguments). SIGTERM/SIGINT stop it after the current step with a checkpoint and
+    raise shortcut.stop.Stopped (a SystemExit of status 128 + the signal)."""
+    how = Invocation(resolved_yaml, reference, choices, match, hydra_record)
+    watch = Watch().install()  # first: a signal during the set-up stops the run after its first step
+    dist = Dist()
     try:
-        return _train(job, Path(run_dir), resolved_yaml, reference, choices, match, dist)
+        dist = init_distributed(job.train.device)
+        return _train(job, Path(run_dir), how, dist, watch)
+    except Stopped as exc:
+        if exc.immediate and dist.main:
+            newest = Checkpoint.paths(Path(run_dir))
+            say(dist, f"stopped at once by a second {signal_name(exc.signum)}; " + (
+                f"the newest checkpoint is {newest[-1]}; the same command resumes from there" if newest else
+                "no checkpoint was written yet; the same command starts over"))
+        raise
     finally:
+        watch.restore()
         close_distributed(dist)
 
 
@@ -378,27 +456,27 @@ def lock_run_dir(run_dir: Path, dist: Dist):
             handle.close()
             handle = None
     if not dist.gather(handle is not None or not dist.main)[0]:
-        raise UserError(f"another `shortcut train` is running in {run_dir}; wait for it to finish or stop it first")
+        raise RunRefused(f"another `shortcut train` is running in {run_dir}; wait for it to finish or stop it first")
     return handle
 
 
-def _train(job: TrainJob, run_dir: Path, resolved_yaml: str | None, reference: TrainJob | None,
-           choices: dict | None, match: Match | None, dist: Dist) -> Summary:
+def _train(job: TrainJob, run_dir: Path, how: Invocation, dist: Dist, watch: Watch) -> Summary:
     _check_processes(job.train, dist)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run_dir(run_dir, dist)
     try:
-        return _train_locked(job, run_dir, resolved_yaml, reference, choices, match, dist)
+        return _train_locked(job, run_dir, how, dist, watch)
     finally:
         if lock is not None:
             lock.close()
+        for tmp in (run_dir / rundir.CKPT).glob("*.tmp"):  # a save cut short by a second Ctrl-C
+            tmp.unlink(missing_ok=True)
 
 
-def _train_locked(job: TrainJob, run_dir: Path, resolved_yaml: str | None, reference: TrainJob | None,
-                  choices: dict | None, match: Match | None, dist: Dist) -> Summary:
+def _train_locked(job: TrainJob, run_dir: Path, how: Invocation, dist: Dist, watch: Watch) -> Summary:
     data = open_corpus(job)
     mcfg = resolve_model(job.model, data.vocab_size)
-    cfg = effective_train(job.train, mcfg, data.vocab_size, match)
+    cfg = effective_train(job.train, mcfg, data.vocab_size, how.match)
     # the device and the attention kernel first: a setting this machine cannot run is refused before run_dir changes
     device = pick_device(cfg.device, dist.local_rank)
     kernel = str(resolve_attn_impl(mcfg.attn_impl, device.type)) if mcfg.arch == Arch.shortcut else None
@@ -406,33 +484,50 @@ def _train_locked(job: TrainJob, run_dir: Path, resolved_yaml: str | None, refer
     if state is not None and state.step >= cfg.max_steps and (run_dir / rundir.SUMMARY).is_file():
         log.info("%s already finished (step %d of %d); nothing to train", run_dir, state.step, cfg.max_steps)
         return Summary.read(run_dir)
-    model, optimizer = build(mcfg, cfg, job.seed, device, state, dist)
-    if resolved_yaml is not None and dist.main:
-        (run_dir / rundir.CONFIG).write_text(resolved_yaml)
-    allow_fast_math(device)
-    peak, loop_peak_source = peak_flops(device)
-    loop = Loop(job, cfg, run_dir, data, device, flops_per_token(mcfg), peak, dist=dist, peak_source=loop_peak_source)
-    if state is not None:
-        loop.step, loop.best, loop.last_val = state.step, state.best_val_loss, state.last_val_loss
-        loop.train_time, loop.prior_wall, loop.weights_hash = state.train_time, state.wall_time, state.weights_hash
-        loop.attn_kernels = list(state.attn_kernels)
-    if kernel is not None and loop.attn_kernels[-1:] != [kernel]:
-        if state is not None:  # the same function, other rounding: not bit-identical to an uninterrupted run
-            log.warning("%s resumes at step %d with attention kernel %s; it trained with %s until now (same "
-                        "function, float rounding differs)", run_dir, state.step, kernel,
-                        " then ".join(loop.attn_kernels) or "a kernel its checkpoint does not record")
-        loop.attn_kernels.append(kernel)
-    counts = param_counts(mcfg)
-    log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, %d steps%s, taps %s%s", mcfg.arch,
-             f"{counts.params:,}", f"{counts.non_embedding_params:,}", loop.flops.forward, cfg.max_steps,
-             f" on {dist.world} processes" if dist.world > 1 else "",
-             mcfg.tap_layers() if mcfg.arch == "shortcut" else "-", f", attention {kernel}" if kernel else "")
+    # Accepted (lock held, settings compatible): only from here on does the command write into run_dir.
+    with record_invocation(run_dir, how, dist):
+        model, optimizer = build(mcfg, cfg, job.seed, device, state, dist)
+        allow_fast_math(device)
+        peak, peak_source = peak_flops(device)
+        loop = Loop(job, cfg, run_dir, data, device, flops_per_token(mcfg), peak, dist=dist, peak_source=peak_source)
+        if state is not None:
+            restore_loop(loop, state)
+        if kernel is not None and loop.attn_kernels[-1:] != [kernel]:
+            if state is not None:  # the same function, other rounding: not bit-identical to an uninterrupted run
+                log.warning("%s resumes at step %d with attention kernel %s; it trained with %s until now (same "
+                            "function, float rounding differs)", run_dir, state.step, kernel,
+                            " then ".join(loop.attn_kernels) or "a kernel its checkpoint does not record")
+            loop.attn_kernels.append(kernel)
+        counts = param_counts(mcfg)
+        log.info("%s: %s params (%s non-embedding), %.3g FLOPs/token, %d steps%s, taps %s%s", mcfg.arch,
+                 f"{counts.params:,}", f"{counts.non_embedding_params:,}", loop.flops.forward, cfg.max_steps,
+                 f" on {dist.world} processes" if dist.world > 1 else "",
+                 mcfg.tap_layers() if mcfg.arch == "shortcut" else "-", f", attention {kernel}" if kernel else "")
+        return train_and_summarise(job, loop, model, optimizer, mcfg, counts, how, watch)
+
+
+def restore_loop(loop: Loop, state: Checkpoint) -> None:
+    """The loop's counters as the checkpoint left them, the training losses since the last logged row included (a
+    run stopped between two rows logs the same next row as an uninterrupted one)."""
+    loop.step, loop.best, loop.last_val = state.step, state.best_val_loss, state.last_val_loss
+    loop.train_time, loop.prior_wall, loop.weights_hash = state.train_time, state.wall_time, state.weights_hash
+    loop.attn_kernels = list(state.attn_kernels)
+    loop.last_train = state.train_loss
+    if state.loss_steps:
+        loop.loss_sum = torch.tensor(state.loss_sum, dtype=torch.float32, device=loop.device)
+        loop.loss_steps = state.loss_steps
+
+
+def train_and_summarise(job: TrainJob, loop: Loop, model, optimizer, mcfg: ModelConfig, counts: dict,
+                        how: Invocation, watch: Watch) -> Summary:
+    dist, run_dir = loop.dist, loop.run_dir
     metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=loop.step) if dist.main else None
     tracker = open_tracker(job.wandb, run_dir, name=run_dir.name, config=plain(job)) if dist.main else Tracker()
     session_start, failed = time.perf_counter(), True
     try:
-        run_loop(loop, model, metrics, tracker, optimizer, autocast(device, cfg.precision), session_start)
-        summary = summarise(job, loop, mcfg, counts, reference, choices, session_start)
+        run_loop(loop, model, metrics, tracker, optimizer, autocast(loop.device, loop.cfg.precision), session_start,
+                 watch)
+        summary = summarise(job, loop, mcfg, counts, how.reference, how.choices, session_start)
         if dist.main:
             summary.write(run_dir)
             tracker.summary({k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float, str))})
@@ -442,6 +537,41 @@ def _train_locked(job: TrainJob, run_dir: Path, resolved_yaml: str | None, refer
         return summary
     finally:
         tracker.finish(failed=failed)
+
+
+LOG_FILE, LOG_FORMAT = "train.log", "[%(asctime)s] %(message)s"  # the format conf/train.yaml gives the console
+
+
+@contextmanager
+def record_invocation(run_dir: Path, how: Invocation, dist: Dist):
+    """Write the command's config.yaml and .hydra/ and log into run_dir/train.log while the run trains (first
+    process). Hydra itself writes nothing into a train run dir (conf/train.yaml), so a refused command leaves it
+    as it was."""
+    if not dist.main:
+        yield
+        return
+    if how.resolved_yaml is not None:
+        atomic_text(run_dir / rundir.CONFIG, how.resolved_yaml)
+    handler = None
+    if how.hydra_record is not None:
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        for name, text in how.hydra_record.items():
+            atomic_text(run_dir / ".hydra" / name, text)
+        handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def summarise(job: TrainJob, loop: Loop, mcfg: ModelConfig, counts: dict, reference: TrainJob | None,

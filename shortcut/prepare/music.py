@@ -259,9 +259,32 @@ def _plan(found, cfg: MusicDomain, opts: PrepareConfig, problems: Problems) -> d
         splits = {s: [p for p in found[s] if p in usable] for s in corpus.SPLITS}
     empty = [s for s in corpus.SPLITS if not splits[s]]
     if empty:
-        raise UserError(f"no usable MIDI left for the {'/'.join(empty)} split(s) ({problems.n_skipped} file(s) "
-                        f"skipped: {', '.join(list(problems.skipped)[:5])})")
+        raise no_usable_midi(empty, problems, cfg)
     return {"splits": {s: [str(p) for p in v] for s, v in splits.items()}, "problems": problems.state()}
+
+
+def no_usable_midi(empty: list[str], problems: Problems, cfg: MusicDomain) -> UserError:
+    """Why splits ended up empty, in one line: the files the dataset lists that are not there, the unreadable ones,
+    or none found at all; and what to do about it."""
+    missing = {k: n for k, n in problems.n_missing.items() if k.split("/")[0] in (*empty, "all")}
+    why = []
+    if missing:
+        examples = [p for k in missing for p in problems.missing.get(k, [])[:2]][:3]
+        why.append(f"{sum(missing.values())} file(s) the dataset lists are missing "
+                   f"({', '.join(f'{n} of {k}' for k, n in missing.items())}; e.g. {', '.join(examples)})")
+    if problems.n_skipped:
+        why.append(f"{problems.n_skipped} file(s) skipped as unreadable (e.g. "
+                   f"{'; '.join(f'{p}: {r}' for p, r in list(problems.skipped.items())[:3])})")
+    if not why:
+        why.append("no MIDI files were found for them")
+    if missing and cfg.source == MusicSource.maestro:
+        fix = ("complete the MAESTRO folder (extract maestro-v3.0.0-midi.zip again, or give the complete archive or "
+               "folder with domain.path=)")
+    elif missing:
+        fix = "complete the dataset folder"
+    else:
+        fix = "give readable MIDI files (domain.files=...)"
+    return UserError(f"no usable MIDI left for the {'/'.join(empty)} split(s): {'; '.join(why)}; {fix}")
 
 
 def prepare_music(cfg: MusicDomain, root: Path, opts: PrepareConfig | None = None) -> Path:
@@ -315,8 +338,7 @@ def prepare_music(cfg: MusicDomain, root: Path, opts: PrepareConfig | None = Non
         pieces, notes = stats["pieces"], stats["notes"]
         empty = [s for s in corpus.SPLITS if not pieces[s]]
         if empty:
-            raise UserError(f"no usable MIDI left for the {'/'.join(empty)} split(s) ({problems.n_skipped} file(s) "
-                            f"skipped: {', '.join(list(problems.skipped)[:5])})")
+            raise no_usable_midi(empty, problems, cfg)
         meta = {
             "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
             "bpe_vocab": cfg.bpe_vocab, "vocab_size": vocab_size, "pieces": pieces, "notes": notes,
