@@ -228,13 +228,21 @@ def test_compute_multiplier_needs_a_ladder(runs):
     assert rows_of(summary)["shortcut"]["compute_multiplier"] is None
 
 
-def test_baseline_vs_shortcut_as_written(runs):
-    fake_run(runs / "runs", "other", "baseline", 0, 1.4, label="baseline_matched")
-    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "compare", "baseline", "vs", "shortcut", "wandb=off",
+@pytest.mark.parametrize("order", [("baseline", "shortcut"), ("shortcut", "baseline")])
+def test_a_vs_b_in_either_order(runs, order):
+    """Issue 19, item 10: `compare shortcut vs baseline` printed "no baseline row" on every row (the first word was
+    taken for the baseline's name); the order says nothing now."""
+    fake_run(runs / "runs", "other", "baseline", 0, 1.4, label="baseline_matched", model={"match_params": "shortcut"})
+    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "compare", order[0], "vs", order[1], "wandb=off",
                         f"results_root={runs / 'results'}"], capture_output=True, text=True, cwd=runs)
     assert r.returncode == 0, r.stderr
-    assert "| baseline |" in r.stdout and "| shortcut |" in r.stdout and "baseline_matched" not in r.stdout
-    assert "text/files/char" in r.stdout
+    lines = {ln.split(" | ")[0]: ln for ln in r.stdout.splitlines() if ln.startswith("| ")}
+    assert {"| baseline", "| shortcut"} <= set(lines) and "baseline_matched" not in r.stdout
+    assert "text/files/char" in r.stdout and "no baseline" not in r.stdout
+    d = stats.ttest_rel(list(SC_TEST.values()), list(BASE_TEST.values()))
+    assert "| (reference) |" in lines["| baseline"]
+    assert f"| {np.mean(list(SC_TEST.values())) - np.mean(list(BASE_TEST.values())):+.4f} [" in lines["| shortcut"]
+    assert f"| {d.pvalue:.3g} |" in lines["| shortcut"]
 
 
 @pytest.mark.slow
