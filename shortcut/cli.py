@@ -230,12 +230,13 @@ def _compose_in_app(overrides: list[str]):
 
 
 def _variants_as_override(args: list[str]) -> list[str]:
-    """`shortcut compare baseline vs shortcut [vs ...]` -> variants=[baseline,shortcut] (the rest stays Hydra's)."""
+    """`shortcut compare baseline vs shortcut [vs ...]` -> variants=[baseline,shortcut] (the rest stays Hydra's).
+    The order says nothing (issue 19): compare finds each row's reference itself."""
     words = [a for a in args if "=" not in a and not a.startswith("-") and a != "vs"]
     if not words:
         return args
     rest = [a for a in args if "=" in a or a.startswith("-")]
-    return [*rest, f"variants=[{','.join(words)}]", "baseline=" + words[0]]
+    return [*rest, f"variants=[{','.join(words)}]"]
 
 
 def main(argv: list[str] | None = None) -> int:

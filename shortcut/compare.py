@@ -3,7 +3,9 @@
 A row is a group of runs with the same identity, which train computed from the resolved config (shortcut.rundir):
 the corpus and training setup make the dataset, the resolved model and training length make the variant. Two runs
 of one row with the same seed are refused (or the newest kept, duplicates=newest), and an eval.json that no longer
-describes its run is refused, so no number in the table is merged or old. Differences against the baseline row come
+describes its run is refused, so no number in the table is merged or old. A variant's difference is against its
+reference, found by identity too (issue 19): the baseline of the same resolved model but the arch's own fields,
+trained the same way, never one of another size, or the row `reference=...` names; the table names it. It comes
 with a 95% interval and a p-value: a paired t-test over seeds when both rows have the same seeds (same seed, same
 batches), Welch's otherwise. With compute_multiplier=true a ladder of baseline sizes gives each variant's compute
 multiplier (shortcut.scaling).
@@ -218,15 +220,101 @@ def _mean_std(values) -> tuple[float, float] | None:
     return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
 
 
-def _reference(row: Row, ds_rows: list[Row], baseline: str) -> Row | None:
-    """The baseline row a variant is measured against: the baseline with the same extra settings, else the plain
-    baseline."""
-    def is_base(r: Row) -> bool:
-        return r.summary.arch == "baseline" and (r.variant.split()[0] == baseline or r.variant == baseline)
+# --- references: which row a row's Δ is measured against (issue 19, item 1) ---------------------------------------
 
-    extra = _label_parts(row.variant)
-    return (next((r for r in ds_rows if is_base(r) and _label_parts(r.variant) == extra), None)
-            or next((r for r in ds_rows if is_base(r) and not _label_parts(r.variant)), None))
+# ModelConfig fields that only mean something for a non-baseline arch (the shortcut's taps, feature map, depth
+# embedding, mode, tap bias and shortcut blocks; DenseFormer's averages; Block AttnRes; value residual's init).
+# A variant and its reference baseline may differ in these, and in nothing else of the resolved model.
+ARCH_KEYS = ("arch", "taps", "feature_map", "feature_hidden", "depth_embedding", "shortcut_mode", "tap_bias",
+             "shortcut_layers", "dwa_dilation", "dwa_period", "attnres_block", "value_residual_init")
+# Model settings that make a baseline bigger or smaller: a ladder's rungs differ in these, and in nothing else.
+SIZE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "match_params", "match_by")
+
+
+@dataclass
+class Reference:
+    row: Row | None  # the row a row's Δ is against; a baseline's own row when nothing is named (it has no Δ)
+    why: str | None = None  # why a variant has none, for the table
+
+
+def _shared_model(s: Summary) -> dict:
+    """The resolved model without what only its arch reads: equal for a variant and its same-size baseline."""
+    return {k: v for k, v in s.model.items() if k not in ARCH_KEYS and k not in rundir.EXECUTION_KEYS["model"]}
+
+
+def _budgeted(s: Summary) -> bool:
+    return s.train.get("flops_budget") is not None or s.train.get("match_flops") is not None
+
+
+def _same_length(a: Summary, b: Summary) -> bool:
+    """Trained as long: the same steps; or, where a FLOP budget set a run's steps (train.flops_budget,
+    train.match_flops: steps = budget // FLOPs per step), the same training compute within one of its steps."""
+    if not _budgeted(a) and not _budgeted(b):
+        return a.max_steps == b.max_steps
+    planned = lambda s: s.max_steps * s.tokens_per_step * s.train_flops_per_token  # noqa: E731
+    step = max(s.tokens_per_step * s.train_flops_per_token for s in (a, b) if _budgeted(s))
+    return abs(planned(a) - planned(b)) < step
+
+
+def _why_none(row: Row, baselines: list[Row]) -> str:
+    """A variant with no reference says what the nearest baseline differs in."""
+    if not baselines:
+        return "no baseline row in this dataset"
+    mine = _shared_model(row.summary)
+    diffs = {b.key: sorted(k for k in {*mine, *_shared_model(b.summary)}
+                           if mine.get(k) != b.summary.model.get(k)) for b in baselines}
+    near = min(baselines, key=lambda b: (len(diffs[b.key]), b.variant))
+    if not diffs[near.key]:
+        return (f"no baseline trained as long ({row.summary.max_steps} steps; {near.variant}: "
+                f"{near.summary.max_steps})")
+    shown = ", ".join(f"model.{k}={_plain(mine.get(k))} (vs {_plain(near.summary.model.get(k))})"
+                      for k in diffs[near.key])
+    what = "of the same size" if set(diffs[near.key]) & {*SIZE_KEYS, "block_size"} else "of the same model"
+    return f"no baseline {what}: {shown} against the nearest, {near.variant}"
+
+
+def _plain(v) -> str:
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+
+
+def _named(ds_rows: list[Row], name: str) -> Row | None:
+    """The row `compare reference=NAME` names: its label as the table shows it, else its model choice (when one row
+    has it), else a prefix (6+ characters) of its settings hash."""
+    for found in ([r for r in ds_rows if r.variant == name],
+                  [r for r in ds_rows if r.summary.identity.model_choice == name],
+                  [r for r in ds_rows if len(name) >= 6 and r.summary.identity.settings_hash.startswith(name)]):
+        if len(found) > 1:
+            raise UserError(f"reference={name} names {len(found)} rows of {ds_rows[0].dataset} "
+                            f"({', '.join(sorted(r.variant for r in found))}); name one by its label as the table "
+                            f"shows it (reference='{found[0].variant}') or by its settings_hash")
+        if found:
+            return found[0]
+    return None
+
+
+def references(ds_rows: list[Row], name: str | None, notes: list[str]) -> dict[tuple, Reference]:
+    """Each row's reference: the one `reference=NAME` names, else, for a variant, the baseline of the same resolved
+    model but its arch's own fields, trained on the same setup (its dataset) as long; never one of another size."""
+    if name is not None:
+        ref = _named(ds_rows, name)
+        return {r.key: Reference(ref, None if ref else f"reference={name} is not a row of this dataset")
+                for r in ds_rows}
+    baselines = [r for r in ds_rows if r.summary.arch == "baseline"]
+    out = {}
+    for row in ds_rows:
+        if row.summary.arch == "baseline":
+            out[row.key] = Reference(row)
+            continue
+        same = [b for b in baselines if _shared_model(b.summary) == _shared_model(row.summary)
+                and _same_length(b.summary, row.summary)]
+        # Baselines that differ only in fields a baseline never reads are one model: the one sharing most seeds.
+        seeds = {r.seed for r in row.runs}
+        same.sort(key=lambda b: (-len(seeds & {r.seed for r in b.runs}), b.variant))
+        if len(same) > 1:
+            notes.append(f"{row.dataset}: {row.variant} has {len(same)} equal baselines "
+                         f"({', '.join(b.variant for b in same)}); measured against {same[0].variant}")
+        out[row.key] = Reference(same[0]) if same else Reference(None, _why_none(row, baselines))
+    return out
 
 
 def _eval_settings(ds_rows: list[Row]) -> None:
@@ -244,20 +332,18 @@ def _eval_settings(ds_rows: list[Row]) -> None:
                         f"evaluate them again with the same eval.stride and eval.max_tokens")
 
 
-# Model settings that make a baseline bigger or smaller: a ladder's rungs differ in these, and in nothing else.
-SIZE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "match_params", "match_by")
-
-
 def _ladder_key(row: Row) -> str:
+    """Rows of one architecture up to size and the arch's own fields, that saw as many tokens: a baseline ladder's
+    rungs share it, and so does every variant the ladder prices."""
     s = row.summary
-    model = {k: v for k, v in s.model.items() if k not in SIZE_KEYS and k not in rundir.EXECUTION_KEYS["model"]}
+    model = {k: v for k, v in _shared_model(s).items() if k not in SIZE_KEYS}
     return rundir.short_hash([model, s.max_steps * s.tokens_per_step])  # the same architecture, the same tokens
 
 
-def compute_multipliers(ds_rows: list[Row], metric: str, baseline: str, out_png: Path,
-                        notes: list[str]) -> dict[tuple, dict]:
-    """For every non-baseline row: the ladder of baseline rows that differ from its reference baseline only in size
-    (and saw as many tokens), fitted, and the row's multiplier on it. Draws loss vs compute for the largest ladder."""
+def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: list[str]) -> dict[tuple, dict]:
+    """For every non-baseline row: the ladder of baseline rows that differ from it only in size and the arch's own
+    fields (and saw as many tokens), fitted, and the row's multiplier on it. It needs no baseline of its own size.
+    Draws loss vs compute for the largest ladder."""
     from shortcut import scaling
 
     def points(row: Row) -> list[scaling.Point]:
@@ -265,18 +351,17 @@ def compute_multipliers(ds_rows: list[Row], metric: str, baseline: str, out_png:
 
     out, ladders = {}, {}
     for row in ds_rows:
-        ref = _reference(row, ds_rows, baseline) if row.summary.arch != "baseline" else None
-        if ref is None:
+        if row.summary.arch == "baseline":
             continue
-        key = _ladder_key(ref)
+        key = _ladder_key(row)
         if key not in ladders:
             rungs = [r for r in ds_rows if r.summary.arch == "baseline" and _ladder_key(r) == key]
             ladders[key] = (rungs, None)
             try:
                 ladders[key] = (rungs, scaling.fit_power_law([p for r in rungs for p in points(r)]))
             except UserError as exc:
-                notes.append(f"{ds_rows[0].dataset}: no compute multiplier for rows measured against "
-                             f"{ref.variant}: {exc}")
+                notes.append(f"{ds_rows[0].dataset}: no compute multiplier for {row.variant} and the rows that share "
+                             f"its baseline ladder ({len(rungs)} baseline row(s) differ from it only in size): {exc}")
         rungs, fit = ladders[key]
         if fit is not None:
             out[row.key] = {**scaling.compute_multiplier([p for r in rungs for p in points(r)], points(row)),
@@ -299,10 +384,7 @@ def compare(job: CompareJob) -> dict:
         raise UserError(f"{len(refused)} run(s) cannot be compared: " + "; ".join(refused[:5])
                         + (f"; and {len(refused) - 5} more" if len(refused) > 5 else ""))
     notes: list[str] = []
-    rows = build_rows(runs, job.duplicates, notes)
-    if job.variants:
-        wanted = set(job.variants)
-        rows = [r for r in rows if r.variant in wanted or r.variant.split()[0] in wanted]
+    rows, refs = select(build_rows(runs, job.duplicates, notes), job, notes)
     if not rows:
         raise UserError(f"no finished runs match runs={job.runs!r}"
                         + (f" and variants {list(job.variants)}" if job.variants else "")
@@ -315,14 +397,13 @@ def compare(job: CompareJob) -> dict:
     datasets = sorted({r.dataset for r in rows})
     table, pictures = [], []
     for i, ds in enumerate(datasets):
-        ds_rows = sorted((r for r in rows if r.dataset == ds),
-                         key=lambda r: (r.variant.split()[0] != job.baseline, r.variant))
+        ds_rows = sorted((r for r in rows if r.dataset == ds), key=lambda r: (r.summary.arch != "baseline", r.variant))
         _eval_settings(ds_rows)
-        table += dataset_table(ds_rows, job, notes)
+        table += dataset_table(ds_rows, refs, notes)
         if job.compute_multiplier:
             png = out_dir / ("loss_vs_compute.png" if len(datasets) == 1 else f"loss_vs_compute_{i}.png")
             metric = table[-1]["metric"]
-            found = compute_multipliers(ds_rows, metric, job.baseline, png, notes)
+            found = compute_multipliers(ds_rows, metric, png, notes)
             for key, m in found.items():
                 next(t for t in table if t["_key"] == key)["compute_multiplier"] = m
             for t in table:
@@ -335,7 +416,7 @@ def compare(job: CompareJob) -> dict:
             start = len(table) - len(ds_rows)
             table[start:] = sorted(table[start:], key=_by_multiplier)
     pictures += early_exit_curves(rows, datasets, out_dir, notes)
-    md = render_markdown(table, notes, incomplete, job.compute_multiplier)
+    md = render_markdown(table, notes, incomplete, job.compute_multiplier, job.reference)
     _write(out_dir / "table.md", md)
     _write_csv(out_dir / "table.csv", table)
     pictures += plot(table, rows, out_dir)
@@ -353,6 +434,30 @@ def compare(job: CompareJob) -> dict:
                 break
     print(f"\nwrote {out_dir}/table.md, table.csv, summary.json and {len(pictures)} plot(s)")
     return summary
+
+
+def select(rows: list[Row], job: CompareJob, notes: list[str]) -> tuple[list[Row], dict[tuple, Reference]]:
+    """The rows `variants` asks for (all by default) and each row's reference, found among every row of its
+    dataset: a reference the selection left out comes back, so that no Δ is against a row the table does not show."""
+    refs: dict[tuple, Reference] = {}
+    for ds in sorted({r.dataset for r in rows}):
+        refs.update(references([r for r in rows if r.dataset == ds], job.reference, notes))
+    if job.reference is not None and rows and not any(ref.row for ref in refs.values()):
+        shown = sorted({r.variant for r in rows})
+        raise UserError(f"reference={job.reference} names no row of this comparison; name one of "
+                        f"{', '.join(shown[:8])}{' ...' if len(shown) > 8 else ''} (a label, a model choice or a "
+                        f"settings hash prefix)")
+    if not job.variants:
+        return rows, refs
+    wanted = set(job.variants)
+    chosen = [r for r in rows if r.variant in wanted or r.variant.split()[0] in wanted]
+    for ref in dict.fromkeys(refs[r.key].row.key for r in chosen if refs[r.key].row is not None):
+        row = next(r for r in rows if r.key == ref)
+        if all(c.key != ref for c in chosen):
+            chosen.append(row)
+            notes.append(f"{row.dataset}: {row.variant} is shown as the reference of "
+                         f"{', '.join(r.variant for r in chosen if refs[r.key].row is row and r is not row)}")
+    return chosen, refs
 
 
 def early_exit_curves(rows: list[Row], datasets: list[str], out_dir: Path, notes: list[str]) -> list[Path]:
@@ -424,7 +529,7 @@ def _by_multiplier(t: dict) -> tuple:
     return (not known, -m if known else 0.0, t["train_flops"][0] if t["train_flops"] else 0.0, t["variant"])
 
 
-def dataset_table(ds_rows: list[Row], job: CompareJob, notes: list[str]) -> list[dict]:
+def dataset_table(ds_rows: list[Row], refs: dict[tuple, Reference], notes: list[str]) -> list[dict]:
     ds = ds_rows[0].dataset
     split = next((r.eval["split"] for row in ds_rows for r in row.runs if r.eval), "test")
     evaluated = all(r.eval for row in ds_rows for r in row.runs)
@@ -440,7 +545,7 @@ def dataset_table(ds_rows: list[Row], job: CompareJob, notes: list[str]) -> list
         notes.append(f"{ds}: rows have different seeds ({seed_sets}); missing runs make their test unpaired")
     entries = []
     for row in ds_rows:
-        ref = _reference(row, ds_rows, job.baseline)
+        ref = refs[row.key].row
         s0 = row.summary
         tok_s = [np.median([m["tokens_per_s"] for m in r.metrics if m.get("tokens_per_s")]) for r in row.runs
                  if any(m.get("tokens_per_s") for m in r.metrics)]
@@ -462,7 +567,10 @@ def dataset_table(ds_rows: list[Row], job: CompareJob, notes: list[str]) -> list
             "eval_stride": next((r.eval["stride"] for r in row.runs if r.eval), None),
             "mean_context": _mean_std(r.eval["mean_context"] for r in row.runs if r.eval),
             "unit": unit_key, "unit_value": _mean_std(row.values(unit_key).values()) if unit_key else None,
-            "metric": metric, "reference": ref.variant if ref else None,
+            "metric": metric, "reference": ref.variant if ref is not None and ref is not row else None,
+            "reference_hash": ref.summary.identity.settings_hash if ref is not None and ref is not row else None,
+            "no_delta": refs[row.key].why,
+            "is_reference": any(refs[o.key].row is row and o is not row for o in ds_rows),
             "delta": None if ref is None or ref is row else delta(ref.values(metric), row.values(metric)),
             "compute_multiplier": None, "in_ladder": False,
             "mean_depth_profile": _depth(row),
@@ -503,7 +611,18 @@ def _fmt_multiplier(m: dict | None) -> str:
                                                                              else "")
 
 
-def render_markdown(table: list[dict], notes: list[str], incomplete: list[str], multiplier: bool) -> str:
+def _delta_cells(r: dict) -> tuple[str, str, str]:
+    """Δ, p and test of a table row; a row without a Δ says whether it is a reference or why it has none."""
+    d = r["delta"]
+    if d is None:
+        return ("(reference)" if r["is_reference"] else f"no Δ: {r['no_delta']}" if r["no_delta"] else ""), "", ""
+    if d["ci_low"] is None:
+        return f"{d['delta']:+.4f} [no interval]", "–", d["test"]
+    return f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]", f"{d['p_value']:.3g}", d["test"]
+
+
+def render_markdown(table: list[dict], notes: list[str], incomplete: list[str], multiplier: bool,
+                    named: str | None = None) -> str:
     lines = []
     for ds in sorted({r["dataset"] for r in table}):
         rows = [r for r in table if r["dataset"] == ds]
@@ -513,23 +632,17 @@ def render_markdown(table: list[dict], notes: list[str], incomplete: list[str], 
         extra_h, extra_a = (" compute multiplier [95% CI] |", "---:|") if multiplier else ("", "")
         lines += [f"### {ds}", "",
                   f"| variant | params | FLOPs/token | train FLOPs | tokens/s | seeds | val NLL | {split} NLL | {unit} "
-                  f"| Δ {metric} NLL vs baseline [95% CI] | p | test |{extra_h}",
-                  f"|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|{extra_a}"]
+                  f"| reference | Δ {metric} NLL vs reference [95% CI] | p | test |{extra_h}",
+                  f"|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|{extra_a}"]
         for r in rows:
-            d = r["delta"]
-            if d is None:
-                dtext, ptext, ttext = ("(reference)" if r["reference"] == r["variant"] else "no baseline row"), "", ""
-            elif d["ci_low"] is None:
-                dtext, ptext, ttext = f"{d['delta']:+.4f} [no interval]", "–", d["test"]
-            else:
-                dtext = f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
-                ptext, ttext = f"{d['p_value']:.3g}", d["test"]
+            dtext, ptext, ttext = _delta_cells(r)
             tok_s = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"
             mult = (f" {'ladder' if r['in_ladder'] else _fmt_multiplier(r['compute_multiplier'])} |"
                     if multiplier else "")
             lines.append(f"| {r['variant']} | {r['params']:,} | {r['flops_per_token']:.3g} | "
                          f"{r['train_flops'][0]:.3g} | {tok_s} | {','.join(map(str, r['seeds']))} | "
-                         f"{_fmt(r['val_nll'])} | {_fmt(r['test_nll'])} | {_fmt(r['unit_value'])} | {dtext} | "
+                         f"{_fmt(r['val_nll'])} | {_fmt(r['test_nll'])} | {_fmt(r['unit_value'])} | "
+                         f"{r['reference'] or ''} | {dtext} | "
                          f"{ptext} | {ttext} |{mult}")
         stride = rows[0]["eval_stride"]
         if stride:
@@ -537,8 +650,12 @@ def render_markdown(table: list[dict], notes: list[str], incomplete: list[str], 
             context = f", mean context {ctx[0]:.0f} tokens" if ctx else ""
             lines += ["", f"{split.capitalize()} NLL: sliding window, stride {stride}{context}."]
         lines.append("")
-    lines.append("NLL in nats/token, mean ± sample std over seeds. Δ < 0: lower NLL than the baseline row. "
-                 "The interval, not the sign, says whether a difference is real. Settings in {braces} are shared "
+    lines.append("NLL in nats/token, mean ± sample std over seeds. Δ < 0: lower NLL than the row's reference, "
+                 + (f"the row reference={named} names. " if named else
+                    "the baseline of the same resolved model but the arch's own settings (same widths, depth, "
+                    "context, training setup and length; never another size); `compare reference=LABEL` names "
+                    "another. ")
+                 + "The interval, not the sign, says whether a difference is real. Settings in {braces} are shared "
                  "by every row of the dataset.")
     if multiplier:
         lines.append("Compute multiplier: baseline training FLOPs that reach the row's loss on the fitted baseline "
@@ -557,7 +674,8 @@ def _write(path: Path, text: str) -> None:
 
 CSV_COLUMNS = ["dataset", "variant", "settings_hash", "params", "non_embedding_params", "flops_per_token",
                "train_flops_mean", "tokens_per_s", "n", "seeds", "val_nll_mean", "val_nll_std", "test_nll_mean",
-               "test_nll_std", "unit", "unit_mean", "unit_std", "metric", "delta", "ci_low", "ci_high", "p_value",
+               "test_nll_std", "unit", "unit_mean", "unit_std", "metric", "reference", "reference_hash",
+               "is_reference", "no_delta", "delta", "ci_low", "ci_high", "p_value",
                "test", "compute_multiplier", "multiplier_ci_low", "multiplier_ci_high", "eval_stride"]
 
 
@@ -565,7 +683,8 @@ def _csv_row(r: dict) -> dict:
     d, m = r["delta"] or {}, r["compute_multiplier"] or {}
     pair = lambda k: (r[k] or (None, None))  # noqa: E731
     return {**{k: r[k] for k in ("dataset", "variant", "settings_hash", "params", "non_embedding_params",
-                                 "flops_per_token", "tokens_per_s", "n", "unit", "metric", "eval_stride")},
+                                 "flops_per_token", "tokens_per_s", "n", "unit", "metric", "eval_stride",
+                                 "reference", "reference_hash", "is_reference", "no_delta")},
             "seeds": " ".join(map(str, r["seeds"])), "train_flops_mean": pair("train_flops")[0],
             "val_nll_mean": pair("val_nll")[0], "val_nll_std": pair("val_nll")[1],
             "test_nll_mean": pair("test_nll")[0], "test_nll_std": pair("test_nll")[1],

@@ -635,7 +635,10 @@ class SampleJob:
 class CompareJob:
     runs: str = "runs/**"  # comma-separated globs of run dirs (or of folders above them, e.g. a sweep dir)
     variants: List[str] = field(default_factory=list)  # only these variants (model choice names); [] = all
-    baseline: str = "baseline"  # the reference row's variant
+    # The row every Δ is against: its label as the table shows it (reference='baseline model.n_embd=32'), its model
+    # choice (reference=baseline_matched) or a settings_hash prefix. None: each variant against the baseline of the
+    # same resolved model but its arch's own fields, trained the same way (issue 19); never one of another size.
+    reference: Optional[str] = None
     name: str = "compare"  # results go to <results_root>/<name>/
     results_root: str = "results"
     duplicates: Duplicates = Duplicates.refuse

@@ -1,6 +1,7 @@
 """compare on run directories the tests write with known numbers (through shortcut.rundir, as train and eval do):
 statistics against scipy, rows by identity, refusals of duplicates and stale records, the compute multiplier."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -22,17 +23,21 @@ SC_TEST = {0: 1.45, 1: 1.50, 2: 1.46}
 def fake_run(root, name, arch, seed, test_nll, data_hash="abc", domain="text", train_flops=3000.0,
              val_curve=(3.0, 2.0, 1.6), label=None, variant_hash=None, setup_label="", setup_hash="s0",
              finished_at="2026-01-01T00:00:00Z", stride=16, evaluated=True, params=None, model=None, split="test",
-             device="cpu", attn_kernels=None):
-    """A finished run dir as train and eval write it; the identity is given (train computes it)."""
+             device="cpu", attn_kernels=None, train=None, max_steps=30, train_flops_per_token=30):
+    """A finished run dir as train and eval write it; the identity is given (train computes it). The resolved
+    model holds the label's model.* settings and `model` (as a real run's holds every field)."""
     d = root / name
     d.mkdir(parents=True)
     label = label or arch
+    model = {**{k[len("model."):]: _label_value(v) for k, v in (p.split("=", 1) for p in label.split()[1:])
+                if k.startswith("model.")}, **(model or {})}
     identity = Identity(setup_hash=setup_hash, variant_hash=variant_hash or f"h-{label}", variant_label=label,
                         setup_label=setup_label, model_choice=label.split()[0])
-    Summary(identity=identity, domain=domain, source="files", tokenizer="char", arch=arch, model=model or {}, train={},
-            seed=seed, params=params or (1000 if arch == "baseline" else 1100), non_embedding_params=900,
-            flops_per_token=10, train_flops_per_token=30, tokens_per_step=10, max_steps=30, data_hash=data_hash,
-            data_dir="data", git_commit=None, device=device, step=30, train_flops=train_flops,
+    Summary(identity=identity, domain=domain, source="files", tokenizer="char", arch=arch, model=model,
+            train=train or {}, seed=seed, params=params or (1000 if arch == "baseline" else 1100),
+            non_embedding_params=900, flops_per_token=10, train_flops_per_token=train_flops_per_token,
+            tokens_per_step=10, max_steps=max_steps, data_hash=data_hash, data_dir="data", git_commit=None,
+            device=device, step=max_steps, train_flops=train_flops,
             final_val_loss=val_curve[-1], best_val_loss=min(val_curve), train_time_s=1.0, wall_time_s=1.0,
             finished=True, checkpoint_hash=f"w-{name}", finished_at=finished_at, attn_kernels=attn_kernels).write(d)
     rows = [{"step": 10 * (i + 1), "train_flops": train_flops * (i + 1) / len(val_curve), "val_loss": v,
@@ -44,6 +49,13 @@ def fake_run(root, name, arch, seed, test_nll, data_hash="abc", domain="text", t
                    data_hash=data_hash, flops_per_token=10, domain=domain, source="files", tokenizer="char",
                    units={"char": {"nll": test_nll, "bits": test_nll / np.log(2)}}).write(d)
     return d
+
+
+def _label_value(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 @pytest.fixture
@@ -191,8 +203,10 @@ def test_settings_shared_by_every_row_go_to_the_heading(tmp_path):
         fake_run(tmp_path / "runs", f"t{s}", "shortcut", s, 1.3, label="shortcut model.n_layer=2 model.taps=[0]")
     rows = compare(job(tmp_path))["rows"]
     assert {r["dataset"] for r in rows} == {"text/files/char {model.n_layer=2}"}
-    assert {r["variant"]: r["reference"] for r in rows} == {"baseline": "baseline", "shortcut": "baseline",
+    assert {r["variant"]: r["reference"] for r in rows} == {"baseline": None, "shortcut": "baseline",
                                                              "shortcut model.taps=[0]": "baseline"}
+    assert {r["variant"]: r["is_reference"] for r in rows} == {"baseline": True, "shortcut": False,
+                                                                "shortcut model.taps=[0]": False}
 
 
 def ladder(tmp_path, multiplier, seeds=(0, 1, 2)):
@@ -228,13 +242,183 @@ def test_compute_multiplier_needs_a_ladder(runs):
     assert rows_of(summary)["shortcut"]["compute_multiplier"] is None
 
 
-def test_baseline_vs_shortcut_as_written(runs):
-    fake_run(runs / "runs", "other", "baseline", 0, 1.4, label="baseline_matched")
-    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "compare", "baseline", "vs", "shortcut", "wandb=off",
+@pytest.mark.parametrize("order", [("baseline", "shortcut"), ("shortcut", "baseline")])
+def test_a_vs_b_in_either_order(runs, order):
+    """Issue 19, item 10: `compare shortcut vs baseline` printed "no baseline row" on every row (the first word was
+    taken for the baseline's name); the order says nothing now."""
+    fake_run(runs / "runs", "other", "baseline", 0, 1.4, label="baseline_matched", model={"match_params": "shortcut"})
+    r = subprocess.run([sys.executable, "-m", "shortcut.cli", "compare", order[0], "vs", order[1], "wandb=off",
                         f"results_root={runs / 'results'}"], capture_output=True, text=True, cwd=runs)
     assert r.returncode == 0, r.stderr
-    assert "| baseline |" in r.stdout and "| shortcut |" in r.stdout and "baseline_matched" not in r.stdout
-    assert "text/files/char" in r.stdout
+    lines = {ln.split(" | ")[0]: ln for ln in r.stdout.splitlines() if ln.startswith("| ")}
+    assert {"| baseline", "| shortcut"} <= set(lines) and "baseline_matched" not in r.stdout
+    assert "text/files/char" in r.stdout and "no baseline" not in r.stdout and "no Δ" not in r.stdout
+    d = stats.ttest_rel(list(SC_TEST.values()), list(BASE_TEST.values()))
+    assert "|  | (reference) |" in lines["| baseline"]
+    assert f"| baseline | {np.mean(list(SC_TEST.values())) - np.mean(list(BASE_TEST.values())):+.4f} [" in \
+        lines["| shortcut"] and f"| {d.pvalue:.3g} |" in lines["| shortcut"]
+
+
+# Issue 19, item 1, as the reviewer ran it (2 layers, train=smoke, 2 seeds): baselines of width 128 and 32, the
+# shortcut at 32 with tap_bias=last; test NLLs of the 32-wide rows as the issue gives them.
+WIDE_BASE, NARROW_BASE, NARROW_SC = {0: 3.0421, 1: 3.0469}, {0: 3.5152, 1: 3.5099}, {0: 3.5104, 1: 3.5096}
+
+
+def widths(tmp_path, narrow_baseline=True, seeds=(0, 1)):
+    from shortcut.config import ModelConfig
+    from shortcut.train import plain
+
+    specs = [("b128", "baseline model.n_layer=2", dict(arch="baseline"), WIDE_BASE),
+             ("sc32", "shortcut model.n_embd=32 model.n_layer=2 model.tap_bias=last",
+              dict(arch="shortcut", n_embd=32, tap_bias="last"), NARROW_SC)]
+    if narrow_baseline:
+        specs.append(("b32", "baseline model.n_embd=32 model.n_layer=2", dict(arch="baseline", n_embd=32), NARROW_BASE))
+    for name, label, model, nll in specs:
+        for s in seeds:  # the resolved model, every field, as train records it
+            fake_run(tmp_path / "runs", f"{name}-{s}", model["arch"], s, nll[s], label=label,
+                     model=plain(ModelConfig(n_layer=2, vocab_size=65, **model)))
+
+
+def test_the_reference_is_the_baseline_of_the_same_size(tmp_path):
+    """The shortcut row's Δ was against the width-128 baseline (+0.47, "p = 0.039"): the reference was the baseline
+    whose display label had the same extras, else the one with none. It is the width-32 baseline, by identity."""
+    widths(tmp_path)
+    rows = rows_of(compare(job(tmp_path)))
+    sc = rows["shortcut model.n_embd=32 model.tap_bias=last"]
+    assert sc["reference"] == "baseline model.n_embd=32" and sc["no_delta"] is None
+    expect = stats.ttest_rel(list(NARROW_SC.values()), list(NARROW_BASE.values()))
+    assert sc["delta"]["delta"] == pytest.approx(np.mean([NARROW_SC[s] - NARROW_BASE[s] for s in (0, 1)]))
+    assert sc["delta"]["p_value"] == pytest.approx(expect.pvalue) and sc["delta"]["test"] == "paired t over 2 seeds"
+    assert (sc["delta"]["ci_low"], sc["delta"]["ci_high"]) == pytest.approx(tuple(expect.confidence_interval()))
+    assert round(sc["delta"]["delta"], 4) in (-0.0025, -0.0026) and 0.4 < sc["delta"]["p_value"] < 0.5
+    assert rows["baseline model.n_embd=32"]["is_reference"] and not rows["baseline"]["is_reference"]
+    assert rows["baseline"]["delta"] is None and rows["baseline model.n_embd=32"]["delta"] is None
+    md = (tmp_path / "results" / "compare" / "table.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| shortcut"))
+    assert f"| baseline model.n_embd=32 | {sc['delta']['delta']:+.4f} [" in line
+    assert md.count("(reference)") == 1 and "| baseline model.n_embd=32 |" in next(
+        ln for ln in md.splitlines() if "(reference)" in ln)
+    with open(tmp_path / "results" / "compare" / "table.csv") as f:
+        csv_rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert csv_rows["shortcut model.n_embd=32 model.tap_bias=last"]["reference"] == "baseline model.n_embd=32"
+    assert csv_rows["shortcut model.n_embd=32 model.tap_bias=last"]["reference_hash"] == \
+        rows["baseline model.n_embd=32"]["settings_hash"]
+
+
+def test_no_baseline_of_the_same_size_no_delta(tmp_path):
+    """Without the width-32 baseline the shortcut row gets no Δ, and says why; never the width-128 one."""
+    widths(tmp_path, narrow_baseline=False)
+    rows = rows_of(compare(job(tmp_path)))
+    sc = rows["shortcut model.n_embd=32 model.tap_bias=last"]
+    assert sc["delta"] is None and sc["reference"] is None
+    assert sc["no_delta"].startswith("no baseline of the same size: model.n_embd=32 (vs 128)"), sc["no_delta"]
+    assert not rows["baseline"]["is_reference"]
+    md = (tmp_path / "results" / "compare" / "table.md").read_text()
+    assert "no Δ: no baseline of the same size" in md and "(reference)" not in md
+
+
+def test_a_ladder_references_the_same_size_rung_only(tmp_path):
+    """With baselines of several widths each variant is measured against its own width, and only a rung that is
+    some row's reference says "(reference)" (every baseline row of a ladder said it)."""
+    ladder(tmp_path, 1.25)
+    for s in range(3):  # a second variant, at the smallest rung
+        fake_run(tmp_path / "runs", f"vs{s}", "shortcut", s, 1.9 + s / 100, train_flops=2e12,
+                 label="shortcut model.n_embd=s")
+    summary = compare(job(tmp_path, "compute_multiplier=true"))
+    rows = rows_of(summary)
+    assert rows["shortcut model.n_embd=m"]["reference"] == "baseline model.n_embd=m"
+    assert rows["shortcut model.n_embd=s"]["reference"] == "baseline model.n_embd=s"
+    assert {v for v, r in rows.items() if r["is_reference"]} == {"baseline model.n_embd=m", "baseline model.n_embd=s"}
+    md = (tmp_path / "results" / "compare" / "table.md").read_text()
+    marked = [ln.split(" | ")[0] for ln in md.splitlines() if "(reference)" in ln]
+    assert marked == ["| baseline model.n_embd=m", "| baseline model.n_embd=s"]
+    # the multiplier is priced on the whole ladder whatever the reference
+    assert rows["shortcut model.n_embd=s"]["compute_multiplier"] is not None
+
+
+def test_a_named_reference(tmp_path):
+    """compare reference=LABEL (as the table shows it), a model choice, or a settings hash prefix: every other row
+    is measured against it, of whatever size the user chose."""
+    widths(tmp_path)
+    wide = stats.ttest_rel(list(NARROW_SC.values()), list(WIDE_BASE.values()))
+    for name in ("baseline", "'baseline model.n_embd=32'"):
+        rows = rows_of(compare(job(tmp_path, f"reference={name}")))
+        assert rows[name.strip("'")]["is_reference"] and rows[name.strip("'")]["delta"] is None
+    sc = rows_of(compare(job(tmp_path, "reference=baseline")))["shortcut model.n_embd=32 model.tap_bias=last"]
+    assert sc["reference"] == "baseline" and sc["delta"]["p_value"] == pytest.approx(wide.pvalue)
+    md = (tmp_path / "results" / "compare" / "table.md").read_text()
+    assert "the row reference=baseline names" in md
+    rows = rows_of(compare(job(tmp_path)))
+    prefix = rows["baseline model.n_embd=32"]["settings_hash"][:8]
+    rows = rows_of(compare(job(tmp_path, f"reference={prefix}")))
+    assert rows["baseline"]["reference"] == "baseline model.n_embd=32" and rows["baseline"]["delta"] is not None
+    with pytest.raises(UserError, match="reference=nothing names no row.*baseline model.n_embd=32"):
+        compare(job(tmp_path, "reference=nothing"))
+
+
+def test_a_named_model_choice_of_several_rows_is_refused(tmp_path):
+    ladder(tmp_path, 1.25)
+    for s in range(3):
+        fake_run(tmp_path / "runs", f"bm{s}", "baseline", s, 1.2, label="baseline_matched model.n_embd=s")
+        fake_run(tmp_path / "runs", f"bn{s}", "baseline", s, 1.2, label="baseline_matched model.n_embd=m")
+    with pytest.raises(UserError, match=r"reference=baseline_matched names 2 rows .*name one by its label"):
+        compare(job(tmp_path, "reference=baseline_matched"))
+
+
+def test_a_compute_matched_run_is_measured_against_the_baseline_it_matched(tmp_path):
+    """train.match_flops=baseline trains fewer steps of a dearer model for the baseline's FLOPs: its reference is the
+    baseline that spent them (within one of its steps); a run merely trained shorter has none, and says so."""
+    for s in range(2):
+        fake_run(tmp_path / "runs", f"b{s}", "baseline", s, 1.5 + s / 100)  # 30 steps x 10 tokens x 30 = 9000 FLOPs
+        fake_run(tmp_path / "runs", f"m{s}", "shortcut", s, 1.4 + s / 100, label="shortcut train.match_flops=baseline",
+                 train={"match_flops": "baseline"}, max_steps=22, train_flops_per_token=40)  # 22 x 400 = 8800
+        fake_run(tmp_path / "runs", f"short{s}", "shortcut", s, 1.6, label="shortcut train.max_steps=20",
+                 max_steps=20)
+    rows = rows_of(compare(job(tmp_path)))
+    assert rows["shortcut train.match_flops=baseline"]["reference"] == "baseline"
+    assert rows["shortcut train.match_flops=baseline"]["delta"]["delta"] == pytest.approx(-0.1)
+    assert rows["shortcut train.max_steps=20"]["delta"] is None
+    assert rows["shortcut train.max_steps=20"]["no_delta"] == "no baseline trained as long (20 steps; baseline: 30)"
+
+
+def test_a_selected_row_brings_its_reference(runs):
+    """`compare shortcut` shows the shortcut's baseline too: a Δ is never against a row the table leaves out."""
+    summary = compare(job(runs, "variants=[shortcut]"))
+    assert [r["variant"] for r in summary["rows"]] == ["baseline", "shortcut"]
+    assert rows_of(summary)["shortcut"]["reference"] == "baseline"
+    assert any("baseline is shown as the reference of shortcut" in n for n in summary["notes"])
+
+
+def test_arch_fields_are_every_field_a_baseline_ignores():
+    """ARCH_KEYS (what a variant and its reference may differ in) is exactly what a baseline GPT never reads: changing
+    one of them leaves a baseline's parameters and output unchanged; every other field is compared. A new
+    ModelConfig field must be placed on one side or the other here."""
+    import dataclasses
+
+    import torch
+
+    from shortcut.compare import ARCH_KEYS
+    from shortcut.config import ModelConfig
+    from shortcut.model import GPT
+
+    shared = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias", "mlp_hidden",
+              "attn_impl", "exit_train", "mod_capacity", "mod_every", "mod_aux_weight", "pos", "norm", "mlp",
+              "match_params", "match_by"}
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(ARCH_KEYS) | shared == fields and not set(ARCH_KEYS) & shared
+    other = dict(taps=[0, 1], feature_map="linear", feature_hidden=7, depth_embedding=False, shortcut_mode="add",
+                 tap_bias="last", shortcut_layers=2, dwa_dilation=2, dwa_period=2, attnres_block=2,
+                 value_residual_init=0.0)
+    assert set(other) == set(ARCH_KEYS) - {"arch"}
+    base = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    x = torch.randint(0, 11, (2, 8))
+    torch.manual_seed(0)
+    plain_model = GPT(ModelConfig(**base)).eval()
+    torch.manual_seed(0)
+    changed = GPT(ModelConfig(**base, **other)).eval()
+    assert {k: v.shape for k, v in plain_model.state_dict().items()} == {
+        k: v.shape for k, v in changed.state_dict().items()}
+    torch.testing.assert_close(plain_model(x)[0], changed(x)[0], rtol=0, atol=0)
 
 
 @pytest.mark.slow

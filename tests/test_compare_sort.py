@@ -24,7 +24,7 @@ def test_rows_sorted_by_compute_multiplier(tmp_path):
                      "baseline model.n_embd=128"]
     assert rows_of(summary)[order[0]]["compute_multiplier"]["multiplier"] == pytest.approx(2.0, rel=0.02)
     md = (tmp_path / "results" / "compare" / "table.md").read_text()
-    assert md.index("| shortcut model.shortcut_mode=add |") < md.index("| shortcut |") < md.index("| baseline |")
+    assert md.index("\n| shortcut model.shortcut_mode=add |") < md.index("\n| shortcut |") < md.index("\n| baseline |")
     default = compare(job(tmp_path, "compute_multiplier=true"))  # by variant name, the baseline first
     assert [r["variant"] for r in default["rows"]][0] == "baseline"
 
