@@ -24,9 +24,12 @@ commands:
 Overrides are Hydra's: -m sweeps (seed=0,1), --cfg job prints the config, `shortcut COMMAND --help` lists groups."""
 
 COMMANDS = ("prepare", "train", "eval", "sample", "compare")
-# Hydra flags that print or inspect instead of running: no pre-flight validation for them.
-_INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion",
-                  "-sc", "--resolve", "-p", "--package"}
+# Hydra flags that describe the app rather than a config: no pre-flight validation for them. `--cfg job` prints the
+# config a run would get, so it is validated like a run (issue 19): it never shows a config the run refuses.
+_INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
+# Hydra flags that take a value as the next word (`--cfg job`, `-p model`): not an override.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--experimental-rerun"}
 # Lines of OmegaConf/Hydra messages that describe internals rather than the user's mistake.
 _NOISE = ("full_key:", "object_type", "reference_type", "Set the env", "provider=", "invalid literal")
 _failures: list[str] = []
@@ -46,6 +49,9 @@ def one_line(exc: BaseException) -> str:
     """A user-facing one-line description of a config or input error, naming the key where one is known."""
     from omegaconf.errors import OmegaConfBaseException
 
+    unknown = _unknown_key(exc)
+    if unknown:
+        return unknown
     parts: list[str] = []
     seen: set[str] = set()
     e: BaseException | None = exc
@@ -67,6 +73,35 @@ def one_line(exc: BaseException) -> str:
     return " ".join(parts) or type(exc).__name__
 
 
+def _unknown_key(exc: BaseException) -> str | None:
+    """Hydra's "Could not override 'model.nlayer'. To append to your config use +model.nlayer=..." as our own line:
+    the `+` it suggests would only add a key that nothing reads (issue 19)."""
+    from dataclasses import fields, is_dataclass
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from shortcut.config import unknown_key
+
+    e: BaseException | None = exc
+    while e is not None:
+        schema, key = getattr(e, "object_type", None), getattr(e, "key", None)
+        if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and is_dataclass(schema) and isinstance(key, str) \
+                and key not in {f.name for f in fields(schema)}:
+            return unknown_key(str(getattr(e, "full_key", None) or key), [f.name for f in fields(schema)])
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _typed(cfg):
+    """The typed job object of a composed config: unknown keys refused, then the schemas' __post_init__ checks."""
+    from omegaconf import OmegaConf
+
+    from shortcut.config import check_known_keys
+
+    check_known_keys(cfg)
+    return OmegaConf.to_object(cfg)
+
+
 def _fail(message: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun, every process has the same reason: say it once
         print(f"shortcut: error: {message}", file=sys.stderr)
@@ -76,21 +111,26 @@ def _fail(message: str) -> None:
 def compose(command: str, overrides: list[str]):
     """Compose and validate one command's config with Hydra's compose API; returns the typed job object."""
     from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from shortcut.config import register_schemas
+    from shortcut.config import UserError, register_schemas
 
     register_schemas()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
-        cfg = hydra_compose(config_name=command, overrides=overrides)
-    return OmegaConf.to_object(cfg)
+        try:
+            cfg = hydra_compose(config_name=command, overrides=overrides)
+        except Exception as exc:
+            unknown = _unknown_key(exc)
+            if unknown:
+                raise UserError(unknown) from None
+            raise
+    return _typed(cfg)
 
 
 def _preflight(command: str, args: list[str]) -> None:
     """Compose every job a command line would run and stop at the first bad one, in one line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = _overrides_of(args)
     multirun = any(a in ("-m", "--multirun") for a in args)
     choices: list[list[str]] = []
     try:
@@ -126,7 +166,7 @@ def _task(cfg) -> None:
     hc = HydraConfig.get()
     command = hc.job.name
     try:
-        job = OmegaConf.to_object(cfg)  # runs the schemas' __post_init__ checks
+        job = _typed(cfg)  # unknown keys refused, the schemas' __post_init__ checks run
         if command == "prepare":
             from shortcut.prepare import prepare
 
@@ -215,14 +255,26 @@ def _launch_torchrun(job, overrides: list[str], run_dir: Path) -> None:
 def _compose_in_app(overrides: list[str]):
     """Compose the train config inside a running Hydra app (its config search path is already set up)."""
     from hydra import compose as hydra_compose
-    from omegaconf import OmegaConf
 
     try:
-        return OmegaConf.to_object(hydra_compose(config_name="train", overrides=overrides))
+        return _typed(hydra_compose(config_name="train", overrides=overrides))
     except Exception as exc:  # noqa: BLE001 - e.g. train.match_flops naming a model choice that does not exist
         from shortcut.config import UserError
 
         raise UserError(one_line(exc)) from None
+
+
+def _overrides_of(args: list[str]) -> list[str]:
+    """The overrides of a command line: the words that are neither Hydra flags nor a flag's value."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in _VALUE_FLAGS
+        else:
+            out.append(a)
+    return out
 
 
 def _variants_as_override(args: list[str]) -> list[str]:

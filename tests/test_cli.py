@@ -7,11 +7,27 @@ import sys
 import pytest
 
 from conftest import TINY
-from shortcut.cli import compose, config_dir
+from shortcut.cli import compose, config_dir, main
+from shortcut.config import UserError
 
 
 def shortcut(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "shortcut.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """shortcut.cli.main in this process (fast): cli(*args) -> (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main hands its own argv to Hydra
+
+    def run(*args):
+        try:
+            rc = main(list(args))
+        except SystemExit as e:
+            rc = e.code
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+    return run
 
 
 def test_every_command_and_group_option_composes():
@@ -68,6 +84,39 @@ def test_bad_overrides_end_in_one_line(args, key):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("shortcut: error:"), r.stderr
     assert key in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command,args,message", [
+    ("train", ["+model.n_embed=64"], "unknown key model.n_embed: did you mean model.n_embd?"),
+    ("train", ["++model.n_embed=64"], "unknown key model.n_embed: did you mean model.n_embd?"),
+    ("train", ["model.n_embed=64"], "unknown key model.n_embed: did you mean model.n_embd?"),
+    ("train", ["+train.bogus=1"], "unknown key train.bogus: train has no such setting"),
+    ("train", ["+bogus=1"], "unknown key bogus:"),
+    ("train", ["+domain.bogus=1"], "unknown key domain.bogus:"),
+    ("train", ["-m", "model=baseline,shortcut", "+train.max_step=5"], "did you mean train.max_steps?"),
+    ("train", ["+model.n_embed=64", "--cfg", "job"], "unknown key model.n_embed"),
+    ("eval", ["run_dir=x", "+eval.strid=8"], "unknown key eval.strid: did you mean eval.stride?"),
+    ("sample", ["run_dir=x", "+sample.temprature=0"], "did you mean sample.temperature?"),
+    ("compare", ["+wandb.mod=off"], "unknown key wandb.mod: did you mean wandb.mode?"),
+    ("prepare", ["+prepare.worker=2"], "did you mean prepare.workers?"),
+])
+def test_unknown_keys_are_refused_with_or_without_plus(cli, tmp_path, command, args, message):
+    """Issue 19: `+key=value` added a key nothing read (exit 0, the default used, config.yaml claiming otherwise)."""
+    rc, out, err = cli(command, *args, f"hydra.run.dir={tmp_path / 'r'}", f"hydra.sweep.dir={tmp_path / 's'}")
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("shortcut: error: "), err
+    assert message in err and not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+    with pytest.raises(UserError, match="unknown key"):  # the Python API refuses them too
+        compose(command, [a for a in args if "=" in a and "," not in a])
+
+
+@pytest.mark.parametrize("flag", [["--cfg", "job"], ["--cfg=job"], ["--cfg", "all"], ["-c", "job", "-p", "model"]])
+def test_cfg_job_validates_like_a_run(cli, flag):
+    """Issue 19: `--cfg job` printed configs that the run then refused (n_embd=30 with 4 heads)."""
+    rc, out, err = cli("train", "model.n_embd=30", *flag)
+    assert rc == 2 and err.strip() == "shortcut: error: model.n_embd: 30 is not divisible by model.n_head=4", err
+    assert out == ""
+    rc, out, err = cli("train", "model.n_embd=32", *flag)
+    assert rc == 0 and "n_embd: 32" in out, err
 
 
 def test_data_dependent_errors_are_one_line_too(tmp_path, prepared):
