@@ -6,9 +6,12 @@ user can fix end in one line on stderr and a non-zero exit status, never a trace
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -100,6 +103,64 @@ def _typed(cfg):
 
     check_known_keys(cfg)
     return OmegaConf.to_object(cfg)
+
+
+# What a run dir's path names: `${seed}`, `${model.n_embd}`, `${hydra:runtime.choices.model}`.
+_NAMED_KEY = re.compile(r"\$\{([\w.]+)\}")
+_NAMED_CHOICE = re.compile(r"\$\{hydra:runtime\.choices\.([\w/]+)\}")
+
+
+def _unnamed_hash(*named: str, _parent_, _root_) -> str:
+    """`${shortcut.unnamed_hash:}` in a run dir: "+" and a short hash of the command line's settings that the rest
+    of the path does not name, or "" when there are none, so that `model.n_embd=32` and `model.n_embd=16` never
+    share a run dir (issue 19) while the plain command keeps its plain path. Left out: what a resume may change
+    (train.RESUME_IGNORES: execution, W&B, where the inputs live) and Hydra's own settings. `named`: keys the path
+    names literally (an experiment's own folder names `experiment`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from shortcut.train import RESUME_IGNORES
+
+    spec = " ".join(str(_parent_._get_node(k)._value()) for k in _parent_)  # dir and subdir, unresolved
+    keys, choices = set(named) | set(_NAMED_KEY.findall(spec)), set(_NAMED_CHOICE.findall(spec))
+    hydra = _root_.hydra
+    settings = {}
+    for o in OverridesParser.create().parse_overrides(list(hydra.overrides.task)):
+        key = o.key_or_group
+        if key in keys or key in choices or key.split(".")[0].split("/")[0] == "hydra" or any(
+                key == k or key.startswith(f"{k}.") for k in RESUME_IGNORES):
+            continue
+        if "hydra.job.override_dirname" in keys and key not in hydra.job.config.override_dirname.exclude_keys:
+            continue
+        if key in hydra.runtime.choices:  # a group: its choice, named where the path shows e.g. ${domain.name}
+            value = hydra.runtime.choices[key]
+            if f"{key}.name" in keys and value == _plain_at(_root_, f"{key}.name"):
+                continue
+        else:
+            value = "~" if o.is_delete() else _plain_at(_root_, key)
+        settings[key] = value
+    if not settings:
+        return ""
+    return "+" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _plain_at(cfg, key: str):
+    """The resolved value at a dotted key, as plain Python."""
+    from omegaconf import Container, OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
+
+
+def _register_resolvers() -> None:
+    """Called at import: a Submitit worker unpickles _task (importing this module) and then resolves the sweep
+    subdir, before any of our code runs."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("shortcut.unnamed_hash"):
+        OmegaConf.register_new_resolver("shortcut.unnamed_hash", _unnamed_hash)
+
+
+_register_resolvers()
 
 
 def _fail(message: str) -> None:

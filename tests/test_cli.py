@@ -119,6 +119,58 @@ def test_cfg_job_validates_like_a_run(cli, flag):
     assert rc == 0 and "n_embd: 32" in out, err
 
 
+def run_dir_of(overrides, key="hydra.run.dir"):
+    """The run dir (or sweep dir/subdir) Hydra would give a train job with these overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from shortcut.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose("train", overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return OmegaConf.select(cfg, key)
+
+
+def test_default_run_dirs_of_other_settings_never_collide():
+    """Issue 19: the default run dir named the group choices only, so model.n_embd=32 and =16 shared one."""
+    plain = run_dir_of([])
+    assert plain == "runs/text-files/baseline-default/seed0"  # the plain command keeps its plain path
+    dirs = {run_dir_of(o) for o in (["model.n_embd=32"], ["model.n_embd=16"], ["train.lr=0.01"], ["dataset=text8"],
+                                    ["experiment=paper"], ["domain=maestro"], ["model.n_embd=16", "train.lr=0.01"])}
+    assert len(dirs) == 7 and plain not in dirs
+    # what the path names, what a resume may change, and how a value is spelled do not move a run
+    assert run_dir_of(["domain=text", "domain.source=files", "data.root=/elsewhere", "wandb=off",
+                       "train.resume=true", "train.nproc=2", "hydra/launcher=local_parallel"]) == plain
+    assert run_dir_of(["model.n_embd=16", "train.lr=1e-2"]) == run_dir_of(["train.lr=0.01", "model.n_embd=16"])
+    assert run_dir_of(["seed=1", "model=shortcut", "train=smoke"]) == "runs/text-files/shortcut-smoke/seed1"
+    # the experiments' layouts stay as they were; a setting their path does not name gets its own folder
+    job = ["experiment=paper_cpu", "dataset=chorales", "model=baseline", "seed=0"]
+    assert run_dir_of(job, "hydra.sweep.subdir") == "chorales/baseline/seed0"
+    assert run_dir_of(job + ["train.lr=0.01"], "hydra.sweep.subdir").startswith("chorales/baseline+")
+    assert run_dir_of(["experiment=scaling_cpu", "model=shortcut", "model.n_embd=96"], "hydra.sweep.subdir") \
+        == "shortcut-d96/seed0"
+    assert run_dir_of(["experiment=demo", "model=shortcut"]) == "runs/demo/shortcut/seed0"
+
+
+def test_two_widths_train_into_two_run_dirs(cli, tmp_path, prepared, monkeypatch):
+    """The reproduction: `model.n_embd=32` then `model.n_embd=16` with the default run dir. Before, the second was
+    refused and told to use train.resume=false, which would have deleted the first."""
+    monkeypatch.chdir(tmp_path)
+    tiny = [a for a in TINY if not a.startswith("model.n_embd")] + ["train.max_steps=3", "train.eval_every=3"]
+    for width in (32, 16, 32):  # the third resumes (finds finished) the first, in its own dir
+        rc, out, err = cli("train", *prepared, *tiny, f"model.n_embd={width}")
+        assert rc == 0, err
+    runs = {json.loads(p.read_text())["model"]["n_embd"]: p.parent
+            for p in (tmp_path / "runs" / "text-files").glob("baseline-default*/seed0/summary.json")}
+    assert sorted(runs) == [16, 32]
+    # the refusal in an explicit run dir says what train.resume=false would delete
+    rc, out, err = cli("train", *prepared, *tiny, "model.n_embd=16", f"hydra.run.dir={runs[32]}")
+    assert rc == 2 and "holds a run with other settings (model.n_embd)" in err and "DELETE that run" in err
+
+
 def test_data_dependent_errors_are_one_line_too(tmp_path, prepared):
     r = shortcut("train", *prepared, *TINY, "model.block_size=100000", f"hydra.run.dir={tmp_path / 'r'}")
     assert r.returncode != 0 and "Traceback" not in r.stderr
