@@ -151,13 +151,19 @@ def _plain_at(cfg, key: str):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
 
 
+def _options(group: str) -> str:
+    """`${shortcut.options:wandb}` in a --help text: the group's choices, "off, offline, online"."""
+    return ", ".join(sorted(p.stem for p in (config_dir() / group).glob("*.yaml")))
+
+
 def _register_resolvers() -> None:
     """Called at import: a Submitit worker unpickles _task (importing this module) and then resolves the sweep
     subdir, before any of our code runs."""
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("shortcut.unnamed_hash"):
-        OmegaConf.register_new_resolver("shortcut.unnamed_hash", _unnamed_hash)
+    for name, resolver in (("shortcut.unnamed_hash", _unnamed_hash), ("shortcut.options", _options)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 _register_resolvers()

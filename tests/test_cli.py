@@ -190,6 +190,25 @@ def test_hydra_flags_still_work():
     assert r.returncode == 0 and "prepare" in r.stdout
 
 
+@pytest.mark.parametrize("command,groups,keys", [
+    ("eval", [], ["run_dir: ???", "  stride: null"]),
+    ("sample", [], ["run_dir: ???", "  max_new_tokens: 256"]),
+    ("compare", ["wandb"], ["runs: runs/**", "compute_multiplier: false"]),
+    ("prepare", ["dataset", "domain"], ["  max_memory_mb: 2048"]),
+])
+def test_help_shows_only_the_commands_own_groups_and_keys(cli, command, groups, keys):
+    """Issue 19: `shortcut eval --help` and `compare --help` listed train's groups, which they then refuse."""
+    rc, out, err = cli(command, "--help")
+    assert rc == 0 and out.startswith(f"shortcut {command} "), out
+    listed = [ln.split(":")[0] for ln in out.splitlines() if ": " in ln and ln.split(":")[0] in
+              ("dataset", "domain", "experiment", "model", "train", "wandb", "schema/domain")]
+    assert listed == groups, out
+    for group in groups:
+        options = ", ".join(sorted(p.stem for p in (config_dir() / group).glob("*.yaml")))
+        assert f"{group}: {options}\n" in out
+    assert all(k in out.splitlines() for k in keys), out
+
+
 def test_multirun_runs_every_job_and_reports_failures(tmp_path, prepared):
     sweep = tmp_path / "sweep"
     r = shortcut("train", "-m", *prepared, *TINY, "model=baseline,shortcut", "train.max_steps=5",
