@@ -96,12 +96,19 @@ def _unknown_key(exc: BaseException) -> str | None:
 
 
 def _typed(cfg):
-    """The typed job object of a composed config: unknown keys refused, then the schemas' __post_init__ checks."""
+    """The typed job object of a composed config: unknown keys refused, WANDB_MODE applied (so that the config a run
+    records says what it used), then the schemas' __post_init__ checks."""
     from omegaconf import OmegaConf
 
-    from shortcut.config import check_known_keys
+    from shortcut.config import check_known_keys, wandb_mode
 
     check_known_keys(cfg)
+    if "wandb" in cfg:
+        mode = wandb_mode(cfg.wandb.mode)
+        if mode != cfg.wandb.mode:
+            log.info("WANDB_MODE=%s in the environment overrides wandb.mode=%s", os.environ["WANDB_MODE"],
+                     cfg.wandb.mode)
+            cfg.wandb.mode = mode
     return OmegaConf.to_object(cfg)
 
 

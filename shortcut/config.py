@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional
 
@@ -137,6 +138,23 @@ class WandbMode(enum.StrEnum):
     off = "off"
     offline = "offline"
     online = "online"
+
+
+# WANDB_MODE's values (W&B's own names) -> ours.
+_WANDB_ENV = {"disabled": WandbMode.off, "off": WandbMode.off, "offline": WandbMode.offline,
+              "dryrun": WandbMode.offline, "online": WandbMode.online, "run": WandbMode.online}
+
+
+def wandb_mode(configured: WandbMode | str) -> WandbMode:
+    """The W&B mode a run uses: WANDB_MODE from the environment when it is set, else the config's wandb.mode.
+    W&B users switch logging off (WANDB_MODE=disabled) or offline for a whole session with it and expect it to win
+    (issue 19); wandb itself lets a mode passed to wandb.init win, so we decide here, not it."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return WandbMode(configured)
+    if env not in _WANDB_ENV:
+        raise UserError(f"WANDB_MODE={env!r} is not one of {', '.join(_WANDB_ENV)}; unset it to use wandb.mode")
+    return _WANDB_ENV[env]
 
 
 class Device(enum.StrEnum):

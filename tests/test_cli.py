@@ -171,6 +171,26 @@ def test_two_widths_train_into_two_run_dirs(cli, tmp_path, prepared, monkeypatch
     assert rc == 2 and "holds a run with other settings (model.n_embd)" in err and "DELETE that run" in err
 
 
+def test_wandb_mode_in_the_environment_wins(cli, tmp_path, prepared, monkeypatch):
+    """Issue 19: WANDB_MODE=disabled was ignored and the default wandb=offline still wrote a W&B run."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # conftest sets it too; said here because it is the point
+    tiny = [a if a != "wandb=off" else "wandb=offline" for a in TINY]
+    rc, out, err = cli("train", *prepared, *tiny, "train.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}")
+    assert rc == 0, err
+    assert not (tmp_path / "r" / "wandb").exists() and not (tmp_path / "r" / "wandb_id").exists()
+    assert "mode: 'off'" in (tmp_path / "r" / "config.yaml").read_text()  # the record says what the run used
+    from shortcut.config import WandbMode, wandb_mode
+
+    assert wandb_mode(WandbMode.online) == WandbMode.off
+    for env, mode in (("offline", "offline"), ("dryrun", "offline"), ("online", "online"), ("", "online")):
+        monkeypatch.setenv("WANDB_MODE", env)
+        assert wandb_mode("online" if not env else "off") == mode
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    rc, out, err = cli("train", "--cfg", "job")
+    assert rc == 2 and err.strip() == ("shortcut: error: WANDB_MODE='sometimes' is not one of disabled, off, offline, "
+                                       "dryrun, online, run; unset it to use wandb.mode")
+
+
 def test_data_dependent_errors_are_one_line_too(tmp_path, prepared):
     r = shortcut("train", *prepared, *TINY, "model.block_size=100000", f"hydra.run.dir={tmp_path / 'r'}")
     assert r.returncode != 0 and "Traceback" not in r.stderr
