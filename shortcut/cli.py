@@ -6,9 +6,12 @@ user can fix end in one line on stderr and a non-zero exit status, never a trace
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -24,9 +27,12 @@ commands:
 Overrides are Hydra's: -m sweeps (seed=0,1), --cfg job prints the config, `shortcut COMMAND --help` lists groups."""
 
 COMMANDS = ("prepare", "train", "eval", "sample", "compare")
-# Hydra flags that print or inspect instead of running: no pre-flight validation for them.
-_INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion",
-                  "-sc", "--resolve", "-p", "--package"}
+# Hydra flags that describe the app rather than a config: no pre-flight validation for them. `--cfg job` prints the
+# config a run would get, so it is validated like a run (issue 19): it never shows a config the run refuses.
+_INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
+# Hydra flags that take a value as the next word (`--cfg job`, `-p model`): not an override.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--experimental-rerun"}
 # Lines of OmegaConf/Hydra messages that describe internals rather than the user's mistake.
 _NOISE = ("full_key:", "object_type", "reference_type", "Set the env", "provider=", "invalid literal")
 _failures: list[str] = []
@@ -46,6 +52,9 @@ def one_line(exc: BaseException) -> str:
     """A user-facing one-line description of a config or input error, naming the key where one is known."""
     from omegaconf.errors import OmegaConfBaseException
 
+    unknown = _unknown_key(exc)
+    if unknown:
+        return unknown
     parts: list[str] = []
     seen: set[str] = set()
     e: BaseException | None = exc
@@ -67,6 +76,106 @@ def one_line(exc: BaseException) -> str:
     return " ".join(parts) or type(exc).__name__
 
 
+def _unknown_key(exc: BaseException) -> str | None:
+    """Hydra's "Could not override 'model.nlayer'. To append to your config use +model.nlayer=..." as our own line:
+    the `+` it suggests would only add a key that nothing reads (issue 19)."""
+    from dataclasses import fields, is_dataclass
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from shortcut.config import unknown_key
+
+    e: BaseException | None = exc
+    while e is not None:
+        schema, key = getattr(e, "object_type", None), getattr(e, "key", None)
+        if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and is_dataclass(schema) and isinstance(key, str) \
+                and key not in {f.name for f in fields(schema)}:
+            return unknown_key(str(getattr(e, "full_key", None) or key), [f.name for f in fields(schema)])
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _typed(cfg):
+    """The typed job object of a composed config: unknown keys refused, WANDB_MODE applied (so that the config a run
+    records says what it used), then the schemas' __post_init__ checks."""
+    from omegaconf import OmegaConf
+
+    from shortcut.config import check_known_keys, wandb_mode
+
+    check_known_keys(cfg)
+    if "wandb" in cfg:
+        mode = wandb_mode(cfg.wandb.mode)
+        if mode != cfg.wandb.mode:
+            log.info("WANDB_MODE=%s in the environment overrides wandb.mode=%s", os.environ["WANDB_MODE"],
+                     cfg.wandb.mode)
+            cfg.wandb.mode = mode
+    return OmegaConf.to_object(cfg)
+
+
+# What a run dir's path names: `${seed}`, `${model.n_embd}`, `${hydra:runtime.choices.model}`.
+_NAMED_KEY = re.compile(r"\$\{([\w.]+)\}")
+_NAMED_CHOICE = re.compile(r"\$\{hydra:runtime\.choices\.([\w/]+)\}")
+
+
+def _unnamed_hash(*named: str, _parent_, _root_) -> str:
+    """`${shortcut.unnamed_hash:}` in a run dir: "+" and a short hash of the command line's settings that the rest
+    of the path does not name, or "" when there are none, so that `model.n_embd=32` and `model.n_embd=16` never
+    share a run dir (issue 19) while the plain command keeps its plain path. Left out: what a resume may change
+    (train.RESUME_IGNORES: execution, W&B, where the inputs live) and Hydra's own settings. `named`: keys the path
+    names literally (an experiment's own folder names `experiment`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from shortcut.train import RESUME_IGNORES
+
+    spec = " ".join(str(_parent_._get_node(k)._value()) for k in _parent_)  # dir and subdir, unresolved
+    keys, choices = set(named) | set(_NAMED_KEY.findall(spec)), set(_NAMED_CHOICE.findall(spec))
+    hydra = _root_.hydra
+    settings = {}
+    for o in OverridesParser.create().parse_overrides(list(hydra.overrides.task)):
+        key = o.key_or_group
+        if key in keys or key in choices or key.split(".")[0].split("/")[0] == "hydra" or any(
+                key == k or key.startswith(f"{k}.") for k in RESUME_IGNORES):
+            continue
+        if "hydra.job.override_dirname" in keys and key not in hydra.job.config.override_dirname.exclude_keys:
+            continue
+        if key in hydra.runtime.choices:  # a group: its choice, named where the path shows e.g. ${domain.name}
+            value = hydra.runtime.choices[key]
+            if f"{key}.name" in keys and value == _plain_at(_root_, f"{key}.name"):
+                continue
+        else:
+            value = "~" if o.is_delete() else _plain_at(_root_, key)
+        settings[key] = value
+    if not settings:
+        return ""
+    return "+" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _plain_at(cfg, key: str):
+    """The resolved value at a dotted key, as plain Python."""
+    from omegaconf import Container, OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
+
+
+def _options(group: str) -> str:
+    """`${shortcut.options:wandb}` in a --help text: the group's choices, "off, offline, online"."""
+    return ", ".join(sorted(p.stem for p in (config_dir() / group).glob("*.yaml")))
+
+
+def _register_resolvers() -> None:
+    """Called at import: a Submitit worker unpickles _task (importing this module) and then resolves the sweep
+    subdir, before any of our code runs."""
+    from omegaconf import OmegaConf
+
+    for name, resolver in (("shortcut.unnamed_hash", _unnamed_hash), ("shortcut.options", _options)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+_register_resolvers()
+
+
 def _fail(message: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun, every process has the same reason: say it once
         print(f"shortcut: error: {message}", file=sys.stderr)
@@ -76,21 +185,26 @@ def _fail(message: str) -> None:
 def compose(command: str, overrides: list[str]):
     """Compose and validate one command's config with Hydra's compose API; returns the typed job object."""
     from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from shortcut.config import register_schemas
+    from shortcut.config import UserError, register_schemas
 
     register_schemas()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
-        cfg = hydra_compose(config_name=command, overrides=overrides)
-    return OmegaConf.to_object(cfg)
+        try:
+            cfg = hydra_compose(config_name=command, overrides=overrides)
+        except Exception as exc:
+            unknown = _unknown_key(exc)
+            if unknown:
+                raise UserError(unknown) from None
+            raise
+    return _typed(cfg)
 
 
 def _preflight(command: str, args: list[str]) -> None:
     """Compose every job a command line would run and stop at the first bad one, in one line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = _overrides_of(args)
     multirun = any(a in ("-m", "--multirun") for a in args)
     choices: list[list[str]] = []
     try:
@@ -126,7 +240,7 @@ def _task(cfg) -> None:
     hc = HydraConfig.get()
     command = hc.job.name
     try:
-        job = OmegaConf.to_object(cfg)  # runs the schemas' __post_init__ checks
+        job = _typed(cfg)  # unknown keys refused, the schemas' __post_init__ checks run
         if command == "prepare":
             from shortcut.prepare import prepare
 
@@ -219,14 +333,26 @@ def _launch_torchrun(job, overrides: list[str], run_dir: Path) -> None:
 def _compose_in_app(overrides: list[str]):
     """Compose the train config inside a running Hydra app (its config search path is already set up)."""
     from hydra import compose as hydra_compose
-    from omegaconf import OmegaConf
 
     try:
-        return OmegaConf.to_object(hydra_compose(config_name="train", overrides=overrides))
+        return _typed(hydra_compose(config_name="train", overrides=overrides))
     except Exception as exc:  # noqa: BLE001 - e.g. train.match_flops naming a model choice that does not exist
         from shortcut.config import UserError
 
         raise UserError(one_line(exc)) from None
+
+
+def _overrides_of(args: list[str]) -> list[str]:
+    """The overrides of a command line: the words that are neither Hydra flags nor a flag's value."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in _VALUE_FLAGS
+        else:
+            out.append(a)
+    return out
 
 
 def _variants_as_override(args: list[str]) -> list[str]:

@@ -6,8 +6,10 @@ key or a bad choice fails at composition; cross-field checks live in ``__post_in
 
 from __future__ import annotations
 
+import difflib
 import enum
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional
 
 from omegaconf import MISSING
@@ -138,6 +140,23 @@ class WandbMode(enum.StrEnum):
     online = "online"
 
 
+# WANDB_MODE's values (W&B's own names) -> ours.
+_WANDB_ENV = {"disabled": WandbMode.off, "off": WandbMode.off, "offline": WandbMode.offline,
+              "dryrun": WandbMode.offline, "online": WandbMode.online, "run": WandbMode.online}
+
+
+def wandb_mode(configured: WandbMode | str) -> WandbMode:
+    """The W&B mode a run uses: WANDB_MODE from the environment when it is set, else the config's wandb.mode.
+    W&B users switch logging off (WANDB_MODE=disabled) or offline for a whole session with it and expect it to win
+    (issue 19); wandb itself lets a mode passed to wandb.init win, so we decide here, not it."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return WandbMode(configured)
+    if env not in _WANDB_ENV:
+        raise UserError(f"WANDB_MODE={env!r} is not one of {', '.join(_WANDB_ENV)}; unset it to use wandb.mode")
+    return _WANDB_ENV[env]
+
+
 class Device(enum.StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -153,6 +172,33 @@ class Precision(enum.StrEnum):
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ValueError(f"{key}: {why}")
+
+
+def unknown_key(key: str, known) -> str:
+    """One line for a key no schema knows, naming the closest known key where one is close."""
+    prefix, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {key}: did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    return f"unknown key {key}: {prefix or 'the config'} has no such setting (--cfg job lists them)"
+
+
+def check_known_keys(cfg, prefix: str = "") -> None:
+    """Refuse every key its schema does not know. Hydra's `+key=value` adds a key even to a typed node, and
+    OmegaConf.to_object keeps it as a stray attribute that nothing reads: the run would silently ignore it while
+    its config.yaml records it (issue 19)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig) or cfg._is_none() or cfg._is_missing() or cfg._is_interpolation():
+        return
+    schema = OmegaConf.get_type(cfg)
+    known = {f.name for f in fields(schema)} if is_dataclass(schema) else None
+    for key in cfg:
+        if not prefix and key == "hydra":  # Hydra's own node, when a caller asked for it
+            continue
+        if known is not None and key not in known:
+            raise UserError(unknown_key(f"{prefix}{key}", known))
+        check_known_keys(cfg._get_node(key), f"{prefix}{key}.")
 
 
 @dataclass

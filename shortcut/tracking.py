@@ -9,9 +9,10 @@ import json
 import netrc
 import os
 import secrets
+from dataclasses import replace
 from pathlib import Path
 
-from shortcut.config import UserError, WandbConfig, WandbMode
+from shortcut.config import UserError, WandbConfig, WandbMode, wandb_mode
 from shortcut.download import require_network
 from shortcut.rundir import WANDB_ID
 
@@ -110,6 +111,8 @@ def _has_wandb_key() -> bool:
 
 
 def open_tracker(cfg: WandbConfig, run_dir: Path, name: str, config: dict | None) -> Tracker:
+    """A tracker for cfg, with WANDB_MODE from the environment winning over cfg.mode (shortcut.config.wandb_mode)."""
+    cfg = replace(cfg, mode=wandb_mode(cfg.mode))
     if cfg.mode == WandbMode.off:
         return Tracker()
     if cfg.mode == WandbMode.online:

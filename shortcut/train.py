@@ -116,7 +116,8 @@ def resume_or_reset(job: TrainJob, run_dir: Path, data: TokenData, dist: Dist = 
         differ.append(f"the corpus at {data.path} (data hash {state.data_hash} then, {data.meta['content_hash']} now)")
     if differ:
         raise RunRefused(f"{run_dir} holds a run with other settings ({', '.join(differ[:5])}); choose another "
-                        f"hydra.run.dir or train.resume=false to start over there")
+                        f"hydra.run.dir, or add train.resume=false to DELETE that run (its checkpoints, metrics and "
+                        f"eval) and start this one there")
     if dist.main:
         (run_dir / rundir.FAILED).unlink(missing_ok=True)
     return state

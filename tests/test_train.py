@@ -185,6 +185,7 @@ def test_wandb_offline_writes_under_the_run_dir(tmp_path, prepared, monkeypatch)
 
 
 def test_wandb_online_without_a_key_fails_at_once(tmp_path, prepared, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")  # conftest's WANDB_MODE=disabled would win over wandb=online
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))
