@@ -17,10 +17,16 @@ from shortcut.config import UserError
 
 
 class TokenData:
+    """A prepared corpus, opened for training or evaluation. Opening it verifies every file against meta.json (sizes,
+    then sha256: shortcut.corpus.verify), so content_hash, which runs record, is the hash of the bytes read, and a
+    changed split is refused in one line before any step or score. The hash check is also what keeps random bytes
+    (token ids past the vocabulary) from reaching the embedding: no separate scan of the ids is needed."""
+
     def __init__(self, path: Path, block_size: int):
         self.path = Path(path)
         self.meta = corpus.read_meta(self.path)
         self.block_size = block_size
+        self.content_hash = corpus.verify(self.path, self.meta)
         self.splits = {s: corpus.load_split(self.path, s, self.meta) for s in corpus.SPLITS}
         split, arr = min(self.splits.items(), key=lambda kv: len(kv[1]))
         if len(arr) < block_size + 1:

@@ -66,9 +66,9 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu", data_root: str |
     elif not (data_dir / corpus.META).is_file():
         data_dir = corpus.locate(state.config["data"]["root"], state.config["domain"])
     data = TokenData(data_dir, mcfg.block_size)
-    if state.data_hash != data.meta["content_hash"]:
+    if state.data_hash != data.content_hash:
         raise UserError(f"the corpus at {data.path} changed since {run_dir} was trained (hash {state.data_hash} "
-                        f"then, {data.meta['content_hash']} now); prepare the original corpus again")
+                        f"then, {data.content_hash} now); prepare the original corpus again")
     model = GPT(mcfg)
     model.load_state_dict(state.model)
     return model.to(device).eval(), data, state
@@ -234,7 +234,7 @@ def evaluate_run(job: EvalJob) -> dict:
                     "it has no summary.json" if summary is None else "its summary.json says it did not finish")
     record = EvalRecord(split=cfg.split, nll=nll, n_tokens=n, stride=stride, mean_context=mean_context,
                         max_tokens=cfg.max_tokens, checkpoint_step=state.step, checkpoint_hash=state.weights_hash,
-                        checkpoint=state.path, data_hash=data.meta["content_hash"],
+                        checkpoint=state.path, data_hash=data.content_hash,
                         flops_per_token=flops_per_token(model.cfg).forward, domain=data.meta["domain"],
                         source=data.meta["source"], tokenizer=data.meta["tokenizer"], units=units,
                         precision=precision, max_steps=max_steps, finished=finished)

@@ -112,8 +112,8 @@ def resume_or_reset(job: TrainJob, run_dir: Path, data: TokenData, dist: Dist = 
         return None
     # Where the inputs came from does not matter once prepared; the corpus itself must be the same.
     differ = _diff(state.config, plain(job), ignore=RESUME_IGNORES)
-    if state.data_hash != data.meta["content_hash"]:
-        differ.append(f"the corpus at {data.path} (data hash {state.data_hash} then, {data.meta['content_hash']} now)")
+    if state.data_hash != data.content_hash:
+        differ.append(f"the corpus at {data.path} (data hash {state.data_hash} then, {data.content_hash} now)")
     if differ:
         raise RunRefused(f"{run_dir} holds a run with other settings ({', '.join(differ[:5])}); choose another "
                         f"hydra.run.dir, or add train.resume=false to DELETE that run (its checkpoints, metrics and "
@@ -378,7 +378,7 @@ def checkpoint(loop: Loop, model, optimizer, train_loss: float, session_start: f
         rng={},
         best_val_loss=loop.best, last_val_loss=loop.last_val, train_loss=train_loss, train_time=loop.train_time,
         wall_time=loop.prior_wall + time.perf_counter() - session_start, config=plain(loop.job),
-        model_config=plain(model.cfg), data_hash=loop.data.meta["content_hash"], data_dir=str(loop.data.path),
+        model_config=plain(model.cfg), data_hash=loop.data.content_hash, data_dir=str(loop.data.path),
         attn_kernels=list(loop.attn_kernels), max_steps=loop.cfg.max_steps)
 
 
@@ -589,7 +589,7 @@ def summarise(job: TrainJob, loop: Loop, mcfg: ModelConfig, counts: dict, refere
         identity=identity, domain=job.domain.name, source=str(job.domain.source), tokenizer=loop.data.meta["tokenizer"],
         arch=str(mcfg.arch), model=plain(mcfg), train=plain(loop.cfg), seed=job.seed, params=counts.params, non_embedding_params=counts.non_embedding_params,
         flops_per_token=loop.flops.forward, train_flops_per_token=loop.flops.train,
-        tokens_per_step=loop.tokens_per_step, max_steps=loop.cfg.max_steps, data_hash=loop.data.meta["content_hash"],
+        tokens_per_step=loop.tokens_per_step, max_steps=loop.cfg.max_steps, data_hash=loop.data.content_hash,
         data_dir=str(loop.data.path), git_commit=git_commit(), device=str(loop.device), step=loop.step,
         train_flops=float(loop.step * loop.tokens_per_step * loop.flops.train), final_val_loss=loop.last_val,
         best_val_loss=loop.best if loop.best < math.inf else None, train_time_s=loop.train_time,

@@ -124,7 +124,10 @@ def survey(found: list[Path] | dict[str, list[Path]], identity: str, problems: P
 def already_done(out: Path, input_hash: str, problems: Problems) -> bool:
     """Whether out holds the corpus these inputs make (then prepare is a no-op). With domain.on_error=fail, a corpus
     made without some of its inputs is refused rather than reused."""
-    if not corpus.up_to_date(out, input_hash):
+    why = corpus.stale_reason(out, input_hash)
+    if why is not None:
+        if (out / corpus.META).is_file():
+            log.info("preparing %s again: %s", out, why)
         return False
     meta = corpus.read_meta(out)
     if problems.fail and (meta.get("n_skipped") or meta.get("n_missing")):
