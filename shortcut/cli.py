@@ -278,8 +278,14 @@ def _task(cfg) -> None:
             from shortcut.compare import compare
 
             compare(job)
-    except (UserError, OmegaConfBaseException) as exc:
-        message = one_line(exc)
+    except (UserError, OmegaConfBaseException, OSError) as exc:
+        from shortcut import diskio
+
+        if isinstance(exc, OSError) and not diskio.is_disk_error(exc):
+            raise
+        # A write no module guarded (a picture, W&B's offline files): still one line naming the place.
+        message = diskio.describe(Path(exc.filename or hc.runtime.output_dir), "output", exc) \
+            if isinstance(exc, OSError) else one_line(exc)
         if hc.mode == RunMode.MULTIRUN:  # report and carry on with the other jobs
             log.error("job %s (%s) failed: %s", hc.job.num, " ".join(hc.overrides.task), message)
             if command == "train" and os.environ.get("RANK", "0") == "0":  # so that compare can say what is missing

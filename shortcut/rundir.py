@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from shortcut import diskio
 from shortcut.config import UserError
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,22 @@ LENGTH_KEYS = ("max_steps", "flops_budget", "match_flops")
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    diskio.atomic_write(Path(path), json.dumps(obj, indent=2, default=str))
 
 
 def short_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors in a (nested) state dict: what torch.save will write, within its small overhead."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
@@ -316,9 +325,17 @@ class Checkpoint:
         path = ckpt_dir / f"step_{self.step:08d}.pt"
         tmp = path.with_suffix(".pt.tmp")
         self.weights_hash = weights_hash(self.model)
-        torch.save({"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}},
-                   tmp)
-        os.replace(tmp, path)
+        what = f"the step-{self.step} checkpoint"
+        need = state_bytes(self.model) + state_bytes(self.optimizer) + diskio.MB  # + pickled counters and RNG
+        diskio.check_space(path, what, need)
+        try:
+            with diskio.guard(path, what, cleanup=(tmp,), need=need):
+                torch.save({"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)
+                                                 if f.name != "path"}}, tmp)
+                os.replace(tmp, path)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as "unexpected pos ..."
+            diskio.remove(tmp)
+            raise diskio.DiskError(diskio.describe(path, what, exc, need)) from None
         for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
             old.unlink()
         return path
@@ -366,8 +383,12 @@ def failed_message(run_dir: Path) -> str | None:
 
 
 def write_failed(run_dir: Path, message: str) -> None:
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / FAILED).write_text(message + "\n")
+    """Best effort: it is written while the failure itself is reported (which may be a full disk)."""
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        diskio.atomic_write(Path(run_dir) / FAILED, message + "\n")
+    except (OSError, UserError):
+        log.warning("could not write %s", Path(run_dir) / FAILED)
 
 
 def is_run(d: Path) -> bool:

@@ -13,7 +13,7 @@ PACKAGE = Path(shortcut.__file__).parent
 # with the small services every stage uses below it.
 LAYERS = [
     ["config"],
-    ["download", "runtime", "rundir", "tracking", "scaling", "stop"],
+    ["diskio", "download", "runtime", "rundir", "tracking", "scaling", "stop"],
     ["corpus", "data"],
     ["prepare"],
     ["attention", "blocks", "routing", "variants", "model"],

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shortcut import corpus
+from shortcut import corpus, diskio
 from shortcut.config import AudioDomain, AudioSource, AudioTokenizer, PrepareConfig, UserError
 from shortcut.download import download, require_network
 from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, ordered_map,
@@ -388,6 +388,8 @@ def _extract_librispeech(root: Path, folder: Path, subset: str, alternative: str
             tar.extractall(tmp, filter="data")
     except (tarfile.TarError, EOFError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if diskio.is_disk_error(exc):  # the archive is fine: the disk is full
+            raise diskio.DiskError(diskio.describe(tmp, f"the extracted LibriSpeech {subset}", exc)) from None
         raise UserError(f"{archive} could not be extracted ({type(exc).__name__}: {exc}); delete it and run again "
                         f"to download it anew. {alternative}") from None
     if not (tmp / "LibriSpeech" / subset).is_dir():
@@ -497,15 +499,16 @@ def _espeak_source(cfg: AudioDomain, root: Path, problems: Problems):
         rng = np.random.default_rng(cfg.seed)
         tmp = cache.with_name(cache.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for i in tqdm(range(cfg.utterances), desc="espeak speech", disable=cfg.utterances < 50):
-            voice = cfg.voices[int(rng.integers(len(cfg.voices)))]
-            rate = cfg.rates[int(rng.integers(len(cfg.rates)))]
-            sentence = sentences[int(rng.integers(len(sentences)))] if cfg.text else sentences[i % len(sentences)]
-            wav = engine.say(sentence, voice, rate)
-            speaker = re.sub(r"[^A-Za-z0-9]", "", voice)
-            sf.write(str(tmp / f"{speaker}-{rate}-{i:05d}.wav"), wav, engine.rate, subtype="PCM_16")
-        (tmp / ".complete").write_text(settings)
+        with diskio.guard(cache, "the spoken utterances", cleanup=(tmp,)):
+            tmp.mkdir(parents=True)
+            for i in tqdm(range(cfg.utterances), desc="espeak speech", disable=cfg.utterances < 50):
+                voice = cfg.voices[int(rng.integers(len(cfg.voices)))]
+                rate = cfg.rates[int(rng.integers(len(cfg.rates)))]
+                sentence = sentences[int(rng.integers(len(sentences)))] if cfg.text else sentences[i % len(sentences)]
+                wav = engine.say(sentence, voice, rate)
+                speaker = re.sub(r"[^A-Za-z0-9]", "", voice)
+                sf.write(str(tmp / f"{speaker}-{rate}-{i:05d}.wav"), wav, engine.rate, subtype="PCM_16")
+            (tmp / ".complete").write_text(settings)
         if cache.exists():
             shutil.rmtree(cache)
         tmp.rename(cache)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shortcut import corpus
+from shortcut import corpus, diskio
 from shortcut.config import MusicDomain, MusicSource, PrepareConfig, UserError
 from shortcut.download import local_or_download
 from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, ordered_map,
@@ -107,9 +107,12 @@ def _convert_music21(item: tuple[str, str]) -> dict:
     for i, score in enumerate(scores):
         dest = f"{out}-{i}.mid" if len(scores) > 1 else f"{out}.mid"
         try:
-            score.write("midi", fp=dest + ".tmp")
-            os.replace(dest + ".tmp", dest)
+            with diskio.guard(Path(dest), "a converted MIDI file", cleanup=(Path(dest + ".tmp"),)):
+                score.write("midi", fp=dest + ".tmp")
+                os.replace(dest + ".tmp", dest)
             written.append(dest)
+        except diskio.DiskError:  # a full disk is not this score's fault: stop, naming the place
+            raise
         except Exception as exc:  # noqa: BLE001 - music21 cannot write some scores; name them and go on
             errors[f"{work}#{i}" if len(scores) > 1 else work] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return {"files": written, "errors": errors}
@@ -151,9 +154,7 @@ def _music21_source(cfg: MusicDomain, root: Path, opts: PrepareConfig):
             needed += batch
             bar.update(len(batch))
             if todo:
-                tmp = index_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(index, indent=1))
-                tmp.replace(index_file)
+                diskio.atomic_write(index_file, json.dumps(index, indent=1), "the converted works' index")
     works = needed
     failed = {name: err for w in works for name, err in index[w]["errors"].items()}
     paths = [Path(p) for w in works for p in index[w]["files"]]
@@ -175,7 +176,7 @@ def _maestro_source(cfg: MusicDomain, root: Path, opts: PrepareConfig):
         if not (folder / ".complete").is_file():
             tmp = folder.with_name(folder.name + ".tmp")
             try:
-                with zipfile.ZipFile(src) as z:
+                with diskio.guard(tmp, "the extracted MAESTRO archive", cleanup=(tmp,)), zipfile.ZipFile(src) as z:
                     z.extractall(tmp)
             except (zipfile.BadZipFile, EOFError) as exc:
                 raise UserError(f"{src} is a damaged zip archive ({exc}); download it again or give the "

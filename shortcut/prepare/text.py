@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shortcut import corpus
+from shortcut import corpus, diskio
 from shortcut.config import PrepareConfig, TextDomain, TextSource, TextTokenizer, UserError
 from shortcut.download import local_or_download, require_network
 from shortcut.prepare.common import (Committer, Problems, already_done, find_files, ordered_map, survey,
@@ -261,10 +261,11 @@ def unzipped(path: Path, root: Path) -> Path:
             if not dest.is_file():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dest.with_name(dest.name + ".tmp")
-                with z.open(member) as src, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                os.replace(tmp, dest)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                with diskio.guard(dest, f"the unzipped {member}", cleanup=(tmp,), need=z.getinfo(member).file_size):
+                    with z.open(member) as src, open(tmp, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    os.replace(tmp, dest)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:  # a full disk is a DiskError, reported as such
         raise UserError(f"{path} is a damaged zip archive ({exc}); download it again or give the unzipped file") \
             from None
     return dest
@@ -292,12 +293,13 @@ def _wikitext_from_hub(root: Path) -> Path:
     ds = datasets.load_dataset(*WIKITEXT_HF, cache_dir=str(root / "downloads" / "hf"))
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for split, hf in (("train", "train"), ("val", "validation"), ("test", "test")):
-        with open(tmp / WIKITEXT_FILES[split], "w", encoding="utf-8", newline="") as f:
-            for batch in ds[hf].iter(batch_size=10_000):
-                f.write("".join(batch["text"]))
-    (tmp / ".complete").write_text("")
+    with diskio.guard(folder, "WikiText-103's raw files", cleanup=(tmp,)):
+        tmp.mkdir(parents=True)
+        for split, hf in (("train", "train"), ("val", "validation"), ("test", "test")):
+            with open(tmp / WIKITEXT_FILES[split], "w", encoding="utf-8", newline="") as f:
+                for batch in ds[hf].iter(batch_size=10_000):
+                    f.write("".join(batch["text"]))
+        (tmp / ".complete").write_text("")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
