@@ -58,7 +58,7 @@ def causal_flops(model: GPT, fractions: dict[int, float]) -> float:
 def draft_depth(model: GPT, cfg: EvalConfig) -> int | None:
     """eval.decode_draft, or the middle exit depth (None: this model has no shallower exit)."""
     shallow = model.cfg.exit_depths()[:-1]
-    if not shallow or model.cfg.mod_capacity is not None:
+    if not shallow or model.cfg.mod_capacity is not None or model.variant is not None:  # no exits: plain only
         return None
     return cfg.decode_draft if cfg.decode_draft is not None else shallow[(len(shallow) - 1) // 2]
 

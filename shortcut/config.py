@@ -28,6 +28,15 @@ class Arch(enum.StrEnum):
     attnres = "attnres"  # Kimi Team 2026: each layer's input is a softmax over earlier layer outputs
     mudd = "mudd"  # Xiao et al. 2025: per-position dynamic dense weights for the q, k, v and residual streams
     value_residual = "value_residual"  # Zhou et al. 2024 (ResFormer): every layer's values mix in the first's
+    moda = "moda"  # Zhu et al. 2026: one softmax over the layer's sequence keys and earlier layers' keys at the position
+    laurel = "laurel"  # Menghani et al. 2025 (LAuReL): every residual x + f(x) becomes alpha·f(x) + g(x, earlier x)
+
+
+class LaurelMode(enum.StrEnum):
+    """Which LAuReL residual g replaces x in x + f(x) (Menghani et al. 2025, Section 2; shortcut/variants/laurel.py)."""
+    rw = "rw"  # residual weights: alpha·f(x_i) + beta·x_i
+    lr = "lr"  # low rank (with RW): alpha·f(x_i) + beta·(x_i + B·A·x_i)
+    pa = "pa"  # previous activations (with RW): alpha·f(x_i) + beta·x_i + B·A·sum_{j<i} gamma_ij·x_j
 
 
 class PosEmb(enum.StrEnum):
@@ -387,6 +396,13 @@ class ModelConfig:
     # --- value_residual (Zhou et al. 2024, arXiv 2410.17897) ---
     value_residual_init: float = 0.5  # lambda_2, the first layer's values' weight at init (own values: 1 - it);
     # chosen: 0.5, the paper's ResFormer U_n = A_n (V_n + V_1) / 2, learned from there; 0 starts as the baseline
+    # --- moda (Zhu et al. 2026, arXiv 2603.15619) ---
+    moda_ffn_kv: bool = True  # each FFN also writes a key/value pair (a KV projection of its input) for later
+    # layers: the paper's default (Table 3 row 4); false: only the attention layers' own keys/values (row 3, no
+    # new parameters)
+    # --- laurel (Menghani et al., ICML 2025, arXiv 2411.07501) ---
+    laurel: LaurelMode = LaurelMode.lr  # rw | lr | pa (chosen default: lr, RW+LR)
+    laurel_rank: int = 4  # r of the low-rank maps B·A (lr and pa); chosen: 4 (+0.1% parameters at GPT-2 small)
     # --- parameter matching: grow this model until its parameter count matches another arch's ---
     match_params: Optional[Arch] = None  # e.g. arch=baseline match_params=shortcut (or mudd, attnres, ...)
     match_by: MatchBy = MatchBy.width
@@ -415,7 +431,8 @@ class ModelConfig:
                f"block {first}, the first of the last {self.shortcut_layers}, reads the taps at or below its input "
                f"layer {first}, and model.taps={self.tap_layers()} has none; lower it or add a tap <= {first}")
         for key, choices in (("arch", Arch), ("attn_impl", AttnImpl), ("pos", PosEmb), ("norm", Norm),
-                             ("mlp", MLPKind), ("shortcut_mode", ShortcutMode), ("tap_bias", TapBias)):
+                             ("mlp", MLPKind), ("shortcut_mode", ShortcutMode), ("tap_bias", TapBias),
+                             ("laurel", LaurelMode)):
             try:  # a plain string (Python callers, tests) becomes the enum
                 setattr(self, key, choices(getattr(self, key)))
             except ValueError:
@@ -437,6 +454,9 @@ class ModelConfig:
         _check(self.attnres_block is None or self.attnres_block >= 1, "model.attnres_block",
                "must be at least 1 (sublayers per block), or null for Full AttnRes")
         _check(0.0 <= self.value_residual_init <= 1.0, "model.value_residual_init", "must be in [0, 1]")
+        _check(isinstance(self.laurel_rank, int) and self.laurel_rank >= 1
+               and (self.arch != Arch.laurel or self.laurel_rank <= self.n_embd), "model.laurel_rank",
+               f"must be in 1..model.n_embd={self.n_embd}")
         _check(self.pos != PosEmb.rope or (self.n_embd // self.n_head) % 2 == 0, "model.pos",
                f"rope needs an even head size (n_embd / n_head = {self.n_embd // self.n_head})")
 
@@ -609,7 +629,7 @@ class SampleConfig:
     prompt_tokens: int = 128  # at most this many prompt tokens (from_test, or a long prompt: its first ones)
     prompt_bars: int = 2  # music: the prompt's first bars (tokenizers with Bar tokens; else prompt_tokens)
     prompt_seconds: float = 2.0  # audio: the prompt's first seconds
-    cache: bool = True  # KV cache (baseline and shortcut); False: a full forward per token, for comparison
+    cache: bool = True  # KV cache (baseline, shortcut, moda, laurel); False: a full forward per token, to compare
     device: Device = Device.auto
     # Adaptive decoding (issue 21), baseline and shortcut with the KV cache:
     exit: DecodeExit = DecodeExit.none  # confidence: each new token stops at the
