@@ -149,12 +149,20 @@ class Identity:
 
     setup_hash: the training settings that shape learning (not how long, not how it executes) + the corpus.
     variant_hash: the resolved model config + how long it trains (steps, or a FLOP budget).
-    labels: the model choice and the settings that differ from the defaults of the chosen config files."""
+    labels: the model choice and the settings that differ from the defaults of the chosen config files;
+    variant_settings: those of the variant label, each whole ("model.n_embd=32"), so that no reader splits the label.
+    A record written before variant_settings existed (issue 20) has its label only: model choice and settings joined
+    by spaces, which is where they are taken from then."""
     setup_hash: str
     variant_hash: str
     variant_label: str
     setup_label: str
     model_choice: str
+    variant_settings: list[str] | None = None
+
+    def __post_init__(self):
+        if self.variant_settings is None:  # an older record: its label is the model choice, then the settings
+            self.variant_settings = self.variant_label.split()[1:]
 
     @property
     def settings_hash(self) -> str:
@@ -284,14 +292,14 @@ def identify(model: dict, resolved_model: dict, train: dict, effective: dict, re
     model_choice = choices.get("model") or str(model["arch"])
     if model["arch"] != reference["model"]["arch"]:  # e.g. model=baseline model.arch=shortcut: name what it is
         model_choice = str(model["arch"])
-    variant_label = " ".join([model_choice,
-                              *_diff(model, reference["model"], "model", (*EXECUTION_KEYS["model"], "arch")),
-                              *_diff({k: train.get(k) for k in LENGTH_KEYS}, reference["train"], "train", ())])
+    variant_settings = [*_diff(model, reference["model"], "model", (*EXECUTION_KEYS["model"], "arch")),
+                        *_diff({k: train.get(k) for k in LENGTH_KEYS}, reference["train"], "train", ())]
     setup_label = " ".join([*([f"experiment={choices['experiment']}"] if choices.get("experiment") else []),
                             *([f"train={choices['train']}"] if choices.get("train") not in (None, "default") else []),
                             *_diff(train, reference["train"], "train", (*EXECUTION_KEYS["train"], *LENGTH_KEYS))])
     return Identity(setup_hash=short_hash(setup), variant_hash=short_hash([variant, length]),
-                    variant_label=variant_label, setup_label=setup_label, model_choice=model_choice)
+                    variant_label=" ".join([model_choice, *variant_settings]), setup_label=setup_label,
+                    model_choice=model_choice, variant_settings=variant_settings)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------

@@ -491,3 +491,31 @@ def test_a_validation_evaluation_is_labelled_as_one(tmp_path):
     compare(job(tmp_path))
     md = (tmp_path / "results" / "compare" / "table.md").read_text()
     assert "| val NLL | val NLL |" in md and "Val NLL: sliding window" in md and "test NLL" not in md
+
+
+def test_identity_keeps_each_setting_whole():
+    """A run's variant settings are recorded one by one, so compare never splits its label: a value with a space in
+    it stays one setting (issue 20)."""
+    from shortcut.rundir import identify
+
+    ident = identify(model={"arch": "shortcut", "taps": [0, 2], "note": "two words"},
+                     resolved_model={"arch": "shortcut", "taps": [0, 2], "note": "two words"},
+                     train={"max_steps": 20}, effective={"max_steps": 20},
+                     reference={"model": {"arch": "shortcut", "taps": None, "note": ""}, "train": {"max_steps": 10}},
+                     choices={"model": "shortcut"})
+    assert ident.variant_settings == ["model.note=two words", "model.taps=[0,2]", "train.max_steps=20"]
+    assert ident.variant_label == "shortcut model.note=two words model.taps=[0,2] train.max_steps=20"
+
+
+def test_summaries_from_before_variant_settings_are_read(runs, tmp_path):
+    """A summary.json without identity.variant_settings (written before issue 20) gives the same table: its
+    settings are taken from its label."""
+    for s in range(3):
+        fake_run(tmp_path / "runs", f"t{s}", "shortcut", s, 1.4, label="shortcut model.taps=[0]")
+    new = compare(job(runs))["rows"]
+    for path in (tmp_path / "runs").glob("*/summary.json"):
+        record = json.loads(path.read_text())
+        assert record["identity"].pop("variant_settings") is not None
+        path.write_text(json.dumps(record))
+    old = compare(job(runs))["rows"]
+    assert old == new and {r["variant"] for r in old} == {"baseline", "shortcut", "shortcut model.taps=[0]"}
