@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shortcut import rundir
+from shortcut import compare_adaptive, rundir
 from shortcut.config import CompareJob, Duplicates, RowOrder, UserError
 from shortcut.rundir import EvalRecord, Summary
 from shortcut.tracking import MetricsLog, open_tracker
@@ -111,6 +111,7 @@ class Entry:
     in_ladder: bool = False  # a rung of a fitted baseline ladder that prices some row
     mean_depth_profile: dict | None = None  # _depth(row)
     runs: list[str] = field(default_factory=list)  # the seeds' run dirs
+    adaptive: dict | None = None  # decoding speeds and routing figures (shortcut/compare_adaptive.py)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "key"}
@@ -639,7 +640,8 @@ def _entry(row: Row, ds_rows: list[Row], refs: dict[tuple, Reference], split: st
         reference_hash=ref.summary.identity.settings_hash if ref is not None else None,
         no_delta=refs[row.key].why, is_reference=any(refs[o.key].row is row and o is not row for o in ds_rows),
         delta=delta(ref.values(metric), row.values(metric)) if ref is not None else None,
-        mean_depth_profile=_depth(row), runs=[str(r.path) for r in row.runs])
+        mean_depth_profile=_depth(row), runs=[str(r.path) for r in row.runs],
+        adaptive=compare_adaptive.figures([r.eval for r in row.runs]) if all(r.eval for r in row.runs) else None)
 
 
 def _tokens_per_s(row: Row, notes: list[str]) -> float | None:
@@ -711,6 +713,7 @@ def render_markdown(table: list[Entry], notes: list[str], incomplete: list[str],
         lines.append("Compute multiplier: baseline training FLOPs that reach the row's loss on the fitted baseline "
                      "ladder (power law + constant), divided by the row's own; > 1 means the variant is worth more "
                      "compute than it costs. Interval: bootstrap over seeds (narrow with 3 seeds: read it as a range).")
+    lines += compare_adaptive.markdown(table)
     lines += [f"- note: {n}" for n in notes]
     lines += [f"- incomplete run: {i}" for i in incomplete]
     return "\n".join(lines) + "\n"
@@ -804,7 +807,7 @@ def plot(table: list[Entry], rows: list[Row], out_dir: Path) -> list[Path]:
         depth = [e for e in table if e.dataset == ds and e.mean_depth_profile]
         if depth:
             pictures.append(_plot_depth(depth, ds, out_dir / f"depth_{i}.png", plt))
-    return pictures
+    return pictures + compare_adaptive.plot(table, out_dir, plt)
 
 
 def _plot_curves(ds_rows: list[Row], ds: str, png: Path, plt) -> Path:

@@ -20,7 +20,7 @@ LAYERS = [
     ["costs"],
     ["train"],
     ["scoring", "evaluate", "audit", "early_exit", "generate", "adaptive"],
-    ["sample", "compare"],
+    ["sample", "compare", "compare_adaptive"],
     ["cli", "launch", "__main__"],
 ]
 
