@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shortcut import diskio
 from shortcut.config import EvalConfig
 from shortcut.data import TokenData
 from shortcut.model import GPT
@@ -412,7 +413,7 @@ def draw_logit_lens(summary: dict, out: Path) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    diskio.save_figure(fig, path, dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -444,9 +445,7 @@ def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig, checkpoint_ha
                  model.cfg.n_layer, summary["blocks_run"]["share"])
     summary["pictures"] = [str(p) for p in pictures]
     summary["checkpoint_hash"] = checkpoint_hash
-    tmp = out / "depth.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "depth.json")
+    diskio.atomic_write(out / "depth.json", json.dumps(summary, indent=2))
     if model.shortcut:
         np.savez_compressed(out / "attention.npz", profile=m["profile"].numpy(), loss=m["loss"].numpy(),
                             targets=m["targets"].numpy(), inputs=m["inputs"].numpy(), starts=m["starts"],

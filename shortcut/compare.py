@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shortcut import compare_adaptive, rundir
+from shortcut import compare_adaptive, diskio, rundir
 from shortcut.config import CompareJob, Duplicates, RowOrder, UserError
 from shortcut.rundir import EvalRecord, Summary
 from shortcut.tracking import MetricsLog, open_tracker
@@ -745,9 +746,7 @@ def _markdown_table(entries: list[Entry], multiplier: bool) -> list[str]:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    diskio.atomic_write(path, text)
 
 
 CSV_COLUMNS = ["dataset", "variant", "settings_hash", "params", "non_embedding_params", "flops_per_token",
@@ -775,13 +774,12 @@ def _csv_row(e: Entry) -> dict:
 
 
 def _write_csv(path: Path, table: list[Entry]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLUMNS)
-        w.writeheader()
-        for e in table:
-            w.writerow(_csv_row(e))
-    tmp.replace(path)
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, CSV_COLUMNS)
+    w.writeheader()
+    for e in table:
+        w.writerow(_csv_row(e))
+    diskio.atomic_write(path, f.getvalue())
 
 
 def track(job: CompareJob, out_dir: Path, table: list[Entry], pictures: list[Path]) -> None:
@@ -826,7 +824,7 @@ def _plot_curves(ds_rows: list[Row], ds: str, png: Path, plt) -> Path:
     axes[1].set(xlabel="training FLOPs", ylabel="validation NLL (nats/token)", xscale="log",
                 title=f"{ds}: against training compute")
     axes[0].legend(fontsize=8)
-    fig.savefig(png, dpi=110)
+    diskio.save_figure(fig, png, dpi=110)
     plt.close(fig)
     return png
 
@@ -845,6 +843,6 @@ def _plot_depth(entries: list[Entry], ds: str, png: Path, plt) -> Path:
     ax.set(xlabel="source layer (h0 = embeddings)", ylabel="mean weight (per method's own scale)",
            title=f"{ds}: which depth the output draws on")
     ax.legend(fontsize=8)
-    fig.savefig(png, dpi=110)
+    diskio.save_figure(fig, png, dpi=110)
     plt.close(fig)
     return png

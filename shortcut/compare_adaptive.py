@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shortcut import diskio
+
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan
@@ -115,7 +117,7 @@ def plot(entries: list, out_dir: Path, plt) -> list[Path]:
         ax.set(xlabel="ms per decoded token (measured)", ylabel="test NLL (nats/token)",
                title=f"{ds}\no plain, v exit, s speculative (exact)")
         png = out_dir / f"adaptive_{i}.png"
-        fig.savefig(png, dpi=110)
+        diskio.save_figure(fig, png, dpi=110)
         plt.close(fig)
         pictures.append(png)
     return pictures

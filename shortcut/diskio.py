@@ -8,6 +8,7 @@ one); this module adds what happens when the write fails: the temporary file or 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 from collections.abc import Iterator
@@ -110,3 +111,12 @@ def atomic_write(path: Path, data: bytes | str, what: str | None = None, durable
         except BaseException:
             remove(tmp)
             raise
+
+
+def save_figure(fig, path: Path, **savefig_kw) -> Path:
+    """A matplotlib figure rendered in memory, then written atomically (a full disk leaves no half picture)."""
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", **savefig_kw)
+    atomic_write(path, buf.getvalue(), f"the picture {path.name}")
+    return path

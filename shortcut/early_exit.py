@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shortcut import diskio
 from shortcut.config import Arch, EvalConfig, ExitPolicy, UserError
 from shortcut.costs import costs
 from shortcut.data import TokenData
@@ -188,10 +189,8 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, reference
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    diskio.save_figure(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shortcut import diskio
 from shortcut.config import UserError
 
 B_MAX = 5.0  # an exponent above this is not a scaling law any more, it is a cliff
@@ -222,7 +223,5 @@ def plot_loss_vs_compute(ladder: list[Point], fit: PowerLaw | None, variants: di
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7 if many else 8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if many else {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
-    tmp.replace(path)
+    diskio.save_figure(fig, path, dpi=110)
     return path
