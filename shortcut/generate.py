@@ -4,8 +4,9 @@ picks each next token (temperature, top-k, top-p), for `shortcut sample` and the
 Each new token costs one pass through the blocks at its own position: GPT.forward with a Cache, in which every block
 keeps the keys and values it made (shortcut.blocks: a self-attention's (B, nh, T, hs), a shortcut block's (tap,
 position) ones (B, nh, K_i, T, hs)). This module holds policies only (what to cache, when to rebuild it, at which
-depth a token stops, what to draft and accept); the blocks' arithmetic is the blocks'. The variants in
-shortcut/variants/ decode with a full forward per token instead.
+depth a token stops, what to draft and accept); the blocks' arithmetic is the blocks'. Of the variants in
+shortcut/variants/, those that cache (hyper, mhc: per-position connections) fill the same Cache through their own
+pass; the others decode with a full forward per token.
 
 The window: a model sees at most block_size tokens (learned positions end there). When the window is full, the cache
 is rebuilt from the last block_size // 2 tokens (positions start again at 0), so every token is predicted from at
@@ -31,8 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def supports_cache(model: GPT) -> bool:
-    """The baseline and the shortcut (the variants in shortcut/variants/ decode with a full forward instead)."""
-    return model.cfg.arch in (Arch.baseline, Arch.shortcut)
+    """The baseline, the shortcut and the variants that say they cache (hyper, mhc); the other variants in
+    shortcut/variants/ decode with a full forward instead."""
+    return model.cfg.arch in (Arch.baseline, Arch.shortcut) or getattr(model.variant, "caches", False)
+
+
+def has_exits(model: GPT) -> bool:
+    """Early exits (exit and speculative decoding): the baseline and the shortcut, dense (not routed)."""
+    return model.cfg.arch in (Arch.baseline, Arch.shortcut) and model.cfg.mod_capacity is None
 
 
 def slide(seq: torch.Tensor, ids: torch.Tensor, T: int) -> tuple[torch.Tensor, bool]:
@@ -79,7 +86,7 @@ class ExitDecoder:
     that layer-synchronous pass over the window, and each new token the same rule at its own position."""
 
     def __init__(self, model: GPT, threshold: float):
-        if not supports_cache(model) or model.cfg.mod_capacity is not None or len(model.cfg.exit_depths()) < 2:
+        if not has_exits(model) or len(model.cfg.exit_depths()) < 2:
             raise ValueError(f"no early exits for this {model.cfg.arch} model")
         self.model, self.T, self.threshold = model, model.cfg.block_size, threshold
         self.depths = model.cfg.exit_depths()
@@ -193,7 +200,7 @@ class SpeculativeDecoder:
 
     def __init__(self, model: GPT, depth: int, draft_tokens: int):
         depths = model.cfg.exit_depths()
-        if not supports_cache(model) or model.cfg.mod_capacity is not None or depth not in depths[:-1]:
+        if not has_exits(model) or depth not in depths[:-1]:
             raise ValueError(f"speculative decoding drafts with an exit at depth {depth}: this model's are "
                              f"{depths[:-1]}")
         self.model, self.d, self.k, self.T = model, depth, draft_tokens, model.cfg.block_size

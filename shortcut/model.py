@@ -223,13 +223,17 @@ class GPT(nn.Module):
 
         exits (training with model.exit_train): depths d whose early-exit losses join the full model's; the loss
         is then the mean over the full depth and those exits (the logits stay the full model's). cache: decode n
-        tokens after those the cache holds (baseline and shortcut), filling it."""
+        tokens after those the cache holds (baseline, shortcut and the variants that cache), filling it."""
         trace = None
         if self.variant is not None:
-            if cache is not None:
-                raise ValueError(f"no KV cache for {self.cfg.arch}")
-            x, rope = self.embed(idx)
-            x = self.variant(self.drop(x), self.blocks, rope)
+            if cache is None:
+                x, rope = self.embed(idx)
+                x = self.variant(self.drop(x), self.blocks, rope)
+            else:  # a variant that caches (hyper, mhc): its blocks fill the cache as the baseline's do
+                self._check_caches()
+                x, rope = self.embed(idx, cache.length)
+                x = self.variant(self.drop(x), self.blocks, rope, cache=cache)
+                cache.length += idx.size(1)
         else:
             trace = self.run(self.start(idx, cache))
             x = trace.states[-1]
@@ -247,10 +251,10 @@ class GPT(nn.Module):
         return logits, loss
 
     def new_cache(self, batch: int, device=None, dtype=None, exits=()) -> Cache:
-        """An empty Cache of block_size positions for `batch` sequences (baseline and shortcut); exits: the exit
-        depths < full the decoding will use (their caches for the shortcut's final block)."""
+        """An empty Cache of block_size positions for `batch` sequences (baseline, shortcut and the variants that
+        cache); exits: the exit depths < full the decoding will use (their caches for the shortcut's final block)."""
         if self.variant is not None:
-            raise ValueError(f"no KV cache for {self.cfg.arch}")
+            self._check_caches()
         device, dtype = device or self.wte.weight.device, dtype or self.wte.weight.dtype
         cache = Cache([block.new_cache(self.cfg, batch, device, dtype) for block in self.blocks])
         if self.shortcut:
@@ -259,6 +263,10 @@ class GPT(nn.Module):
                 own = self.blocks[-1].new_cache(self.cfg, batch, device, dtype).self_kv
                 cache.exits[d] = BlockCache(self_kv=own, tap_kv=final.tap_kv)
         return cache
+
+    def _check_caches(self) -> None:
+        if not getattr(self.variant, "caches", False):
+            raise ValueError(f"no KV cache for {self.cfg.arch}")
 
     # --- what the audit reads ---
 

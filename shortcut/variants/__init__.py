@@ -4,9 +4,10 @@ Each is an nn.Module that registers itself for its arch (common.register_variant
 under the arch's name and calls it instead of its own pass: ``variant(x, blocks, rope, record=None) -> x``, running
 the blocks of shortcut/blocks.py its own way. With a dict as ``record`` it also leaves there "states" (the residual
 stream each block reads, for the logit lens) and, for those that weigh layers, "weights" (what the depth audit
-reports; see GPT.layer_weights). ``extra_flops(cfg)`` is the matmul FLOPs per token it adds to the baseline's
+reports; see GPT.layer_weights). One with ``caches = True`` (hyper, mhc) also takes ``cache=`` (a GPT Cache) and
+decodes incrementally. ``extra_flops(cfg)`` is the matmul FLOPs per token it adds to the baseline's
 (exact against torch's counter; elementwise mixing counts 0). A new variant is one module imported below.
 """
 
-from shortcut.variants import attnres, denseformer, mudd, value_residual  # noqa: F401 - each registers itself
+from shortcut.variants import attnres, denseformer, hyper, mhc, mudd, value_residual  # noqa: F401 - they register
 from shortcut.variants.common import VARIANTS  # noqa: F401
