@@ -7,7 +7,7 @@ Section 2.1 (static, SHC): the state is H (n x C), one row per stream; layer k h
   A_m(H) = s_α·tanh(H̄ W_m) + A_m,   A_r(H) = s_α·tanh(H̄ W_r) + A_r,   B(H) = s_β·tanh(H̄ W_β)ᵀ + B,
 W_m (C x 1), W_r (C x n), W_β (C x 1). Section 2.3: W = 0, A_m = e_{k mod n}
 (layer k reads stream k mod n), A_r = I, B = 1: with every stream a copy of the embedding, each stream stays the
-pre-norm residual stream, so the model starts as the baseline (tested to 1e-5, static and dynamic, every n).
+pre-norm residual stream, so the model starts as the baseline (tested to 1e-5: static, dynamic, n = 1, 3, 4).
 s_α = s_β = 0.01 at the start (chosen: small, as the paper asks; the value of lucidrains/hyper-connections).
 
 Chosen here: the norm in H̄ is the model's own kind (model.norm; the paper's LayerNorm by default); one W
