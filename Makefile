@@ -7,13 +7,14 @@ LAUNCHER ?=
 SWEEP = $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
 
 .PHONY: help install test test-all gpu-check demo reproduce-paper reproduce-paper-cpu scaling scaling-cpu bench \
-	peers peers-cpu ablations-cpu shortcut-search shortcut-search-cpu early-exit-cpu adaptive adaptive-cpu
+	peers peers-cpu peers-deep-cpu ablations-cpu shortcut-search shortcut-search-cpu early-exit-cpu adaptive adaptive-cpu
 help:
 	@echo "make reproduce-paper      the paper's table on one GPU (downloads text8, WikiText-103, MAESTRO, LibriSpeech)"
 	@echo "make reproduce-paper-cpu  the same table at CPU scale on offline data, under 30 min (TEXT='books/*.txt')"
 	@echo "make scaling-cpu  compute multiplier of the shortcut on a ladder of baseline sizes, chorales, CPU (~40 min)"
 	@echo "make scaling      the same at GPT-2-small scale on text8, for one GPU"
 	@echo "make peers-cpu    shortcut vs DenseFormer, AttnRes, MUDD, value residual, chorales, CPU (MODERN=1: RoPE/RMSNorm/SwiGLU)"
+	@echo "make peers-deep-cpu  every peer (HC, mHC, MoDA, LAuReL too) at 12 layers vs a baseline ladder, chorales + text, CPU (~2 h)"
 	@echo "make peers        the same on text8, WikiText-103, MAESTRO, LibriSpeech, 12 and 24 layers (~47 GPU-hours)"
 	@echo "make shortcut-search-cpu  issue 13's grid of shortcut modes vs a baseline ladder, chorales + text, CPU (~2 h)"
 	@echo "make shortcut-search      the same at GPT-2-small scale on text8, for one GPU (~5 GPU-hours)"
@@ -130,6 +131,18 @@ shortcut-search:
 	-shortcut train -m experiment=shortcut_search $(SEARCH_GRID) $(SWEEP)
 	shortcut eval run_dir=runs/shortcut_search
 	shortcut compare runs=runs/shortcut_search name=shortcut_search compute_multiplier=true sort=multiplier
+
+# Issue 22: every peer at 12 layers (the baseline ladder is the experiment's own sweep), then every variant at d=64.
+PEERS_DEEP = baseline_matched,shortcut,denseformer,connect_last,attnres,mudd,value_residual,hyper,mhc,moda,laurel
+
+peers-deep-cpu: $(filter data/kjv.txt,$(SEARCH_TEXT))
+	shortcut prepare domain=music
+	shortcut prepare dataset=text_local "domain.files='$(SEARCH_TEXT)'"
+	-shortcut train -m experiment=peers_deep_cpu
+	-shortcut train -m experiment=peers_deep_cpu model=$(PEERS_DEEP) model.n_embd=64
+	-shortcut train -m experiment=peers_deep_cpu $(ADAPTIVE_SPARSE) model.n_embd=64
+	shortcut eval run_dir=runs/peers_deep_cpu eval.max_tokens=40000 eval.audit_sequences=4
+	shortcut compare runs=runs/peers_deep_cpu name=peers_deep_cpu compute_multiplier=true sort=multiplier wandb=off
 
 # Issue 21: adaptive compute. The baseline ladder (the experiment's sweep), then the baseline, the paper's shortcut
 # and issue 13's choice, dense / routed (Mixture-of-Depths) / exit-trained; decoding speeds (plain, exit, speculative)

@@ -231,66 +231,88 @@ def _preflight(command: str, args: list[str]) -> None:
 def _task(cfg) -> None:
     """What Hydra runs, once per job: convert to the typed config and run the command."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from shortcut.config import UserError
 
     hc = HydraConfig.get()
-    command = hc.job.name
     try:
-        job = _typed(cfg)  # unknown keys refused, the schemas' __post_init__ checks run
-        if command == "prepare":
-            from shortcut.prepare import prepare
+        _run(hc.job.name, _typed(cfg), cfg, hc)  # _typed: unknown keys refused, the schemas' __post_init__ checks run
+    except (UserError, OmegaConfBaseException, OSError) as exc:
+        from shortcut import diskio
 
-            prepare(job)
-        elif command == "train":
-            from shortcut.train import train
+        if isinstance(exc, OSError) and not diskio.is_disk_error(exc):
+            raise
+        _job_failed(hc, exc)
 
-            from shortcut.runtime import launched_by_torchrun
-            from shortcut.train import Match
 
-            if job.train.nproc > 1 and not launched_by_torchrun():
-                return _launch_torchrun(job, list(hc.overrides.task), Path(hc.runtime.output_dir))
+def _run(command: str, job, cfg, hc) -> None:
+    """The command's function on its typed job (train also gets what only Hydra knows)."""
+    if command == "prepare":
+        from shortcut.prepare import prepare
 
-            choices = {g: hc.runtime.choices.get(g) for g in _CHOICE_GROUPS}
-            # The run's label is its difference from these config choices composed without command-line values.
-            reference = _compose_in_app([f"{g}={c}" for g, c in choices.items() if c])
-            match = None
-            if job.train.match_flops:
-                other = _compose_in_app([o for o in hc.overrides.task if not o.lstrip("+~").startswith(
-                    _MATCH_DROPS)] + [f"model={job.train.match_flops}"])
-                match = Match(other.model, other.train.max_steps)
-            record = {"config.yaml": OmegaConf.to_yaml(cfg), "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
-                      "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg)}  # .hydra/, once accepted
-            train(job, Path(hc.runtime.output_dir), resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-                  reference=reference, choices=choices, match=match, hydra_record=record)
-        elif command == "eval":
-            from shortcut.evaluate import evaluate
+        prepare(job)
+    elif command == "train":
+        _train(job, cfg, hc)
+    elif command == "eval":
+        from shortcut.evaluate import evaluate
 
-            evaluate(job)
-        elif command == "sample":
-            from shortcut.sample import sample
+        evaluate(job)
+    elif command == "sample":
+        from shortcut.sample import sample
 
-            sample(job)
-        elif command == "compare":
-            from shortcut.compare import compare
+        sample(job)
+    elif command == "compare":
+        from shortcut.compare import compare
 
-            compare(job)
-    except (UserError, OmegaConfBaseException) as exc:
-        message = one_line(exc)
-        if hc.mode == RunMode.MULTIRUN:  # report and carry on with the other jobs
-            log.error("job %s (%s) failed: %s", hc.job.num, " ".join(hc.overrides.task), message)
-            if command == "train" and os.environ.get("RANK", "0") == "0":  # so that compare can say what is missing
-                from shortcut.rundir import write_failed
-                from shortcut.train import RunRefused
+        compare(job)
 
-                if not isinstance(exc, RunRefused):  # a refused run dir is another run's: it stays as it was
-                    write_failed(Path(hc.runtime.output_dir), message)
-            _failures.append(f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {message}")
-            return
-        _fail(message)
+
+def _train(job, cfg, hc) -> None:
+    """train with the config choices (a run's label is its difference from them composed without command-line
+    values), the model train.match_flops names and the Hydra record; or torchrun's launch for train.nproc > 1."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from shortcut.runtime import launched_by_torchrun
+    from shortcut.train import Match, train
+
+    if job.train.nproc > 1 and not launched_by_torchrun():
+        return _launch_torchrun(job, list(hc.overrides.task), Path(hc.runtime.output_dir))
+    choices = {g: hc.runtime.choices.get(g) for g in _CHOICE_GROUPS}
+    reference = _compose_in_app([f"{g}={c}" for g, c in choices.items() if c])
+    match = None
+    if job.train.match_flops:
+        other = _compose_in_app([o for o in hc.overrides.task if not o.lstrip("+~").startswith(_MATCH_DROPS)]
+                                + [f"model={job.train.match_flops}"])
+        match = Match(other.model, other.train.max_steps)
+    record = {"config.yaml": OmegaConf.to_yaml(cfg), "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
+              "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg)}  # .hydra/, once accepted
+    train(job, Path(hc.runtime.output_dir), resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+          reference=reference, choices=choices, match=match, hydra_record=record)
+
+
+def _job_failed(hc, exc: BaseException) -> None:
+    """A job's one-line error ends a single run; in a multirun it is logged (and a train job's run dir gets
+    failed.txt, so that compare can say what is missing) and the other jobs go on."""
+    from hydra.types import RunMode
+
+    from shortcut import diskio
+
+    # A write no module guarded (a picture, W&B's offline files): still one line naming the place.
+    message = diskio.describe(Path(exc.filename or hc.runtime.output_dir), "output", exc) \
+        if isinstance(exc, OSError) else one_line(exc)
+    if hc.mode == RunMode.MULTIRUN:  # report and carry on with the other jobs
+        log.error("job %s (%s) failed: %s", hc.job.num, " ".join(hc.overrides.task), message)
+        if hc.job.name == "train" and os.environ.get("RANK", "0") == "0":
+            from shortcut.rundir import write_failed
+            from shortcut.train import RunRefused
+
+            if not isinstance(exc, RunRefused):  # a refused run dir is another run's: it stays as it was
+                write_failed(Path(hc.runtime.output_dir), message)
+        _failures.append(f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {message}")
+        return
+    _fail(message)
 
 
 _CHOICE_GROUPS = ("domain", "dataset", "model", "train", "experiment")

@@ -8,7 +8,8 @@ reference, found by identity too (issue 19): the baseline of the same resolved m
 trained the same way, never one of another size, or the row `reference=...` names; the table names it. It comes
 with a 95% interval and a p-value: a paired t-test over seeds when both rows have the same seeds (same seed, same
 batches), Welch's otherwise. With compute_multiplier=true a ladder of baseline sizes gives each variant's compute
-multiplier (shortcut.scaling).
+multiplier (shortcut.scaling). Each row becomes one typed Entry of the table, which the renderers (Markdown, CSV,
+W&B table, plots) read; labels are made from the identity's parts (model choice, settings), never parsed.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from shortcut import rundir
+from shortcut import compare_adaptive, rundir
 from shortcut.config import CompareJob, Duplicates, RowOrder, UserError
 from shortcut.rundir import EvalRecord, Summary
 from shortcut.tracking import MetricsLog, open_tracker
@@ -70,6 +71,50 @@ class Row:
     def values(self, key: str) -> dict[int, float]:
         """seed -> value of key, from eval.json (test_nll, bits_per_*) or summary.json (final_val_loss, ...)."""
         return {r.seed: v for r in self.runs if (v := r.value(key)) is not None}
+
+
+MeanStd = tuple[float, float]  # mean and sample std over seeds (std nan with one seed)
+
+
+@dataclass
+class Entry:
+    """One line of the table, for one row: built by `dataset_table` from the row and its reference, filled by the
+    steps that add to it (compute multipliers), read by the renderers. summary.json holds to_dict(): every field
+    but the row's key, under the names other tools read."""
+    key: tuple  # the Row's (dataset key, variant hash)
+    dataset: str
+    variant: str
+    arch: str
+    settings_hash: str
+    params: int
+    non_embedding_params: int
+    flops_per_token: int
+    train_flops: MeanStd | None
+    steps: list[int]  # the steps the seeds ran
+    tokens_per_s: float | None  # mean over seeds of each run's median
+    seeds: list[int]
+    n: int
+    val_nll: MeanStd | None
+    eval_split: str  # the split eval scored, one per dataset
+    test_nll: MeanStd | None  # NLL on eval_split, when every seed has eval.json
+    eval_stride: int | None
+    mean_context: MeanStd | None
+    unit: str | None  # what the dataset reports per unit of its data (bits_per_char, ...), when every run has it
+    unit_value: MeanStd | None
+    metric: str  # what Δ compares: the eval split's NLL, else (a run without eval.json) final_val_loss
+    reference: str | None  # the label of the row Δ is against
+    reference_hash: str | None  # its settings hash
+    no_delta: str | None  # why a variant has no reference
+    is_reference: bool  # some other row's Δ is against this one
+    delta: dict | None  # delta(reference's values, this row's)
+    compute_multiplier: dict | None = None  # compute_multiplier=true: scaling's result and the ladder's labels
+    in_ladder: bool = False  # a rung of a fitted baseline ladder that prices some row
+    mean_depth_profile: dict | None = None  # _depth(row)
+    runs: list[str] = field(default_factory=list)  # the seeds' run dirs
+    adaptive: dict | None = None  # decoding speeds and routing figures (shortcut/compare_adaptive.py)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "key"}
 
 
 # --- finding runs, refusing what does not hold together -------------------------------------------------------
@@ -140,10 +185,6 @@ def _dedupe(row_runs: list[Run], policy: Duplicates, notes: list[str], where: st
     return kept
 
 
-def _label_parts(label: str) -> list[str]:
-    return label.split()[1:]
-
-
 def build_rows(runs: list[Run], policy: Duplicates, notes: list[str]) -> list[Row]:
     """Group runs into rows by identity; give datasets and variants readable labels that are unique."""
     groups: dict[tuple, list[Run]] = {}
@@ -158,11 +199,11 @@ def build_rows(runs: list[Run], policy: Duplicates, notes: list[str]) -> list[Ro
     rows = []
     for dkey, name in sorted(datasets.items(), key=lambda kv: kv[1]):
         ds_rows = [Row(name, key, runs) for key, runs in groups.items() if key[0] == dkey]
-        labels = {row.key: row.summary.identity.variant_label for row in ds_rows}
+        ids = {row.key: row.summary.identity for row in ds_rows}
         # Settings every row of the dataset shares say nothing about the difference: they go to its heading.
-        common = set.intersection(*(set(_label_parts(v)) for v in labels.values())) if len(ds_rows) > 1 else set()
-        labels = {k: " ".join([v.split()[0], *[p for p in _label_parts(v) if p not in common]])
-                  for k, v in labels.items()}
+        common = set.intersection(*(set(i.variant_settings) for i in ids.values())) if len(ds_rows) > 1 else set()
+        labels = {k: " ".join([i.model_choice, *[p for p in i.variant_settings if p not in common]])
+                  for k, i in ids.items()}
         _disambiguate(labels, lambda k, n: f"#{k[1][:n]}")
         if common:
             for row in ds_rows:
@@ -226,7 +267,8 @@ def _mean_std(values) -> tuple[float, float] | None:
 # embedding, mode, tap bias and shortcut blocks; DenseFormer's averages; Block AttnRes; value residual's init).
 # A variant and its reference baseline may differ in these, and in nothing else of the resolved model.
 ARCH_KEYS = ("arch", "taps", "feature_map", "feature_hidden", "depth_embedding", "shortcut_mode", "tap_bias",
-             "shortcut_layers", "dwa_dilation", "dwa_period", "attnres_block", "value_residual_init")
+             "shortcut_layers", "dwa_dilation", "dwa_period", "attnres_block", "value_residual_init", "moda_ffn_kv",
+             "laurel", "laurel_rank", "hc_streams", "hc_dynamic", "mhc_sinkhorn_iters")
 # Model settings that make a baseline bigger or smaller: a ladder's rungs differ in these, and in nothing else.
 SIZE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "match_params", "match_by")
 
@@ -340,16 +382,18 @@ def _ladder_key(row: Row) -> str:
     return rundir.short_hash([model, s.max_steps * s.tokens_per_step])  # the same architecture, the same tokens
 
 
-def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: list[str]) -> dict[tuple, dict]:
+def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: list[str]
+                        ) -> tuple[dict[tuple, dict], set[tuple]]:
     """For every non-baseline row: the ladder of baseline rows that differ from it only in size and the arch's own
     fields (and saw as many tokens), fitted, and the row's multiplier on it. It needs no baseline of its own size.
-    Draws loss vs compute for the largest ladder."""
+    Returns the multipliers by row key (each with its ladder's labels) and the keys of the rungs of the ladders that
+    priced a row. Draws loss vs compute for the largest ladder."""
     from shortcut import scaling
 
     def points(row: Row) -> list[scaling.Point]:
         return [scaling.Point(r.seed, r.summary.train_flops, v) for r in row.runs if (v := r.value(metric)) is not None]
 
-    out, ladders = {}, {}
+    out, ladders, priced_by = {}, {}, {}
     for row in ds_rows:
         if row.summary.arch == "baseline":
             continue
@@ -366,63 +410,85 @@ def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: l
         if fit is not None:
             out[row.key] = {**scaling.compute_multiplier([p for r in rungs for p in points(r)], points(row)),
                             "ladder": [r.variant for r in rungs]}
+            priced_by[row.key] = key
     if ladders:
-        rungs, fit = max(ladders.values(), key=lambda v: len(v[0]))
-        variants = [r for r in ds_rows if r.key in out and out[r.key]["ladder"] == [x.variant for x in rungs]]
-        labels = {f"{r.variant}: ×{out[r.key]['multiplier']:.2f}": points(r) for r in variants}
+        largest = max(ladders, key=lambda k: len(ladders[k][0]))
+        rungs, fit = ladders[largest]
+        labels = {f"{r.variant}: ×{out[r.key]['multiplier']:.2f}": points(r) for r in ds_rows
+                  if priced_by.get(r.key) == largest}
         scaling.plot_loss_vs_compute([p for r in rungs for p in points(r)], fit, labels, out_png,
                                      title=f"{ds_rows[0].dataset}\n{metric} vs training compute; curve: the baseline "
                                            f"ladder ({len(rungs)} sizes, in table.md)")
-    return out
+    return out, {r.key for key in set(priced_by.values()) for r in ladders[key][0]}
 
 
 # --- the command ----------------------------------------------------------------------------------------------
 
 def compare(job: CompareJob) -> dict:
+    notes: list[str] = []
+    rows, refs, incomplete = gather(job, notes)
+    out_dir = _output_dir(job)
+    datasets = sorted({r.dataset for r in rows})
+    table, pictures = [], []
+    for i, ds in enumerate(datasets):
+        png = out_dir / ("loss_vs_compute.png" if len(datasets) == 1 else f"loss_vs_compute_{i}.png")
+        table += dataset_entries([r for r in rows if r.dataset == ds], refs, job, png, notes)
+        if png.is_file():
+            pictures.append(png)
+    pictures += early_exit_curves(rows, datasets, out_dir, notes)
+    return write_results(job, out_dir, table, rows, notes, incomplete, pictures)
+
+
+def gather(job: CompareJob, notes: list[str]) -> tuple[list[Row], dict[tuple, Reference], list[str]]:
+    """The rows to show (runs found, grouped by identity, selected) with their references, and the runs that did
+    not finish; runs that cannot be compared, or none at all, end in one line."""
     runs, incomplete, refused = find_runs(job.runs)
     if refused:
         raise UserError(f"{len(refused)} run(s) cannot be compared: " + "; ".join(refused[:5])
                         + (f"; and {len(refused) - 5} more" if len(refused) > 5 else ""))
-    notes: list[str] = []
     rows, refs = select(build_rows(runs, job.duplicates, notes), job, notes)
     if not rows:
         raise UserError(f"no finished runs match runs={job.runs!r}"
                         + (f" and variants {list(job.variants)}" if job.variants else "")
                         + "; train some first (shortcut train ...) or point runs= at their directories"
                         + (f" (unfinished: {'; '.join(incomplete[:3])})" if incomplete else ""))
+    return rows, refs, incomplete
+
+
+def _output_dir(job: CompareJob) -> Path:
+    """results_root/name, without the pictures or W&B run of an earlier comparison: it never shows another's."""
     out_dir = Path(job.results_root) / job.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*out_dir.glob("*.png"), out_dir / rundir.WANDB_ID]:  # a comparison never shows another's output
+    for old in [*out_dir.glob("*.png"), out_dir / rundir.WANDB_ID]:
         old.unlink(missing_ok=True)
-    datasets = sorted({r.dataset for r in rows})
-    table, pictures = [], []
-    for i, ds in enumerate(datasets):
-        ds_rows = sorted((r for r in rows if r.dataset == ds), key=lambda r: (r.summary.arch != "baseline", r.variant))
-        _eval_settings(ds_rows)
-        table += dataset_table(ds_rows, refs, notes)
-        if job.compute_multiplier:
-            png = out_dir / ("loss_vs_compute.png" if len(datasets) == 1 else f"loss_vs_compute_{i}.png")
-            metric = table[-1]["metric"]
-            found = compute_multipliers(ds_rows, metric, png, notes)
-            for key, m in found.items():
-                next(t for t in table if t["_key"] == key)["compute_multiplier"] = m
-            for t in table:
-                t["in_ladder"] = t["in_ladder"] or any(t["variant"] in m["ladder"] for m in found.values()
-                                                       if t["dataset"] == ds)
-            if png.is_file():
-                pictures.append(png)
-            _chosen_on_validation([t for t in table if t["dataset"] == ds], notes)
-        if job.sort == RowOrder.multiplier:  # this dataset's rows are the table's last ones
-            start = len(table) - len(ds_rows)
-            table[start:] = sorted(table[start:], key=_by_multiplier)
-    pictures += early_exit_curves(rows, datasets, out_dir, notes)
+    return out_dir
+
+
+def dataset_entries(ds_rows: list[Row], refs: dict[tuple, Reference], job: CompareJob, png: Path,
+                    notes: list[str]) -> list[Entry]:
+    """One dataset's entries (the baseline first, then by label); with compute_multiplier=true each variant's
+    multiplier on its baseline ladder (drawn to png) and the ladders' rungs marked; in the order sort= asks for."""
+    ds_rows = sorted(ds_rows, key=lambda r: (r.summary.arch != "baseline", r.variant))
+    _eval_settings(ds_rows)
+    entries = dataset_table(ds_rows, refs, notes)
+    if job.compute_multiplier:
+        found, rungs = compute_multipliers(ds_rows, entries[0].metric, png, notes)
+        for e in entries:
+            e.compute_multiplier, e.in_ladder = found.get(e.key), e.key in rungs
+        _chosen_on_validation(entries, notes)
+    if job.sort == RowOrder.multiplier:
+        entries.sort(key=_by_multiplier)
+    return entries
+
+
+def write_results(job: CompareJob, out_dir: Path, table: list[Entry], rows: list[Row], notes: list[str],
+                  incomplete: list[str], pictures: list[Path]) -> dict:
+    """table.md (also printed), table.csv, the plots, summary.json and the W&B run; returns what summary.json holds."""
     md = render_markdown(table, notes, incomplete, job.compute_multiplier, job.reference)
     _write(out_dir / "table.md", md)
     _write_csv(out_dir / "table.csv", table)
-    pictures += plot(table, rows, out_dir)
-    for t in table:
-        t.pop("_key")
-    summary = {"kind": "compare", "rows": table, "notes": notes, "incomplete": incomplete,
+    pictures = pictures + plot(table, rows, out_dir)
+    summary = {"kind": "compare", "rows": [e.to_dict() for e in table], "notes": notes, "incomplete": incomplete,
                "pictures": [str(p) for p in pictures]}
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     track(job, out_dir, table, pictures)
@@ -437,8 +503,9 @@ def compare(job: CompareJob) -> dict:
 
 
 def select(rows: list[Row], job: CompareJob, notes: list[str]) -> tuple[list[Row], dict[tuple, Reference]]:
-    """The rows `variants` asks for (all by default) and each row's reference, found among every row of its
-    dataset: a reference the selection left out comes back, so that no Δ is against a row the table does not show."""
+    """The rows `variants` asks for (all by default: by label, or by model choice) and each row's reference, found
+    among every row of its dataset: a reference the selection left out comes back, so that no Δ is against a row
+    the table does not show."""
     refs: dict[tuple, Reference] = {}
     for ds in sorted({r.dataset for r in rows}):
         refs.update(references([r for r in rows if r.dataset == ds], job.reference, notes))
@@ -450,7 +517,7 @@ def select(rows: list[Row], job: CompareJob, notes: list[str]) -> tuple[list[Row
     if not job.variants:
         return rows, refs
     wanted = set(job.variants)
-    chosen = [r for r in rows if r.variant in wanted or r.variant.split()[0] in wanted]
+    chosen = [r for r in rows if r.variant in wanted or r.summary.identity.model_choice in wanted]
     for ref in dict.fromkeys(refs[r.key].row.key for r in chosen if refs[r.key].row is not None):
         row = next(r for r in rows if r.key == ref)
         if all(c.key != ref for c in chosen):
@@ -469,33 +536,38 @@ def early_exit_curves(rows: list[Row], datasets: list[str], out_dir: Path, notes
     pictures = []
     for i, ds in enumerate(datasets):
         ds_rows = [r for r in rows if r.dataset == ds]
-        curves = {r.variant: [run.eval["exit"] for run in r.runs] for r in ds_rows
-                  if all(run.eval and run.eval.get("exit") for run in r.runs)}
-        partial = [r.variant for r in ds_rows if r.variant not in curves
-                   and any(run.eval and run.eval.get("exit") for run in r.runs)]
+        has = {r.key: [bool(run.eval and run.eval.get("exit")) for run in r.runs] for r in ds_rows}
+        drawn = [r for r in ds_rows if all(has[r.key])]
+        partial = [r for r in ds_rows if any(has[r.key]) and not all(has[r.key])]
         if partial:
-            notes.append(f"{ds}: early-exit curves left out for {partial}: only some of their seeds have them; "
-                         f"evaluate every seed with the same eval.exit")
-        if not curves:
+            notes.append(f"{ds}: early-exit curves left out for {[r.variant for r in partial]}: only some of their "
+                         f"seeds have them; evaluate every seed with the same eval.exit")
+        if not drawn:
             continue
+        curves = {r.variant: [run.eval["exit"] for run in r.runs] for r in drawn}  # label -> curves, as drawn
         _same_exit_settings(ds, curves)
-        first = next(iter(curves.values()))[0]  # every curve has the same settings (checked above)
+        first = drawn[0].runs[0].eval["exit"]  # every curve has the same settings (checked above)
         split, n_tokens = first["split"], first["n_tokens"]
         refs = {f"{r.variant} (no exit)": (r.summary.flops_per_token, float(np.mean(list(r.values(f"{split}_nll")
                                                                                              .values()))))
-                for r in ds_rows if r.variant not in curves and r.variant not in partial
-                and all(run.eval and run.eval["n_tokens"] == n_tokens for run in r.runs)}
+                for r in ds_rows if not any(has[r.key]) and all(run.eval and run.eval["n_tokens"] == n_tokens
+                                                                for run in r.runs)}
         png = out_dir / ("exit_curve.png" if len(datasets) == 1 else f"exit_curve_{i}.png")
         pictures.append(plot_curves(curves, png, f"{ds}\nearly exit ({split}; mean over seeds)", refs))
-        for variant, runs in curves.items():
-            saved = {p: [c["saved"][p]["saved"] for c in runs if c["saved"].get(p)] for p in ("fixed", "confidence")}
-            text = ", ".join(f"{p} exits save {100 * np.mean(v):.1f}%" + (f" ± {100 * np.std(v, ddof=1):.1f}%"
-                                                                            if len(v) > 1 else "")
-                             for p, v in saved.items() if v)
-            notes.append(f"{ds}: early exit of {variant} (exit_train={runs[0]['exit_train']}, {len(runs)} seed(s)):"
-                         f" at <= {100 * runs[0]['saved']['tolerance']:.0f}% more {split} NLL than its full depth, "
-                         f"{text} of its forward FLOPs (decisions and copied states counted)")
+        for row in drawn:
+            notes.append(_exit_note(ds, row.variant, curves[row.variant], split))
     return pictures
+
+
+def _exit_note(ds: str, variant: str, runs: list[dict], split: str) -> str:
+    """What each exit policy saves of a row's forward FLOPs at its tolerance, mean ± std over seeds."""
+    saved = {p: [c["saved"][p]["saved"] for c in runs if c["saved"].get(p)] for p in ("fixed", "confidence")}
+    text = ", ".join(f"{p} exits save {100 * np.mean(v):.1f}%" + (f" ± {100 * np.std(v, ddof=1):.1f}%"
+                                                                    if len(v) > 1 else "")
+                     for p, v in saved.items() if v)
+    return (f"{ds}: early exit of {variant} (exit_train={runs[0]['exit_train']}, {len(runs)} seed(s)):"
+            f" at <= {100 * runs[0]['saved']['tolerance']:.0f}% more {split} NLL than its full depth, "
+            f"{text} of its forward FLOPs (decisions and copied states counted)")
 
 
 def _same_exit_settings(ds: str, curves: dict[str, list[dict]]) -> None:
@@ -508,28 +580,30 @@ def _same_exit_settings(ds: str, curves: dict[str, list[dict]]) -> None:
                         f"same eval.exit, eval.exit_thresholds and eval.exit_max_tokens")
 
 
-def _chosen_on_validation(rows: list[dict], notes: list[str]) -> None:
+def _chosen_on_validation(entries: list[Entry], notes: list[str]) -> None:
     """Name the variant a user should believe when many were tried: the best *validation* NLL among the rows that
     are not the baseline ladder, read on its held-out split (choosing the best test number would tune on test)."""
-    tried = [t for t in rows if not t["in_ladder"] and t["arch"] != "baseline" and t["val_nll"] is not None]
+    tried = [e for e in entries if not e.in_ladder and e.arch != "baseline" and e.val_nll is not None]
     if len(tried) < 2:
         return
-    best = min(tried, key=lambda t: t["val_nll"][0])
-    d = best["delta"] or {}
+    best = min(tried, key=lambda e: e.val_nll[0])
+    d = best.delta or {}
     held_out = f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d.get("ci_low") is not None else "–"
-    notes.append(f"{best['dataset']}: chosen on validation NLL among {len(tried)} variants: {best['variant']} "
-                 f"(val {best['val_nll'][0]:.4f}; {best['eval_split']} Δ {held_out}, compute multiplier "
-                 f"{_fmt_multiplier(best['compute_multiplier'])})")
+    notes.append(f"{best.dataset}: chosen on validation NLL among {len(tried)} variants: {best.variant} "
+                 f"(val {best.val_nll[0]:.4f}; {best.eval_split} Δ {held_out}, compute multiplier "
+                 f"{_fmt_multiplier(best.compute_multiplier)})")
 
 
-def _by_multiplier(t: dict) -> tuple:
+def _by_multiplier(e: Entry) -> tuple:
     """Rows with a compute multiplier first, highest first; then the rest (the ladder) by training compute."""
-    m = (t["compute_multiplier"] or {}).get("multiplier")
+    m = (e.compute_multiplier or {}).get("multiplier")
     known = m is not None and not math.isnan(m)
-    return (not known, -m if known else 0.0, t["train_flops"][0] if t["train_flops"] else 0.0, t["variant"])
+    return (not known, -m if known else 0.0, e.train_flops[0] if e.train_flops else 0.0, e.variant)
 
 
-def dataset_table(ds_rows: list[Row], refs: dict[tuple, Reference], notes: list[str]) -> list[dict]:
+def dataset_table(ds_rows: list[Row], refs: dict[tuple, Reference], notes: list[str]) -> list[Entry]:
+    """The entries of one dataset, in the order of ds_rows, all measured the same way: Δ on the eval split's NLL
+    when every run has eval.json (else validation NLL); notes say where that falls short."""
     ds = ds_rows[0].dataset
     split = next((r.eval["split"] for row in ds_rows for r in row.runs if r.eval), "test")
     evaluated = all(r.eval for row in ds_rows for r in row.runs)
@@ -543,40 +617,43 @@ def dataset_table(ds_rows: list[Row], refs: dict[tuple, Reference], notes: list[
     seed_sets = {row.variant: sorted(r.seed for r in row.runs) for row in ds_rows}
     if len({tuple(s) for s in seed_sets.values()}) > 1:
         notes.append(f"{ds}: rows have different seeds ({seed_sets}); missing runs make their test unpaired")
-    entries = []
-    for row in ds_rows:
-        ref = refs[row.key].row
-        s0 = row.summary
-        tok_s = [np.median([m["tokens_per_s"] for m in r.metrics if m.get("tokens_per_s")]) for r in row.runs
-                 if any(m.get("tokens_per_s") for m in r.metrics)]
-        ran_on = sorted({(r.summary.device.split(":")[0], " then ".join(r.summary.attn_kernels or ()) or "-")
-                         for r in row.runs})  # (device type, attention kernels) of each seed
-        if tok_s and len(ran_on) > 1:
-            notes.append(f"{ds}, {row.variant}: tokens/s averages seeds run on different devices or attention "
-                         f"kernels ({'; '.join(' '.join(x) for x in ran_on)}): the same function, not the same speed")
-        entries.append({
-            "_key": row.key, "dataset": ds, "variant": row.variant, "arch": s0.arch,
-            "settings_hash": s0.identity.settings_hash, "params": s0.params,
-            "non_embedding_params": s0.non_embedding_params, "flops_per_token": s0.flops_per_token,
-            "train_flops": _mean_std(r.summary.train_flops for r in row.runs),
-            "steps": sorted({r.summary.step for r in row.runs}),
-            "tokens_per_s": float(np.mean(tok_s)) if tok_s else None, "seeds": sorted(r.seed for r in row.runs),
-            "n": len(row.runs), "val_nll": _mean_std(row.values("final_val_loss").values()),
-            "eval_split": split,
-            "test_nll": _mean_std(row.values(f"{split}_nll").values()) if all(r.eval for r in row.runs) else None,
-            "eval_stride": next((r.eval["stride"] for r in row.runs if r.eval), None),
-            "mean_context": _mean_std(r.eval["mean_context"] for r in row.runs if r.eval),
-            "unit": unit_key, "unit_value": _mean_std(row.values(unit_key).values()) if unit_key else None,
-            "metric": metric, "reference": ref.variant if ref is not None and ref is not row else None,
-            "reference_hash": ref.summary.identity.settings_hash if ref is not None and ref is not row else None,
-            "no_delta": refs[row.key].why,
-            "is_reference": any(refs[o.key].row is row and o is not row for o in ds_rows),
-            "delta": None if ref is None or ref is row else delta(ref.values(metric), row.values(metric)),
-            "compute_multiplier": None, "in_ladder": False,
-            "mean_depth_profile": _depth(row),
-            "runs": [str(r.path) for r in row.runs],
-        })
-    return entries
+    return [_entry(row, ds_rows, refs, split, metric, unit_key, notes) for row in ds_rows]
+
+
+def _entry(row: Row, ds_rows: list[Row], refs: dict[tuple, Reference], split: str, metric: str, unit_key: str | None,
+           notes: list[str]) -> Entry:
+    ref = refs[row.key].row
+    ref = ref if ref is not row else None  # a baseline is its own reference: it has no Δ
+    s0 = row.summary
+    return Entry(
+        key=row.key, dataset=row.dataset, variant=row.variant, arch=s0.arch, settings_hash=s0.identity.settings_hash,
+        params=s0.params, non_embedding_params=s0.non_embedding_params, flops_per_token=s0.flops_per_token,
+        train_flops=_mean_std(r.summary.train_flops for r in row.runs),
+        steps=sorted({r.summary.step for r in row.runs}), tokens_per_s=_tokens_per_s(row, notes),
+        seeds=sorted(r.seed for r in row.runs), n=len(row.runs),
+        val_nll=_mean_std(row.values("final_val_loss").values()), eval_split=split,
+        test_nll=_mean_std(row.values(f"{split}_nll").values()) if all(r.eval for r in row.runs) else None,
+        eval_stride=next((r.eval["stride"] for r in row.runs if r.eval), None),
+        mean_context=_mean_std(r.eval["mean_context"] for r in row.runs if r.eval),
+        unit=unit_key, unit_value=_mean_std(row.values(unit_key).values()) if unit_key else None, metric=metric,
+        reference=ref.variant if ref is not None else None,
+        reference_hash=ref.summary.identity.settings_hash if ref is not None else None,
+        no_delta=refs[row.key].why, is_reference=any(refs[o.key].row is row and o is not row for o in ds_rows),
+        delta=delta(ref.values(metric), row.values(metric)) if ref is not None else None,
+        mean_depth_profile=_depth(row), runs=[str(r.path) for r in row.runs],
+        adaptive=compare_adaptive.figures([r.eval for r in row.runs]) if all(r.eval for r in row.runs) else None)
+
+
+def _tokens_per_s(row: Row, notes: list[str]) -> float | None:
+    """The mean over seeds of each run's median tokens/s; a note when seeds ran on other devices or kernels."""
+    tok_s = [np.median([m["tokens_per_s"] for m in r.metrics if m.get("tokens_per_s")]) for r in row.runs
+             if any(m.get("tokens_per_s") for m in r.metrics)]
+    ran_on = sorted({(r.summary.device.split(":")[0], " then ".join(r.summary.attn_kernels or ()) or "-")
+                     for r in row.runs})  # (device type, attention kernels) of each seed
+    if tok_s and len(ran_on) > 1:
+        notes.append(f"{row.dataset}, {row.variant}: tokens/s averages seeds run on different devices or attention "
+                     f"kernels ({'; '.join(' '.join(x) for x in ran_on)}): the same function, not the same speed")
+    return float(np.mean(tok_s)) if tok_s else None
 
 
 def _depth(row: Row) -> dict | None:
@@ -610,46 +687,21 @@ def _fmt_multiplier(m: dict | None) -> str:
     return f"×{f(m['multiplier'])} [{f(m['ci_low'])}, {f(m['ci_high'])}]" + (" (extrapolated)" if m["extrapolated"]
                                                                              else "")
 
-
-def _delta_cells(r: dict) -> tuple[str, str, str]:
+def _delta_cells(e: Entry) -> tuple[str, str, str]:
     """Δ, p and test of a table row; a row without a Δ says whether it is a reference or why it has none."""
-    d = r["delta"]
+    d = e.delta
     if d is None:
-        return ("(reference)" if r["is_reference"] else f"no Δ: {r['no_delta']}" if r["no_delta"] else ""), "", ""
+        return ("(reference)" if e.is_reference else f"no Δ: {e.no_delta}" if e.no_delta else ""), "", ""
     if d["ci_low"] is None:
         return f"{d['delta']:+.4f} [no interval]", "–", d["test"]
     return f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]", f"{d['p_value']:.3g}", d["test"]
 
 
-def render_markdown(table: list[dict], notes: list[str], incomplete: list[str], multiplier: bool,
+def render_markdown(table: list[Entry], notes: list[str], incomplete: list[str], multiplier: bool,
                     named: str | None = None) -> str:
     lines = []
-    for ds in sorted({r["dataset"] for r in table}):
-        rows = [r for r in table if r["dataset"] == ds]
-        unit = rows[0]["unit"] or "per unit"
-        split = rows[0]["eval_split"]
-        metric = split if rows[0]["metric"] == f"{split}_nll" else "val"
-        extra_h, extra_a = (" compute multiplier [95% CI] |", "---:|") if multiplier else ("", "")
-        lines += [f"### {ds}", "",
-                  f"| variant | params | FLOPs/token | train FLOPs | tokens/s | seeds | val NLL | {split} NLL | {unit} "
-                  f"| reference | Δ {metric} NLL vs reference [95% CI] | p | test |{extra_h}",
-                  f"|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|{extra_a}"]
-        for r in rows:
-            dtext, ptext, ttext = _delta_cells(r)
-            tok_s = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"
-            mult = (f" {'ladder' if r['in_ladder'] else _fmt_multiplier(r['compute_multiplier'])} |"
-                    if multiplier else "")
-            lines.append(f"| {r['variant']} | {r['params']:,} | {r['flops_per_token']:.3g} | "
-                         f"{r['train_flops'][0]:.3g} | {tok_s} | {','.join(map(str, r['seeds']))} | "
-                         f"{_fmt(r['val_nll'])} | {_fmt(r['test_nll'])} | {_fmt(r['unit_value'])} | "
-                         f"{r['reference'] or ''} | {dtext} | "
-                         f"{ptext} | {ttext} |{mult}")
-        stride = rows[0]["eval_stride"]
-        if stride:
-            ctx = rows[0]["mean_context"]
-            context = f", mean context {ctx[0]:.0f} tokens" if ctx else ""
-            lines += ["", f"{split.capitalize()} NLL: sliding window, stride {stride}{context}."]
-        lines.append("")
+    for ds in sorted({e.dataset for e in table}):
+        lines += _markdown_table([e for e in table if e.dataset == ds], multiplier)
     lines.append("NLL in nats/token, mean ± sample std over seeds. Δ < 0: lower NLL than the row's reference, "
                  + (f"the row reference={named} names. " if named else
                     "the baseline of the same resolved model but the arch's own settings (same widths, depth, "
@@ -661,9 +713,35 @@ def render_markdown(table: list[dict], notes: list[str], incomplete: list[str], 
         lines.append("Compute multiplier: baseline training FLOPs that reach the row's loss on the fitted baseline "
                      "ladder (power law + constant), divided by the row's own; > 1 means the variant is worth more "
                      "compute than it costs. Interval: bootstrap over seeds (narrow with 3 seeds: read it as a range).")
+    lines += compare_adaptive.markdown(table)
     lines += [f"- note: {n}" for n in notes]
     lines += [f"- incomplete run: {i}" for i in incomplete]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_table(entries: list[Entry], multiplier: bool) -> list[str]:
+    """One dataset's heading, table and evaluation line."""
+    first = entries[0]
+    unit, split = first.unit or "per unit", first.eval_split
+    metric = split if first.metric == f"{split}_nll" else "val"
+    extra_h, extra_a = (" compute multiplier [95% CI] |", "---:|") if multiplier else ("", "")
+    lines = [f"### {first.dataset}", "",
+             f"| variant | params | FLOPs/token | train FLOPs | tokens/s | seeds | val NLL | {split} NLL | {unit} "
+             f"| reference | Δ {metric} NLL vs reference [95% CI] | p | test |{extra_h}",
+             f"|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|{extra_a}"]
+    for e in entries:
+        dtext, ptext, ttext = _delta_cells(e)
+        tok_s = f"{e.tokens_per_s:,.0f}" if e.tokens_per_s else "–"
+        mult = f" {'ladder' if e.in_ladder else _fmt_multiplier(e.compute_multiplier)} |" if multiplier else ""
+        lines.append(f"| {e.variant} | {e.params:,} | {e.flops_per_token:.3g} | "
+                     f"{e.train_flops[0]:.3g} | {tok_s} | {','.join(map(str, e.seeds))} | "
+                     f"{_fmt(e.val_nll)} | {_fmt(e.test_nll)} | {_fmt(e.unit_value)} | "
+                     f"{e.reference or ''} | {dtext} | "
+                     f"{ptext} | {ttext} |{mult}")
+    if first.eval_stride:
+        context = f", mean context {first.mean_context[0]:.0f} tokens" if first.mean_context else ""
+        lines += ["", f"{split.capitalize()} NLL: sliding window, stride {first.eval_stride}{context}."]
+    return lines + [""]
 
 
 def _write(path: Path, text: str) -> None:
@@ -679,42 +757,44 @@ CSV_COLUMNS = ["dataset", "variant", "settings_hash", "params", "non_embedding_p
                "test", "compute_multiplier", "multiplier_ci_low", "multiplier_ci_high", "eval_stride"]
 
 
-def _csv_row(r: dict) -> dict:
-    d, m = r["delta"] or {}, r["compute_multiplier"] or {}
-    pair = lambda k: (r[k] or (None, None))  # noqa: E731
-    return {**{k: r[k] for k in ("dataset", "variant", "settings_hash", "params", "non_embedding_params",
-                                 "flops_per_token", "tokens_per_s", "n", "unit", "metric", "eval_stride",
-                                 "reference", "reference_hash", "is_reference", "no_delta")},
-            "seeds": " ".join(map(str, r["seeds"])), "train_flops_mean": pair("train_flops")[0],
-            "val_nll_mean": pair("val_nll")[0], "val_nll_std": pair("val_nll")[1],
-            "test_nll_mean": pair("test_nll")[0], "test_nll_std": pair("test_nll")[1],
-            "unit_mean": pair("unit_value")[0], "unit_std": pair("unit_value")[1],
+def _csv_row(e: Entry) -> dict:
+    d, m = e.delta or {}, e.compute_multiplier or {}
+    pair = lambda v: v or (None, None)  # noqa: E731
+    return {"dataset": e.dataset, "variant": e.variant, "settings_hash": e.settings_hash, "params": e.params,
+            "non_embedding_params": e.non_embedding_params, "flops_per_token": e.flops_per_token,
+            "tokens_per_s": e.tokens_per_s, "n": e.n, "unit": e.unit, "metric": e.metric,
+            "eval_stride": e.eval_stride, "reference": e.reference, "reference_hash": e.reference_hash,
+            "is_reference": e.is_reference, "no_delta": e.no_delta,
+            "seeds": " ".join(map(str, e.seeds)), "train_flops_mean": pair(e.train_flops)[0],
+            "val_nll_mean": pair(e.val_nll)[0], "val_nll_std": pair(e.val_nll)[1],
+            "test_nll_mean": pair(e.test_nll)[0], "test_nll_std": pair(e.test_nll)[1],
+            "unit_mean": pair(e.unit_value)[0], "unit_std": pair(e.unit_value)[1],
             "delta": d.get("delta"), "ci_low": d.get("ci_low"), "ci_high": d.get("ci_high"),
             "p_value": d.get("p_value"), "test": d.get("test"), "compute_multiplier": m.get("multiplier"),
             "multiplier_ci_low": m.get("ci_low"), "multiplier_ci_high": m.get("ci_high")}
 
 
-def _write_csv(path: Path, table: list[dict]) -> None:
+def _write_csv(path: Path, table: list[Entry]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, CSV_COLUMNS)
         w.writeheader()
-        for r in table:
-            w.writerow(_csv_row(r))
+        for e in table:
+            w.writerow(_csv_row(e))
     tmp.replace(path)
 
 
-def track(job: CompareJob, out_dir: Path, table: list[dict], pictures: list[Path]) -> None:
+def track(job: CompareJob, out_dir: Path, table: list[Entry], pictures: list[Path]) -> None:
     """The table as a wandb.Table and the plots as images, in a W&B run of its own (offline by default)."""
     tracker = open_tracker(job.wandb, out_dir, name=f"compare-{job.name}", config={"runs": job.runs})
     try:
-        tracker.table("compare", CSV_COLUMNS, [[_csv_row(r)[c] for c in CSV_COLUMNS] for r in table])
+        tracker.table("compare", CSV_COLUMNS, [[_csv_row(e)[c] for c in CSV_COLUMNS] for e in table])
         tracker.images({p.stem: p for p in pictures})
     finally:
         tracker.finish()
 
 
-def plot(table: list[dict], rows: list[Row], out_dir: Path) -> list[Path]:
+def plot(table: list[Entry], rows: list[Row], out_dir: Path) -> list[Path]:
     """Validation loss vs step and vs training FLOPs per dataset (a band over seeds), and mean depth profiles."""
     import matplotlib
 
@@ -722,42 +802,49 @@ def plot(table: list[dict], rows: list[Row], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     pictures = []
-    for i, ds in enumerate(sorted({r["dataset"] for r in table})):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-        for row in sorted((r for r in rows if r.dataset == ds), key=lambda r: r.variant):
-            for ax, xkey in zip(axes, ("step", "train_flops")):
-                curves = [{m[xkey]: m["val_loss"] for m in r.metrics if m.get("val_loss") is not None}
-                          for r in row.runs]
-                xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-                if not xs:
-                    continue
-                ys = np.array([[c[x] for x in xs] for c in curves])
-                line, = ax.plot(xs, ys.mean(0), label=f"{row.variant} (n={len(row.runs)})")
-                if len(row.runs) > 1:
-                    ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-        axes[0].set(xlabel="step", ylabel="validation NLL (nats/token)", title=f"{ds}: band = min..max over seeds")
-        axes[1].set(xlabel="training FLOPs", ylabel="validation NLL (nats/token)", xscale="log",
-                    title=f"{ds}: against training compute")
-        axes[0].legend(fontsize=8)
-        pictures.append(out_dir / f"curves_{i}.png")
-        fig.savefig(pictures[-1], dpi=110)
-        plt.close(fig)
-        depth_rows = [r for r in table if r["dataset"] == ds and r["mean_depth_profile"]]
-        if depth_rows:
-            fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
-            width = 0.8 / len(depth_rows)
-            sources: set[int] = set()
-            for k, r in enumerate(depth_rows):  # bars at their source layer, so rows with other taps line up
-                taps = r["mean_depth_profile"]["taps"] or list(range(len(r["mean_depth_profile"]["profile"])))
-                sources.update(taps)
-                ax.bar(np.array(taps) + k * width, r["mean_depth_profile"]["profile"], width,
-                       label=f"{r['variant']} ({r['mean_depth_profile'].get('kind')})")
-            ticks = sorted(sources)
-            ax.set_xticks(np.array(ticks) + 0.4 - width / 2, [f"h{t}" for t in ticks])
-            ax.set(xlabel="source layer (h0 = embeddings)", ylabel="mean weight (per method's own scale)",
-                   title=f"{ds}: which depth the output draws on")
-            ax.legend(fontsize=8)
-            pictures.append(out_dir / f"depth_{i}.png")
-            fig.savefig(pictures[-1], dpi=110)
-            plt.close(fig)
-    return pictures
+    for i, ds in enumerate(sorted({e.dataset for e in table})):
+        pictures.append(_plot_curves([r for r in rows if r.dataset == ds], ds, out_dir / f"curves_{i}.png", plt))
+        depth = [e for e in table if e.dataset == ds and e.mean_depth_profile]
+        if depth:
+            pictures.append(_plot_depth(depth, ds, out_dir / f"depth_{i}.png", plt))
+    return pictures + compare_adaptive.plot(table, out_dir, plt)
+
+
+def _plot_curves(ds_rows: list[Row], ds: str, png: Path, plt) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    for row in sorted(ds_rows, key=lambda r: r.variant):
+        for ax, xkey in zip(axes, ("step", "train_flops")):
+            curves = [{m[xkey]: m["val_loss"] for m in r.metrics if m.get("val_loss") is not None} for r in row.runs]
+            xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not xs:
+                continue
+            ys = np.array([[c[x] for x in xs] for c in curves])
+            line, = ax.plot(xs, ys.mean(0), label=f"{row.variant} (n={len(row.runs)})")
+            if len(row.runs) > 1:
+                ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    axes[0].set(xlabel="step", ylabel="validation NLL (nats/token)", title=f"{ds}: band = min..max over seeds")
+    axes[1].set(xlabel="training FLOPs", ylabel="validation NLL (nats/token)", xscale="log",
+                title=f"{ds}: against training compute")
+    axes[0].legend(fontsize=8)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _plot_depth(entries: list[Entry], ds: str, png: Path, plt) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
+    width = 0.8 / len(entries)
+    sources: set[int] = set()
+    for k, e in enumerate(entries):  # bars at their source layer, so rows with other taps line up
+        profile = e.mean_depth_profile
+        taps = profile["taps"] or list(range(len(profile["profile"])))
+        sources.update(taps)
+        ax.bar(np.array(taps) + k * width, profile["profile"], width, label=f"{e.variant} ({profile.get('kind')})")
+    ticks = sorted(sources)
+    ax.set_xticks(np.array(ticks) + 0.4 - width / 2, [f"h{t}" for t in ticks])
+    ax.set(xlabel="source layer (h0 = embeddings)", ylabel="mean weight (per method's own scale)",
+           title=f"{ds}: which depth the output draws on")
+    ax.legend(fontsize=8)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

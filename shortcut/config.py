@@ -30,6 +30,15 @@ class Arch(enum.StrEnum):
     value_residual = "value_residual"  # Zhou et al. 2024 (ResFormer): every layer's values mix in the first's
     hyper = "hyper"  # Zhu et al. 2024 (Hyper-Connections): n residual streams, learned width and depth connections
     mhc = "mhc"  # Xie et al. 2025 (DeepSeek, mHC): the same, the stream mix projected onto doubly stochastic matrices
+    moda = "moda"  # Zhu et al. 2026: one softmax over the layer's sequence keys and earlier layers' keys at the position
+    laurel = "laurel"  # Menghani et al. 2025 (LAuReL): every residual x + f(x) becomes alpha·f(x) + g(x, earlier x)
+
+
+class LaurelMode(enum.StrEnum):
+    """Which LAuReL residual g replaces x in x + f(x) (Menghani et al. 2025, Section 2; shortcut/variants/laurel.py)."""
+    rw = "rw"  # residual weights: alpha·f(x_i) + beta·x_i
+    lr = "lr"  # low rank (with RW): alpha·f(x_i) + beta·(x_i + B·A·x_i)
+    pa = "pa"  # previous activations (with RW): alpha·f(x_i) + beta·x_i + B·A·sum_{j<i} gamma_ij·x_j
 
 
 class PosEmb(enum.StrEnum):
@@ -395,6 +404,13 @@ class ModelConfig:
     hc_dynamic: bool = True  # input-dependent connections (HC's DHC; mHC's alpha·(x·phi) terms); false: static
     # ones only (HC's SHC; mHC with its biases b alone)
     mhc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations projecting H_res (the mHC paper's t_max = 20)
+    # --- moda (Zhu et al. 2026, arXiv 2603.15619) ---
+    moda_ffn_kv: bool = True  # each FFN also writes a key/value pair (a KV projection of its input) for later
+    # layers: the paper's default (Table 3 row 4); false: only the attention layers' own keys/values (row 3, no
+    # new parameters)
+    # --- laurel (Menghani et al., ICML 2025, arXiv 2411.07501) ---
+    laurel: LaurelMode = LaurelMode.lr  # rw | lr | pa (chosen default: lr, RW+LR)
+    laurel_rank: int = 4  # r of the low-rank maps B·A (lr and pa); chosen: 4 (+0.1% parameters at GPT-2 small)
     # --- parameter matching: grow this model until its parameter count matches another arch's ---
     match_params: Optional[Arch] = None  # e.g. arch=baseline match_params=shortcut (or mudd, attnres, ...)
     match_by: MatchBy = MatchBy.width
@@ -423,7 +439,8 @@ class ModelConfig:
                f"block {first}, the first of the last {self.shortcut_layers}, reads the taps at or below its input "
                f"layer {first}, and model.taps={self.tap_layers()} has none; lower it or add a tap <= {first}")
         for key, choices in (("arch", Arch), ("attn_impl", AttnImpl), ("pos", PosEmb), ("norm", Norm),
-                             ("mlp", MLPKind), ("shortcut_mode", ShortcutMode), ("tap_bias", TapBias)):
+                             ("mlp", MLPKind), ("shortcut_mode", ShortcutMode), ("tap_bias", TapBias),
+                             ("laurel", LaurelMode)):
             try:  # a plain string (Python callers, tests) becomes the enum
                 setattr(self, key, choices(getattr(self, key)))
             except ValueError:
@@ -450,6 +467,9 @@ class ModelConfig:
                "mhc needs at least 2 streams (with one, H_res is the constant 1); model=hyper takes 1")
         _check(self.mhc_sinkhorn_iters >= 1, "model.mhc_sinkhorn_iters",
                "must be at least 1 (the paper's 20): without an iteration H_res is not doubly stochastic")
+        _check(isinstance(self.laurel_rank, int) and self.laurel_rank >= 1
+               and (self.arch != Arch.laurel or self.laurel_rank <= self.n_embd), "model.laurel_rank",
+               f"must be in 1..model.n_embd={self.n_embd}")
         _check(self.pos != PosEmb.rope or (self.n_embd // self.n_head) % 2 == 0, "model.pos",
                f"rope needs an even head size (n_embd / n_head = {self.n_embd // self.n_head})")
 
@@ -622,7 +642,7 @@ class SampleConfig:
     prompt_tokens: int = 128  # at most this many prompt tokens (from_test, or a long prompt: its first ones)
     prompt_bars: int = 2  # music: the prompt's first bars (tokenizers with Bar tokens; else prompt_tokens)
     prompt_seconds: float = 2.0  # audio: the prompt's first seconds
-    cache: bool = True  # KV cache (baseline and shortcut); False: a full forward per token, for comparison
+    cache: bool = True  # KV cache (baseline, shortcut, moda, laurel); False: a full forward per token, to compare
     device: Device = Device.auto
     # Adaptive decoding (issue 21), baseline and shortcut with the KV cache:
     exit: DecodeExit = DecodeExit.none  # confidence: each new token stops at the

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shortcut import diskio
 from shortcut.config import UserError
 
 SPLITS = ("train", "val", "test")
@@ -262,12 +263,17 @@ class CorpusWriter:
             self.resumed = True
         else:
             shutil.rmtree(self.work, ignore_errors=True)
-            (self.work / "stage").mkdir(parents=True)
             self.state = {"format": FORMAT, "input_hash": input_hash, "done": 0, "dtype": None,
                           "tokens": {s: 0 for s in SPLITS}, "stats": {}}
             self.resumed = False
-            self._write_journal()
         self._files: dict = {}
+        if not self.resumed:
+            try:
+                (self.work / "stage").mkdir(parents=True)
+                self._write_journal()
+            except (OSError, diskio.DiskError) as exc:
+                self.__exit__(type(exc), exc, None)
+                raise
         self._content = None  # sha256 of everything appended, in order (content_hash)
         self._hashes: dict = {}  # each split file's own sha256
         self._split = 0  # index in SPLITS of the split being appended to; earlier ones are closed for appends
@@ -285,12 +291,7 @@ class CorpusWriter:
 
     @staticmethod
     def _write_durably(target: Path, blob: bytes) -> None:
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        diskio.atomic_write(target, blob, durable=True)
 
     def _write_journal(self) -> None:
         self._write_durably(self.work / JOURNAL, json.dumps(self.state).encode())
@@ -390,7 +391,10 @@ class CorpusWriter:
     def close(self) -> None:
         """Release the corpus (an unfinished one stays in .<name>.partial/ to be resumed)."""
         for f in self._files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:  # its buffer could not be flushed (a full disk): unjournaled, so nothing is lost
+                pass
         self._files = {}
         if not self._lock.closed:
             self._lock.close()
@@ -398,8 +402,16 @@ class CorpusWriter:
     def __enter__(self) -> "CorpusWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
+        if exc is not None and (diskio.is_disk_error(exc) or isinstance(exc, diskio.DiskError)):
+            # Resuming would need the space the corpus did not fit in: the partial corpus goes, and its space with it.
+            written = sum(f.stat().st_size for f in self.work.rglob("*") if f.is_file()) if self.work.is_dir() else 0
+            diskio.remove(self.work)
+            cause = exc.os_error if isinstance(exc, diskio.DiskError) else exc
+            message = diskio.describe(self.path, "the corpus", cause)
+            raise diskio.DiskError(f"{message}; it needs more than the {written / diskio.MB:,.1f} MB written, and "
+                                   f"its partial files ({self.work.name}/) were removed") from None
 
 
 def write_corpus(path: Path, splits: dict[str, np.ndarray], meta: dict,

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+from shortcut import diskio
 from shortcut.config import UserError
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ def download(url: str, dest: Path, what: str, alternative: str, known_hash: str 
                         f"deleted, run again to fetch it anew ({' '.join(str(exc).split())[:200]}). "
                         f"{alternative}") from None
     except (requests.RequestException, OSError) as exc:
+        if diskio.is_disk_error(exc):  # a partial download would only hold on to the space it needs
+            diskio.remove(part)
+            raise diskio.DiskError(diskio.describe(dest, f"the download of {what}", exc) + "; the partial download "
+                                   "was removed") from None
         resumable = " (run again to resume it)" if part.is_file() else ""
         raise UserError(f"downloading {what} from {url} failed ({type(exc).__name__}: {str(exc)[:160]})"
                         f"{resumable}. {alternative}") from None

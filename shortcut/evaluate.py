@@ -216,41 +216,15 @@ def evaluate_run(job: EvalJob) -> dict:
         check_supported(model, run_dir)
     total, n, mean_context = split_nll(model, data, cfg.split, stride, cfg.max_tokens, cfg.batch_size,
                                        autocast(device, Precision.auto))
-    precision = effective_precision(Precision.auto, device)
-    nll = total / n
-    # Per unit of the domain (character of text, note of music, second of audio): total nats over the units the
-    # scored tokens cover (the split's units in proportion; exact for char-level text, where a token is a unit).
-    units = {}
-    split_tokens = data.meta["tokens"][cfg.split]
-    for unit, counts in data.meta.get("units", {}).items():
-        if counts.get(cfg.split):
-            covered = counts[cfg.split] * n / split_tokens
-            units[unit] = {"nll": total / covered, "bits": total / covered / math.log(2)}
-    summary = Summary.read(run_dir)
-    finished, max_steps = summary is not None and summary.finished, run_length(state, summary)
-    if not finished:  # e.g. killed or stopped at step 50 of 200: its number is not the run's final one
-        log.warning("%s is unfinished: scored its checkpoint at step %d of %s (%s); run its `shortcut train` command "
-                    "again to finish it", run_dir, state.step, max_steps or "?",
-                    "it has no summary.json" if summary is None else "its summary.json says it did not finish")
+    nll, units = total / n, per_unit(total, n, data.meta, cfg.split)
+    finished, max_steps = _progress(run_dir, state)
     record = EvalRecord(split=cfg.split, nll=nll, n_tokens=n, stride=stride, mean_context=mean_context,
                         max_tokens=cfg.max_tokens, checkpoint_step=state.step, checkpoint_hash=state.weights_hash,
                         checkpoint=state.path, data_hash=data.content_hash,
                         flops_per_token=flops_per_token(model.cfg).forward, domain=data.meta["domain"],
                         source=data.meta["source"], tokenizer=data.meta["tokenizer"], units=units,
-                        precision=precision, max_steps=max_steps, finished=finished)
-    audit_dir = run_dir / rundir.AUDIT
-    depth = rundir.read_depth(run_dir)
-    if cfg.audit:
-        from shortcut.audit import audit
-
-        summary = audit(model, data, audit_dir, cfg, checkpoint_hash=state.weights_hash)
-        record.audit = {k: summary[k] for k in ("taps", "mean_profile", "mean_depth", "spearman_depth_vs_loss",
-                                                "pictures", "logit_lens_nll", "layer_weights", "blocks_run")
-                        if k in summary}
-    elif depth is not None and depth.get("checkpoint_hash") != state.weights_hash:
-        import shutil
-
-        shutil.rmtree(audit_dir)  # an audit of another model must not sit beside this evaluation
+                        precision=effective_precision(Precision.auto, device), max_steps=max_steps, finished=finished)
+    record.audit = _audit(model, data, cfg, run_dir, state)
     if cfg.exit != ExitPolicy.none:
         record.exit = early_exits(model, data, cfg, stride, run_dir, state, autocast(device, Precision.auto))
     else:  # curves of an earlier evaluation must not sit beside this one
@@ -265,6 +239,46 @@ def evaluate_run(job: EvalJob) -> dict:
              "".join(f", {v['bits']:.4f} bits/{u}" for u, v in units.items()), f"{n:,}", stride, mean_context,
              run_dir / rundir.EVAL)
     return result
+
+
+def per_unit(total: float, n: int, meta: dict, split: str) -> dict:
+    """NLL per unit of the domain (character of text, note of music, second of audio): total nats over the units
+    the n scored tokens cover (the split's units in proportion; exact for char-level text, where a token is a unit)."""
+    units = {}
+    for unit, counts in meta.get("units", {}).items():
+        if counts.get(split):
+            covered = counts[split] * n / meta["tokens"][split]
+            units[unit] = {"nll": total / covered, "bits": total / covered / math.log(2)}
+    return units
+
+
+def _progress(run_dir: Path, state: Checkpoint) -> tuple[bool, int | None]:
+    """Whether the run had finished, and its length; an unfinished run's number is not its final one: say so."""
+    summary = Summary.read(run_dir)
+    finished, max_steps = summary is not None and summary.finished, run_length(state, summary)
+    if not finished:  # e.g. killed or stopped at step 50 of 200
+        log.warning("%s is unfinished: scored its checkpoint at step %d of %s (%s); run its `shortcut train` command "
+                    "again to finish it", run_dir, state.step, max_steps or "?",
+                    "it has no summary.json" if summary is None else "its summary.json says it did not finish")
+    return finished, max_steps
+
+
+def _audit(model: GPT, data: TokenData, cfg: EvalConfig, run_dir: Path, state: Checkpoint) -> dict | None:
+    """eval.audit's figures for eval.json (the audit writes audit/); without eval.audit, an audit of another model
+    is removed, so that it never sits beside this evaluation."""
+    audit_dir = run_dir / rundir.AUDIT
+    depth = rundir.read_depth(run_dir)
+    if cfg.audit:
+        from shortcut.audit import audit
+
+        found = audit(model, data, audit_dir, cfg, checkpoint_hash=state.weights_hash)
+        return {k: found[k] for k in ("taps", "mean_profile", "mean_depth", "spearman_depth_vs_loss", "pictures",
+                                      "logit_lens_nll", "layer_weights", "blocks_run") if k in found}
+    if depth is not None and depth.get("checkpoint_hash") != state.weights_hash:
+        import shutil
+
+        shutil.rmtree(audit_dir)
+    return None
 
 
 def early_exits(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, run_dir: Path, state: Checkpoint,

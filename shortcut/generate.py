@@ -4,9 +4,9 @@ picks each next token (temperature, top-k, top-p), for `shortcut sample` and the
 Each new token costs one pass through the blocks at its own position: GPT.forward with a Cache, in which every block
 keeps the keys and values it made (shortcut.blocks: a self-attention's (B, nh, T, hs), a shortcut block's (tap,
 position) ones (B, nh, K_i, T, hs)). This module holds policies only (what to cache, when to rebuild it, at which
-depth a token stops, what to draft and accept); the blocks' arithmetic is the blocks'. Of the variants in
-shortcut/variants/, those that cache (hyper, mhc: per-position connections) fill the same Cache through their own
-pass; the others decode with a full forward per token.
+depth a token stops, what to draft and accept); the blocks' arithmetic is the blocks'. Most variants in
+shortcut/variants/ decode with a full forward per token instead; those that compose with the cache (hyper, mhc,
+moda, laurel: GPT.caches) use it too, without exits.
 
 The window: a model sees at most block_size tokens (learned positions end there). When the window is full, the cache
 is rebuilt from the last block_size // 2 tokens (positions start again at 0), so every token is predicted from at
@@ -32,13 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def supports_cache(model: GPT) -> bool:
-    """The baseline, the shortcut and the variants that say they cache (hyper, mhc); the other variants in
-    shortcut/variants/ decode with a full forward instead."""
-    return model.cfg.arch in (Arch.baseline, Arch.shortcut) or getattr(model.variant, "caches", False)
+    """The baseline, the shortcut and the variants that compose with the cache (the others decode with a full
+    forward instead)."""
+    return model.caches
 
 
 def has_exits(model: GPT) -> bool:
-    """Early exits (exit and speculative decoding): the baseline and the shortcut, dense (not routed)."""
+    """Early exits and drafts at a shallower depth: the baseline and the shortcut (a variant runs its blocks its
+    own way), dense ones only."""
     return model.cfg.arch in (Arch.baseline, Arch.shortcut) and model.cfg.mod_capacity is None
 
 

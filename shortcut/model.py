@@ -223,17 +223,10 @@ class GPT(nn.Module):
 
         exits (training with model.exit_train): depths d whose early-exit losses join the full model's; the loss
         is then the mean over the full depth and those exits (the logits stay the full model's). cache: decode n
-        tokens after those the cache holds (baseline, shortcut and the variants that cache), filling it."""
+        tokens after those the cache holds (baseline, shortcut and the variants that say `caches`), filling it."""
         trace = None
         if self.variant is not None:
-            if cache is None:
-                x, rope = self.embed(idx)
-                x = self.variant(self.drop(x), self.blocks, rope)
-            else:  # a variant that caches (hyper, mhc): its blocks fill the cache as the baseline's do
-                self._check_caches()
-                x, rope = self.embed(idx, cache.length)
-                x = self.variant(self.drop(x), self.blocks, rope, cache=cache)
-                cache.length += idx.size(1)
+            x = self._variant_pass(idx, cache)
         else:
             trace = self.run(self.start(idx, cache))
             x = trace.states[-1]
@@ -250,11 +243,32 @@ class GPT(nn.Module):
             loss = loss + self.cfg.mod_aux_weight * torch.stack(trace.aux_losses).mean()
         return logits, loss
 
+    def _variant_pass(self, idx, cache: Cache | None) -> torch.Tensor:
+        """The variant's own pass over tokens idx (B, n): the last residual stream (B, n, C). With a cache (the
+        variants that say `caches`), at the positions after those cached, its blocks' caches handed over."""
+        if cache is None:
+            x, rope = self.embed(idx)
+            return self.variant(self.drop(x), self.blocks, rope)
+        if not self.caches:
+            raise ValueError(f"no KV cache for {self.cfg.arch}")
+        for block_cache in cache.blocks:
+            block_cache.pos = cache.length
+        x, rope = self.embed(idx, cache.length)
+        x = self.variant(self.drop(x), self.blocks, rope, cache=cache.blocks)
+        cache.length += idx.size(1)
+        return x
+
+    @property
+    def caches(self) -> bool:
+        """Whether this model decodes with the KV cache: the baseline, the shortcut and the variants that say so."""
+        return self.variant is None or getattr(self.variant, "caches", False)
+
     def new_cache(self, batch: int, device=None, dtype=None, exits=()) -> Cache:
-        """An empty Cache of block_size positions for `batch` sequences (baseline, shortcut and the variants that
-        cache); exits: the exit depths < full the decoding will use (their caches for the shortcut's final block)."""
-        if self.variant is not None:
-            self._check_caches()
+        """An empty Cache of block_size positions for `batch` sequences (baseline, shortcut, the variants that say
+        `caches`); exits: the exit depths < full the decoding will use (their caches for the shortcut's final
+        block)."""
+        if not self.caches:
+            raise ValueError(f"no KV cache for {self.cfg.arch}")
         device, dtype = device or self.wte.weight.device, dtype or self.wte.weight.dtype
         cache = Cache([block.new_cache(self.cfg, batch, device, dtype) for block in self.blocks])
         if self.shortcut:
@@ -263,10 +277,6 @@ class GPT(nn.Module):
                 own = self.blocks[-1].new_cache(self.cfg, batch, device, dtype).self_kv
                 cache.exits[d] = BlockCache(self_kv=own, tap_kv=final.tap_kv)
         return cache
-
-    def _check_caches(self) -> None:
-        if not getattr(self.variant, "caches", False):
-            raise ValueError(f"no KV cache for {self.cfg.arch}")
 
     # --- what the audit reads ---
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from shortcut import diskio
 from shortcut.config import UserError
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,22 @@ LENGTH_KEYS = ("max_steps", "flops_budget", "match_flops")
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    diskio.atomic_write(Path(path), json.dumps(obj, indent=2, default=str))
 
 
 def short_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors in a (nested) state dict: what torch.save will write, within its small overhead."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
@@ -140,12 +149,20 @@ class Identity:
 
     setup_hash: the training settings that shape learning (not how long, not how it executes) + the corpus.
     variant_hash: the resolved model config + how long it trains (steps, or a FLOP budget).
-    labels: the model choice and the settings that differ from the defaults of the chosen config files."""
+    labels: the model choice and the settings that differ from the defaults of the chosen config files;
+    variant_settings: those of the variant label, each whole ("model.n_embd=32"), so that no reader splits the label.
+    A record written before variant_settings existed (issue 20) has its label only: model choice and settings joined
+    by spaces, which is where they are taken from then."""
     setup_hash: str
     variant_hash: str
     variant_label: str
     setup_label: str
     model_choice: str
+    variant_settings: list[str] | None = None
+
+    def __post_init__(self):
+        if self.variant_settings is None:  # an older record: its label is the model choice, then the settings
+            self.variant_settings = self.variant_label.split()[1:]
 
     @property
     def settings_hash(self) -> str:
@@ -275,14 +292,14 @@ def identify(model: dict, resolved_model: dict, train: dict, effective: dict, re
     model_choice = choices.get("model") or str(model["arch"])
     if model["arch"] != reference["model"]["arch"]:  # e.g. model=baseline model.arch=shortcut: name what it is
         model_choice = str(model["arch"])
-    variant_label = " ".join([model_choice,
-                              *_diff(model, reference["model"], "model", (*EXECUTION_KEYS["model"], "arch")),
-                              *_diff({k: train.get(k) for k in LENGTH_KEYS}, reference["train"], "train", ())])
+    variant_settings = [*_diff(model, reference["model"], "model", (*EXECUTION_KEYS["model"], "arch")),
+                        *_diff({k: train.get(k) for k in LENGTH_KEYS}, reference["train"], "train", ())]
     setup_label = " ".join([*([f"experiment={choices['experiment']}"] if choices.get("experiment") else []),
                             *([f"train={choices['train']}"] if choices.get("train") not in (None, "default") else []),
                             *_diff(train, reference["train"], "train", (*EXECUTION_KEYS["train"], *LENGTH_KEYS))])
     return Identity(setup_hash=short_hash(setup), variant_hash=short_hash([variant, length]),
-                    variant_label=variant_label, setup_label=setup_label, model_choice=model_choice)
+                    variant_label=" ".join([model_choice, *variant_settings]), setup_label=setup_label,
+                    model_choice=model_choice, variant_settings=variant_settings)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
@@ -316,9 +333,17 @@ class Checkpoint:
         path = ckpt_dir / f"step_{self.step:08d}.pt"
         tmp = path.with_suffix(".pt.tmp")
         self.weights_hash = weights_hash(self.model)
-        torch.save({"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}},
-                   tmp)
-        os.replace(tmp, path)
+        what = f"the step-{self.step} checkpoint"
+        need = state_bytes(self.model) + state_bytes(self.optimizer) + diskio.MB  # + pickled counters and RNG
+        diskio.check_space(path, what, need)
+        try:
+            with diskio.guard(path, what, cleanup=(tmp,), need=need):
+                torch.save({"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)
+                                                 if f.name != "path"}}, tmp)
+                os.replace(tmp, path)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as "unexpected pos ..."
+            diskio.remove(tmp)
+            raise diskio.DiskError(diskio.describe(path, what, exc, need)) from None
         for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
             old.unlink()
         return path
@@ -366,8 +391,12 @@ def failed_message(run_dir: Path) -> str | None:
 
 
 def write_failed(run_dir: Path, message: str) -> None:
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / FAILED).write_text(message + "\n")
+    """Best effort: it is written while the failure itself is reported (which may be a full disk)."""
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        diskio.atomic_write(Path(run_dir) / FAILED, message + "\n")
+    except (OSError, UserError):
+        log.warning("could not write %s", Path(run_dir) / FAILED)
 
 
 def is_run(d: Path) -> bool:

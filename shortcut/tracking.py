@@ -12,6 +12,7 @@ import secrets
 from dataclasses import replace
 from pathlib import Path
 
+from shortcut import diskio
 from shortcut.config import UserError, WandbConfig, WandbMode, wandb_mode
 from shortcut.download import require_network
 from shortcut.rundir import WANDB_ID
@@ -26,12 +27,11 @@ class MetricsLog:
         lines = []
         if resume_step and self.path.is_file():
             lines = [json.dumps(row) for row in self.read(self.path) if row["step"] <= resume_step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        tmp.replace(self.path)
+        diskio.atomic_write(self.path, "".join(ln + "\n" for ln in lines))
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
+        # A line cut short by a full disk is what read() drops: the file stays readable.
+        with diskio.guard(self.path, "a metrics row"), open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     @staticmethod

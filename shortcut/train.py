@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shortcut import corpus, rundir
+from shortcut import corpus, diskio, rundir
 from shortcut.attention import resolve_attn_impl
 from shortcut.config import Arch, ModelConfig, TrainConfig, TrainJob, UserError
 from shortcut.data import TokenData
@@ -570,9 +569,7 @@ def record_invocation(run_dir: Path, how: Invocation, dist: Dist):
 
 
 def atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    diskio.atomic_write(path, text)
 
 
 def summarise(job: TrainJob, loop: Loop, mcfg: ModelConfig, counts: dict, reference: TrainJob | None,

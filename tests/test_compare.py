@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -408,7 +409,8 @@ def test_arch_fields_are_every_field_a_baseline_ignores():
     assert set(ARCH_KEYS) | shared == fields and not set(ARCH_KEYS) & shared
     other = dict(taps=[0, 1], feature_map="linear", feature_hidden=7, depth_embedding=False, shortcut_mode="add",
                  tap_bias="last", shortcut_layers=2, dwa_dilation=2, dwa_period=2, attnres_block=2,
-                 value_residual_init=0.0)
+                 value_residual_init=0.0, moda_ffn_kv=False, laurel="rw", laurel_rank=2,
+                 hc_streams=2, hc_dynamic=False, mhc_sinkhorn_iters=3)
     assert set(other) == set(ARCH_KEYS) - {"arch"}
     base = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     x = torch.randint(0, 11, (2, 8))
@@ -491,3 +493,72 @@ def test_a_validation_evaluation_is_labelled_as_one(tmp_path):
     compare(job(tmp_path))
     md = (tmp_path / "results" / "compare" / "table.md").read_text()
     assert "| val NLL | val NLL |" in md and "Val NLL: sliding window" in md and "test NLL" not in md
+
+
+def test_identity_keeps_each_setting_whole():
+    """A run's variant settings are recorded one by one, so compare never splits its label: a value with a space in
+    it stays one setting (issue 20)."""
+    from shortcut.rundir import identify
+
+    ident = identify(model={"arch": "shortcut", "taps": [0, 2], "note": "two words"},
+                     resolved_model={"arch": "shortcut", "taps": [0, 2], "note": "two words"},
+                     train={"max_steps": 20}, effective={"max_steps": 20},
+                     reference={"model": {"arch": "shortcut", "taps": None, "note": ""}, "train": {"max_steps": 10}},
+                     choices={"model": "shortcut"})
+    assert ident.variant_settings == ["model.note=two words", "model.taps=[0,2]", "train.max_steps=20"]
+    assert ident.variant_label == "shortcut model.note=two words model.taps=[0,2] train.max_steps=20"
+
+
+def test_summaries_from_before_variant_settings_are_read(runs, tmp_path):
+    """A summary.json without identity.variant_settings (written before issue 20) gives the same table: its
+    settings are taken from its label."""
+    for s in range(3):
+        fake_run(tmp_path / "runs", f"t{s}", "shortcut", s, 1.4, label="shortcut model.taps=[0]")
+    new = compare(job(runs))["rows"]
+    for path in (tmp_path / "runs").glob("*/summary.json"):
+        record = json.loads(path.read_text())
+        assert record["identity"].pop("variant_settings") is not None
+        path.write_text(json.dumps(record))
+    old = compare(job(runs))["rows"]
+    assert old == new and {r["variant"] for r in old} == {"baseline", "shortcut", "shortcut model.taps=[0]"}
+
+
+def _with_adaptive(d, speedups, nll_exit, routed=None):
+    record = json.loads((d / "eval.json").read_text())
+    plain = {"tokens_per_s": 100.0, "speedup": 1.0, "flops_per_token": 10.0, "mean_exit_depth": None,
+             "acceptance": None}
+    record["decode"] = {"tokens": 32, "prompt_tokens": 8, "threshold": 0.5, "draft_depth": 1, "draft_tokens": 4,
+                        "device": "cpu", "settings": {}, "plain": plain,
+                        "exit": {**plain, "tokens_per_s": 100.0 * speedups[0], "speedup": speedups[0],
+                                 "flops_per_token": 6.0, "mean_exit_depth": 1.5, "nll": nll_exit,
+                                 "full_nll": nll_exit - 0.25},
+                        "speculative": {**plain, "tokens_per_s": 100.0 * speedups[1], "speedup": speedups[1],
+                                        "acceptance": 0.75, "same_output": True}}
+    if routed is not None:
+        record["routing"] = {"train_mode_nll": routed, "capacity": 0.125, "routed_blocks": [1],
+                             "causal_share": [0.2], "causal_flops_per_token": 7.0}
+    (d / "eval.json").write_text(json.dumps(record))
+
+
+def test_decoding_and_routing_figures_get_their_own_table_and_picture(runs):
+    """Issue 21: compare shows eval.decode_tokens' speeds (mean [min-max] over seeds), the exit policy's NLL
+    and a routed model's training-rule NLL, read from eval.json, and draws NLL against decode cost."""
+    for s in range(3):
+        _with_adaptive(runs / "runs" / f"b{s}", (0.5 + s / 10, 1.5 + s / 10), 2.0 + s / 10, routed=1.0 + s / 10)
+    summary = compare(job(runs))
+    a = rows_of(summary)["baseline"]["adaptive"]
+    assert a["exit"]["speedup"] == pytest.approx(0.6) and a["exit"]["speedup_range"] == pytest.approx([0.5, 0.7])
+    assert a["exit"]["nll_increase"] == pytest.approx(0.25) and a["exit"]["flops_ratio"] == pytest.approx(0.6)
+    assert a["speculative"]["speedup"] == pytest.approx(1.6) and a["speculative"]["same_output"] is True
+    assert a["train_mode_nll"][0] == pytest.approx(1.1) and a["causal_flops_per_token"] == 7.0
+    assert rows_of(summary)["shortcut"]["adaptive"] is None  # measured nothing: no figures, no row
+    table = next((runs / "results").glob("**/table.md")).read_text()
+    assert "adaptive compute" in table
+    line = next(ln for ln in table.splitlines() if ln.startswith("| baseline") and "x0.60 [0.50–0.70]" in ln)
+    assert "x1.60 [1.50–1.70], 0.75, yes" in line and "1.1000, 7" in line
+    assert any(Path(p).name.startswith("adaptive_") and Path(p).is_file() for p in summary["pictures"])
+
+
+def test_a_figure_some_seeds_lack_is_left_out(runs):
+    _with_adaptive(runs / "runs" / "b0", (0.5, 1.5), 2.0)
+    assert "decode_tokens" not in (rows_of(compare(job(runs)))["baseline"]["adaptive"] or {})

@@ -13,14 +13,14 @@ PACKAGE = Path(shortcut.__file__).parent
 # with the small services every stage uses below it.
 LAYERS = [
     ["config"],
-    ["download", "runtime", "rundir", "tracking", "scaling", "stop"],
+    ["diskio", "download", "runtime", "rundir", "tracking", "scaling", "stop"],
     ["corpus", "data"],
     ["prepare"],
     ["attention", "blocks", "routing", "variants", "model"],
     ["costs"],
     ["train"],
     ["scoring", "evaluate", "audit", "early_exit", "generate", "adaptive"],
-    ["sample", "compare"],
+    ["sample", "compare", "compare_adaptive"],
     ["cli", "launch", "__main__"],
 ]
 
@@ -106,3 +106,16 @@ def test_policies_hold_no_block_arithmetic():
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         touched = sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & BLOCK_INTERNALS)
         assert not touched, f"shortcut/{name}.py reaches into {touched}"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_over_60_lines():
+    """A function longer than a screen is split into named steps that read top to bottom (issue 20). Counted from
+    its `def` to its last line, the functions nested in it included."""
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted(PACKAGE.rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"split these into named steps: {long}"

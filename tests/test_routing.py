@@ -176,3 +176,9 @@ def test_eval_measures_decoding_speeds_of_an_exit_trained_run(tmp_path, prepared
     assert 1 <= decode["exit"]["mean_exit_depth"] <= 2
     assert needs_eval(run, compose("eval", args).eval) is None
     assert "decoding" in needs_eval(run, compose("eval", args[:-1] + ["eval.decode_tokens=30"]).eval)
+    from shortcut.compare import compare  # and compare reads what eval wrote (issue 21's table)
+
+    summary = compare(compose("compare", [f"runs={run}", f"results_root={tmp_path / 'results'}", "wandb=off"]))
+    figures = summary["rows"][0]["adaptive"]
+    assert figures["speculative"]["speedup"] == pytest.approx(decode["speculative"]["speedup"])
+    assert figures["exit"]["nll_increase"] == pytest.approx(decode["exit"]["nll"] - decode["exit"]["full_nll"])

@@ -21,16 +21,17 @@ import re
 import shutil
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from shortcut import corpus
+from shortcut import corpus, diskio
 from shortcut.config import AudioDomain, AudioSource, AudioTokenizer, PrepareConfig, UserError
 from shortcut.download import download, require_network
-from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, ordered_map,
+from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, kept, ordered_map,
                                      split_whole, survey, worker_count)
 
 log = logging.getLogger(__name__)
@@ -388,6 +389,8 @@ def _extract_librispeech(root: Path, folder: Path, subset: str, alternative: str
             tar.extractall(tmp, filter="data")
     except (tarfile.TarError, EOFError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if diskio.is_disk_error(exc):  # the archive is fine: the disk is full
+            raise diskio.DiskError(diskio.describe(tmp, f"the extracted LibriSpeech {subset}", exc)) from None
         raise UserError(f"{archive} could not be extracted ({type(exc).__name__}: {exc}); delete it and run again "
                         f"to download it anew. {alternative}") from None
     if not (tmp / "LibriSpeech" / subset).is_dir():
@@ -497,15 +500,16 @@ def _espeak_source(cfg: AudioDomain, root: Path, problems: Problems):
         rng = np.random.default_rng(cfg.seed)
         tmp = cache.with_name(cache.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for i in tqdm(range(cfg.utterances), desc="espeak speech", disable=cfg.utterances < 50):
-            voice = cfg.voices[int(rng.integers(len(cfg.voices)))]
-            rate = cfg.rates[int(rng.integers(len(cfg.rates)))]
-            sentence = sentences[int(rng.integers(len(sentences)))] if cfg.text else sentences[i % len(sentences)]
-            wav = engine.say(sentence, voice, rate)
-            speaker = re.sub(r"[^A-Za-z0-9]", "", voice)
-            sf.write(str(tmp / f"{speaker}-{rate}-{i:05d}.wav"), wav, engine.rate, subtype="PCM_16")
-        (tmp / ".complete").write_text(settings)
+        with diskio.guard(cache, "the spoken utterances", cleanup=(tmp,)):
+            tmp.mkdir(parents=True)
+            for i in tqdm(range(cfg.utterances), desc="espeak speech", disable=cfg.utterances < 50):
+                voice = cfg.voices[int(rng.integers(len(cfg.voices)))]
+                rate = cfg.rates[int(rng.integers(len(cfg.rates)))]
+                sentence = sentences[int(rng.integers(len(sentences)))] if cfg.text else sentences[i % len(sentences)]
+                wav = engine.say(sentence, voice, rate)
+                speaker = re.sub(r"[^A-Za-z0-9]", "", voice)
+                sf.write(str(tmp / f"{speaker}-{rate}-{i:05d}.wav"), wav, engine.rate, subtype="PCM_16")
+            (tmp / ".complete").write_text(settings)
         if cache.exists():
             shutil.rmtree(cache)
         tmp.rename(cache)
@@ -659,76 +663,96 @@ def _prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig) -> Path:
     if already_done(out, input_hash, problems):
         return out
     with corpus.CorpusWriter(out, input_hash) as w:
-        blob = w.load("plan.json")
-        plan = json.loads(blob) if blob is not None else _plan(found, cfg, opts, problems)
-        if blob is None:
-            w.save("plan.json", json.dumps(plan).encode())
-        splits = plan["splits"]
+        plan = kept(w, "plan.json", lambda: _plan(found, cfg, opts, problems))
         codebook = None
         if cfg.tokenizer == AudioTokenizer.kmeans:
-            blob = w.load("codebook.npy")
-            if blob is None:
-                codebook = _fit_codebook(plan, cfg, opts)
-                buf = io.BytesIO()
-                np.save(buf, codebook)
-                w.save("codebook.npy", buf.getvalue())
-            else:
-                codebook = np.load(io.BytesIO(blob))
-        jobs = [(s, p) for s in corpus.SPLITS for p in splits[s]]
-        if cfg.tokenizer == AudioTokenizer.encodec:  # one model, its own torch threads, in this process
-            tok = _WORKER["tok"] = make_tokenizer(cfg)
-            workers, init, initargs = 1, None, ()
-        else:
-            tok = make_tokenizer(cfg)
-            if codebook is not None:
-                tok.codebook = torch.from_numpy(codebook)
-            workers = worker_count(opts, len(jobs) - w.done, per_worker_mb=WORKER_MB)
-            init, initargs = _init_worker, (cfg, codebook, 1)
-        w.begin(corpus.token_dtype(tok.vocab_size), tok.vocab_size)
-        problems = Problems(cfg.on_error, "audio", w.stats.get("problems", plan["problems"]))
-        zero = {s: 0 for s in corpus.SPLITS}
-        stats = {"files": dict(zero), "seconds": dict(zero), **{k: v for k, v in w.stats.items() if k != "problems"}}
-        state = lambda: {**stats, "problems": problems.state()}  # noqa: E731
-        commit = Committer(w)
-        rtf, done_seconds, t_split = {}, 0.0, time.perf_counter()
-        results = ordered_map(_tokenize, [p for _, p in jobs[w.done:]], workers, init, initargs)
-        for k, res in enumerate(tqdm(results, total=len(jobs) - w.done, desc="tokenize audio",
-                                     disable=len(jobs) < 50), w.done):
-            split, path = jobs[k]
-            if isinstance(res, str):
-                problems.skip(path, res)
-            else:
-                w.append(split, res[0])
-                stats["files"][split] += 1
-                stats["seconds"][split] += res[1]
-                done_seconds += res[1]
-            if k + 1 == len(jobs) or jobs[k + 1][0] != split:  # the split's last file: its speed in this run
-                now = time.perf_counter()
-                rtf[split] = done_seconds / (now - t_split) if done_seconds else None
-                done_seconds, t_split = 0.0, now
-            commit(k + 1, state)
-        commit(len(jobs), state, force=True)
-        files, seconds = stats["files"], stats["seconds"]
-        _check_splits(files, problems)
-        extra = {}
-        if codebook is not None:
-            buf = io.BytesIO()
-            np.save(buf, codebook)
-            extra["codebook.npy"] = buf.getvalue()
-        meta = {
-            "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
-            "vocab_size": tok.vocab_size, "sample_rate": tok.rate, "files": files, "seconds": seconds,
-            "hours": {s: v / 3600 for s, v in seconds.items()}, "units": {"second": seconds},
-            "tokens_per_second": {s: w.tokens(s) / seconds[s] for s in corpus.SPLITS},
-            "seconds_per_token": seconds["val"] / max(1, w.tokens("val")),
-            "token_classes": tok.token_classes(), "realtime_factor": rtf, **problems.state(),
-            "n_transcripts": n_transcripts or 0, "settings": corpus.settings_of(cfg), "input_hash": input_hash,
-        }
-        meta = w.finish(meta, extra_files=extra)
+            codebook = kept(w, "codebook.npy", lambda: _fit_codebook(plan, cfg, opts), _npy, _from_npy)
+        tok, done = _tokenize_files(w, plan, cfg, opts, codebook)
+        _check_splits(done.files, done.problems)
+        meta = w.finish(_meta(cfg, tok, w, done, n_transcripts, input_hash),
+                        extra_files={} if codebook is None else {"codebook.npy": _npy(codebook)})
     log.info("wrote %s: %s tokens at %d Hz, vocab %d; files %s, hours %s, tokens %s; tokenizing ran %s x real time",
-             out, cfg.tokenizer, tok.rate, tok.vocab_size, "/".join(str(files[s]) for s in corpus.SPLITS),
-             "/".join(f"{seconds[s] / 3600:.3f}" for s in corpus.SPLITS),
+             out, cfg.tokenizer, tok.rate, tok.vocab_size, "/".join(str(done.files[s]) for s in corpus.SPLITS),
+             "/".join(f"{done.seconds[s] / 3600:.3f}" for s in corpus.SPLITS),
              "/".join(f"{meta['tokens'][s]:,}" for s in corpus.SPLITS),
-             "/".join(f"{rtf[s]:.0f}" if rtf.get(s) else "-" for s in corpus.SPLITS))
-    problems.report()
+             "/".join(f"{done.rtf[s]:.0f}" if done.rtf.get(s) else "-" for s in corpus.SPLITS))
+    done.problems.report()
     return out
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _from_npy(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(blob))
+
+
+@dataclass
+class _Tokenized:
+    """What the tokenizing pass counted: files and seconds of audio per split, each split's speed in this run
+    (seconds of audio per second of work; None where it had nothing left to do), and the inputs left out."""
+    files: dict[str, int]
+    seconds: dict[str, float]
+    rtf: dict[str, float | None]
+    problems: Problems
+
+
+def _tokenizer(cfg: AudioDomain, opts: PrepareConfig, codebook: np.ndarray | None, n_files: int):
+    """The tokenizer, and how the tokenizing pass runs it: (tokenizer, workers, worker initializer, its args)."""
+    if cfg.tokenizer == AudioTokenizer.encodec:  # one model, its own torch threads, in this process
+        tok = _WORKER["tok"] = make_tokenizer(cfg)
+        return tok, 1, None, ()
+    tok = make_tokenizer(cfg)
+    if codebook is not None:
+        tok.codebook = torch.from_numpy(codebook)
+    return tok, worker_count(opts, n_files, per_worker_mb=WORKER_MB), _init_worker, (cfg, codebook, 1)
+
+
+def _tokenize_files(w: corpus.CorpusWriter, plan: dict, cfg: AudioDomain, opts: PrepareConfig,
+                    codebook: np.ndarray | None) -> tuple[object, _Tokenized]:
+    """Every planned file tokenized by parallel workers and appended in order to its split, committed every few
+    seconds; a resumed prepare goes on after the files its last commit holds."""
+    jobs = [(s, p) for s in corpus.SPLITS for p in plan["splits"][s]]
+    tok, workers, init, initargs = _tokenizer(cfg, opts, codebook, len(jobs) - w.done)
+    w.begin(corpus.token_dtype(tok.vocab_size), tok.vocab_size)
+    problems = Problems(cfg.on_error, "audio", w.stats.get("problems", plan["problems"]))
+    zero = {s: 0 for s in corpus.SPLITS}
+    stats = {"files": dict(zero), "seconds": dict(zero), **{k: v for k, v in w.stats.items() if k != "problems"}}
+    state = lambda: {**stats, "problems": problems.state()}  # noqa: E731
+    commit = Committer(w)
+    rtf, done_seconds, t_split = {}, 0.0, time.perf_counter()
+    results = ordered_map(_tokenize, [p for _, p in jobs[w.done:]], workers, init, initargs)
+    for k, res in enumerate(tqdm(results, total=len(jobs) - w.done, desc="tokenize audio",
+                                 disable=len(jobs) < 50), w.done):
+        split, path = jobs[k]
+        if isinstance(res, str):
+            problems.skip(path, res)
+        else:
+            w.append(split, res[0])
+            stats["files"][split] += 1
+            stats["seconds"][split] += res[1]
+            done_seconds += res[1]
+        if k + 1 == len(jobs) or jobs[k + 1][0] != split:  # the split's last file: its speed in this run
+            now = time.perf_counter()
+            rtf[split] = done_seconds / (now - t_split) if done_seconds else None
+            done_seconds, t_split = 0.0, now
+        commit(k + 1, state)
+    commit(len(jobs), state, force=True)
+    return tok, _Tokenized(stats["files"], stats["seconds"], rtf, problems)
+
+
+def _meta(cfg: AudioDomain, tok, w: corpus.CorpusWriter, done: _Tokenized, n_transcripts: int | None,
+          input_hash: str) -> dict:
+    seconds = done.seconds
+    return {
+        "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
+        "vocab_size": tok.vocab_size, "sample_rate": tok.rate, "files": done.files, "seconds": seconds,
+        "hours": {s: v / 3600 for s, v in seconds.items()}, "units": {"second": seconds},
+        "tokens_per_second": {s: w.tokens(s) / seconds[s] for s in corpus.SPLITS},
+        "seconds_per_token": seconds["val"] / max(1, w.tokens("val")),
+        "token_classes": tok.token_classes(), "realtime_factor": done.rtf, **done.problems.state(),
+        "n_transcripts": n_transcripts or 0, "settings": corpus.settings_of(cfg), "input_hash": input_hash,
+    }

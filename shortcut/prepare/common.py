@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
 import logging
 import os
 import time
@@ -216,6 +217,18 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, initializer: Callab
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def kept(writer: corpus.CorpusWriter, name: str, make: Callable, to_bytes: Callable = lambda v: json.dumps(v).encode(),
+         from_bytes: Callable = json.loads):
+    """What an interrupted prepare saved as `name` in the writer's work folder, else make()'s result, saved there:
+    a resumed prepare goes on with the same plan, codebook or tokenizer (JSON unless to_bytes/from_bytes say)."""
+    blob = writer.load(name)
+    if blob is not None:
+        return from_bytes(blob)
+    value = make()
+    writer.save(name, to_bytes(value))
+    return value
 
 
 class Committer:

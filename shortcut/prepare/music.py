@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shortcut import corpus
+from shortcut import corpus, diskio
 from shortcut.config import MusicDomain, MusicSource, PrepareConfig, UserError
 from shortcut.download import local_or_download
-from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, ordered_map,
+from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, kept, ordered_map,
                                      split_whole, survey, worker_count)
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,12 @@ def _convert_music21(item: tuple[str, str]) -> dict:
     for i, score in enumerate(scores):
         dest = f"{out}-{i}.mid" if len(scores) > 1 else f"{out}.mid"
         try:
-            score.write("midi", fp=dest + ".tmp")
-            os.replace(dest + ".tmp", dest)
+            with diskio.guard(Path(dest), "a converted MIDI file", cleanup=(Path(dest + ".tmp"),)):
+                score.write("midi", fp=dest + ".tmp")
+                os.replace(dest + ".tmp", dest)
             written.append(dest)
+        except diskio.DiskError:  # a full disk is not this score's fault: stop, naming the place
+            raise
         except Exception as exc:  # noqa: BLE001 - music21 cannot write some scores; name them and go on
             errors[f"{work}#{i}" if len(scores) > 1 else work] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return {"files": written, "errors": errors}
@@ -151,9 +154,7 @@ def _music21_source(cfg: MusicDomain, root: Path, opts: PrepareConfig):
             needed += batch
             bar.update(len(batch))
             if todo:
-                tmp = index_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(index, indent=1))
-                tmp.replace(index_file)
+                diskio.atomic_write(index_file, json.dumps(index, indent=1), "the converted works' index")
     works = needed
     failed = {name: err for w in works for name, err in index[w]["errors"].items()}
     paths = [Path(p) for w in works for p in index[w]["files"]]
@@ -175,7 +176,7 @@ def _maestro_source(cfg: MusicDomain, root: Path, opts: PrepareConfig):
         if not (folder / ".complete").is_file():
             tmp = folder.with_name(folder.name + ".tmp")
             try:
-                with zipfile.ZipFile(src) as z:
+                with diskio.guard(tmp, "the extracted MAESTRO archive", cleanup=(tmp,)), zipfile.ZipFile(src) as z:
                     z.extractall(tmp)
             except (zipfile.BadZipFile, EOFError) as exc:
                 raise UserError(f"{src} is a damaged zip archive ({exc}); download it again or give the "
@@ -299,42 +300,11 @@ def prepare_music(cfg: MusicDomain, root: Path, opts: PrepareConfig | None = Non
         problems.report()
         return out
     with corpus.CorpusWriter(out, input_hash) as w:
-        blob = w.load("plan.json")
-        plan = json.loads(blob) if blob is not None else _plan(found, cfg, opts, problems)
-        if blob is None:
-            w.save("plan.json", json.dumps(plan).encode())
-        splits = plan["splits"]
-        tok_blob = w.load("tokenizer.json")
-        if tok_blob is None:
-            tok = make_tokenizer(cfg)
-            if cfg.bpe_vocab:
-                if cfg.bpe_vocab <= len(tok):
-                    raise UserError(f"domain.bpe_vocab={cfg.bpe_vocab} must exceed the base vocabulary ({len(tok)})")
-                # miditok reads the training pieces itself; it holds their token ids while it learns the merges.
-                tok.train(vocab_size=cfg.bpe_vocab, model="BPE", files_paths=[Path(p) for p in splits["train"]])
-            tok_blob = tokenizer_blob(tok)
-            w.save("tokenizer.json", tok_blob)
-        tok = tokenizer_from_blob(tok_blob)
-        vocab_size = len(tok)
-        w.begin(corpus.token_dtype(vocab_size), vocab_size)
-        problems = Problems(cfg.on_error, "MIDI", w.stats.get("problems", plan["problems"]))
-        stats = {"notes": {s: 0 for s in corpus.SPLITS}, "pieces": {s: 0 for s in corpus.SPLITS},
-                 **{k: v for k, v in w.stats.items() if k != "problems"}}
-        jobs = [(s, p) for s in corpus.SPLITS for p in splits[s]]
-        workers = worker_count(opts, len(jobs) - w.done)
-        commit = Committer(w)
-        results = ordered_map(_tokenize, [p for _, p in jobs[w.done:]], workers, _init_worker, (tok_blob, cfg))
-        for k, result in enumerate(tqdm(results, total=len(jobs) - w.done, desc="tokenize MIDI",
-                                        disable=len(jobs) < 200), w.done):
-            split, path = jobs[k]
-            if isinstance(result, str):
-                problems.skip(path, result)
-            else:
-                w.append(split, result[0])
-                stats["notes"][split] += result[1]
-                stats["pieces"][split] += 1
-            commit(k + 1, lambda: {**stats, "problems": problems.state()})
-        commit(len(jobs), lambda: {**stats, "problems": problems.state()}, force=True)
+        plan = kept(w, "plan.json", lambda: _plan(found, cfg, opts, problems))
+        tok_blob = kept(w, "tokenizer.json", lambda: tokenizer_blob(_fit_tokenizer(cfg, plan["splits"]["train"])),
+                        bytes, bytes)
+        vocab_size = len(tokenizer_from_blob(tok_blob))
+        stats, problems = _tokenize_pieces(w, plan, cfg, opts, tok_blob, vocab_size)
         pieces, notes = stats["pieces"], stats["notes"]
         empty = [s for s in corpus.SPLITS if not pieces[s]]
         if empty:
@@ -352,3 +322,41 @@ def prepare_music(cfg: MusicDomain, root: Path, opts: PrepareConfig | None = Non
              "/".join(f"{meta['tokens'][s]:,}" for s in corpus.SPLITS))
     problems.report()
     return out
+
+
+def _fit_tokenizer(cfg: MusicDomain, train: list[str]):
+    """The domain's miditok tokenizer, with BPE merges learnt on the training pieces when domain.bpe_vocab asks."""
+    tok = make_tokenizer(cfg)
+    if cfg.bpe_vocab:
+        if cfg.bpe_vocab <= len(tok):
+            raise UserError(f"domain.bpe_vocab={cfg.bpe_vocab} must exceed the base vocabulary ({len(tok)})")
+        # miditok reads the training pieces itself; it holds their token ids while it learns the merges.
+        tok.train(vocab_size=cfg.bpe_vocab, model="BPE", files_paths=[Path(p) for p in train])
+    return tok
+
+
+def _tokenize_pieces(w: corpus.CorpusWriter, plan: dict, cfg: MusicDomain, opts: PrepareConfig, tok_blob: bytes,
+                     vocab_size: int) -> tuple[dict, Problems]:
+    """Every planned piece tokenized by parallel workers and appended in order to its split, committed every few
+    seconds; a resumed prepare goes on after the pieces its last commit holds. Returns the counts (notes and pieces
+    per split) and the inputs left out."""
+    w.begin(corpus.token_dtype(vocab_size), vocab_size)
+    problems = Problems(cfg.on_error, "MIDI", w.stats.get("problems", plan["problems"]))
+    stats = {"notes": {s: 0 for s in corpus.SPLITS}, "pieces": {s: 0 for s in corpus.SPLITS},
+             **{k: v for k, v in w.stats.items() if k != "problems"}}
+    jobs = [(s, p) for s in corpus.SPLITS for p in plan["splits"][s]]
+    workers = worker_count(opts, len(jobs) - w.done)
+    commit = Committer(w)
+    results = ordered_map(_tokenize, [p for _, p in jobs[w.done:]], workers, _init_worker, (tok_blob, cfg))
+    for k, result in enumerate(tqdm(results, total=len(jobs) - w.done, desc="tokenize MIDI",
+                                    disable=len(jobs) < 200), w.done):
+        split, path = jobs[k]
+        if isinstance(result, str):
+            problems.skip(path, result)
+        else:
+            w.append(split, result[0])
+            stats["notes"][split] += result[1]
+            stats["pieces"][split] += 1
+        commit(k + 1, lambda: {**stats, "problems": problems.state()})
+    commit(len(jobs), lambda: {**stats, "problems": problems.state()}, force=True)
+    return stats, problems

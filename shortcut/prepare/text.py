@@ -15,14 +15,15 @@ import logging
 import os
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shortcut import corpus
+from shortcut import corpus, diskio
 from shortcut.config import PrepareConfig, TextDomain, TextSource, TextTokenizer, UserError
 from shortcut.download import local_or_download, require_network
-from shortcut.prepare.common import (Committer, Problems, already_done, find_files, ordered_map, survey,
+from shortcut.prepare.common import (Committer, Problems, already_done, find_files, kept, ordered_map, survey,
                                      worker_count)
 
 log = logging.getLogger(__name__)
@@ -261,10 +262,11 @@ def unzipped(path: Path, root: Path) -> Path:
             if not dest.is_file():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dest.with_name(dest.name + ".tmp")
-                with z.open(member) as src, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                os.replace(tmp, dest)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                with diskio.guard(dest, f"the unzipped {member}", cleanup=(tmp,), need=z.getinfo(member).file_size):
+                    with z.open(member) as src, open(tmp, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    os.replace(tmp, dest)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:  # a full disk is a DiskError, reported as such
         raise UserError(f"{path} is a damaged zip archive ({exc}); download it again or give the unzipped file") \
             from None
     return dest
@@ -292,12 +294,13 @@ def _wikitext_from_hub(root: Path) -> Path:
     ds = datasets.load_dataset(*WIKITEXT_HF, cache_dir=str(root / "downloads" / "hf"))
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for split, hf in (("train", "train"), ("val", "validation"), ("test", "test")):
-        with open(tmp / WIKITEXT_FILES[split], "w", encoding="utf-8", newline="") as f:
-            for batch in ds[hf].iter(batch_size=10_000):
-                f.write("".join(batch["text"]))
-    (tmp / ".complete").write_text("")
+    with diskio.guard(folder, "WikiText-103's raw files", cleanup=(tmp,)):
+        tmp.mkdir(parents=True)
+        for split, hf in (("train", "train"), ("val", "validation"), ("test", "test")):
+            with open(tmp / WIKITEXT_FILES[split], "w", encoding="utf-8", newline="") as f:
+                for batch in ds[hf].iter(batch_size=10_000):
+                    f.write("".join(batch["text"]))
+        (tmp / ".complete").write_text("")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
@@ -333,9 +336,36 @@ def range_bytes(opts: PrepareConfig, workers: int) -> int:
     return int(np.clip(budget / (workers * BYTES_PER_INPUT_BYTE), 1 << 20, 8 << 20))
 
 
+@dataclass
+class _Scanned:
+    """The first pass: every byte range (file index, start, end) with its characters and, for the char tokenizer,
+    its histogram; which ranges and files are usable; the bytes read."""
+    files: list[Path]
+    ranges: list[tuple[int, int, int]]
+    chars: list[int]
+    histograms: list
+    good: list[int]  # indices into ranges: the ranges of usable files
+    good_files: list[int]  # indices into files
+    size: int
+
+
 def _plan(src: Inputs, cfg: TextDomain, opts: PrepareConfig, problems: Problems) -> dict:
+    """The second pass's work, from one parallel scan of the inputs: each range's pieces of the splits, the newline
+    that joins a file to the next, the characters per split, and the training vocabulary."""
     char = cfg.tokenizer == TextTokenizer.char
-    files = src.files
+    scan = _scan_ranges(src.files, char, opts, problems)
+    bounds = _bounds(src, cfg, scan) if src.splits is None else []  # []: each file is its split
+    jobs, split_chars, counts = _assign(src, scan, bounds, char)
+    empty = [s for s in corpus.SPLITS if not split_chars[s]]
+    if empty:
+        raise UserError(f"no usable text left for the {'/'.join(empty)} split(s) ({problems.n_skipped} file(s) "
+                        f"skipped: {', '.join(list(problems.skipped)[:3])})")
+    return {"jobs": jobs, "chars": split_chars, "bytes_in": scan.size, "vocab": np.flatnonzero(counts).tolist(),
+            "problems": problems.state(), "files": [str(f) for f in src.files[:100]], "n_files": len(src.files)}
+
+
+def _scan_ranges(files: list[Path], char: bool, opts: PrepareConfig, problems: Problems) -> _Scanned:
+    """Cut every file into ranges, check and count each in parallel; a file with a bad range is skipped whole."""
     unit = range_bytes(opts, worker_count(opts, 1 << 30))
     ranges = [(i, a, b) for i, f in enumerate(files) for a, b in byte_ranges(f, os.path.getsize(f), unit)]
     size = sum(b - a for _, a, b in ranges)
@@ -354,23 +384,33 @@ def _plan(src: Inputs, cfg: TextDomain, opts: PrepareConfig, problems: Problems)
     if not good_files:
         first = next(iter(problems.skipped.items()), ("", ""))
         raise UserError(f"no usable text left: {problems.n_skipped} file(s) skipped, e.g. {first[0]}: {first[1]}")
+    return _Scanned(files, ranges, chars, histograms, good, good_files, size)
 
-    last_range = {ranges[k][0]: k for k in good}
-    if src.splits is None:
-        total = sum(chars[k] for k in good) + (len(good_files) - 1 if src.join else 0)
-        if total < src.min_chars:
-            raise UserError(f"domain.files={cfg.files!r} holds only {total} characters; give more text")
-        n_val, n_test = int(total * src.fractions[0]), int(total * src.fractions[1])
-        n_train = total - n_val - n_test
-        bounds = [("train", 0, n_train), ("val", n_train, n_train + n_val), ("test", n_train + n_val, total)]
-    else:
-        bounds = []  # each file is its split
+
+def _bounds(src: Inputs, cfg: TextDomain, scan: _Scanned) -> list[tuple[str, int, int]]:
+    """Where each split lies in the usable text taken as one (in characters, joining newlines included): train,
+    then val, then test, by the source's fractions."""
+    total = sum(scan.chars[k] for k in scan.good) + (len(scan.good_files) - 1 if src.join else 0)
+    if total < src.min_chars:
+        raise UserError(f"domain.files={cfg.files!r} holds only {total} characters; give more text")
+    n_val, n_test = int(total * src.fractions[0]), int(total * src.fractions[1])
+    n_train = total - n_val - n_test
+    return [("train", 0, n_train), ("val", n_train, n_train + n_val), ("test", n_train + n_val, total)]
+
+
+def _assign(src: Inputs, scan: _Scanned, bounds: list[tuple[str, int, int]], char: bool
+            ) -> tuple[list, dict[str, int], np.ndarray]:
+    """Each usable range as a job of the second pass: its pieces [split, first, end) in its own characters (by the
+    split bounds, else its file's split) and the split of the newline after a file's last range, if it joins the
+    next. Also the characters each split receives and, for the char tokenizer, the training characters' counts."""
+    files, ranges = scan.files, scan.ranges
+    last_range = {ranges[k][0]: k for k in scan.good}
     counts = np.zeros(0x110000 if char else 0, dtype=np.int64)
     split_chars = {s: 0 for s in corpus.SPLITS}
     jobs, pos = [], 0
-    for k in good:
+    for k in scan.good:
         i, start, end = ranges[k]
-        n = chars[k]
+        n = scan.chars[k]
         if bounds:
             pieces = [[s, max(pos, lo) - pos, min(pos + n, hi) - pos] for s, lo, hi in bounds
                       if max(pos, lo) < min(pos + n, hi)]
@@ -380,25 +420,20 @@ def _plan(src: Inputs, cfg: TextDomain, opts: PrepareConfig, problems: Problems)
             split_chars[s] += hi - lo
             if char and s == "train":
                 if lo == 0 and hi == n:
-                    present, c = histograms[k]
+                    present, c = scan.histograms[k]
                 else:  # the range the train/val boundary cuts: count its training part again
                     present, c = histogram(read_codes(str(files[i]), start, end)[0][lo:hi])
                 counts[present] += c
         pos += n
         join = None
-        if src.join and last_range[i] == k and i != good_files[-1]:
+        if src.join and last_range[i] == k and i != scan.good_files[-1]:
             join = next(s for s, lo, hi in bounds if lo <= pos < hi)
             split_chars[join] += 1
             if char and join == "train":
                 counts[NEWLINE] += 1
             pos += 1
         jobs.append([str(files[i]), start, end, pieces, join])
-    empty = [s for s in corpus.SPLITS if not split_chars[s]]
-    if empty:
-        raise UserError(f"no usable text left for the {'/'.join(empty)} split(s) ({problems.n_skipped} file(s) "
-                        f"skipped: {', '.join(list(problems.skipped)[:3])})")
-    return {"jobs": jobs, "chars": split_chars, "bytes_in": size, "vocab": np.flatnonzero(counts).tolist(),
-            "problems": problems.state(), "files": [str(f) for f in files[:100]], "n_files": len(files)}
+    return jobs, split_chars, counts
 
 
 def prepare_text(cfg: TextDomain, root: Path, opts: PrepareConfig | None = None) -> Path:
@@ -411,37 +446,13 @@ def prepare_text(cfg: TextDomain, root: Path, opts: PrepareConfig | None = None)
     if already_done(out, input_hash, problems):
         return out
     with corpus.CorpusWriter(out, input_hash) as w:
-        blob = w.load("plan.json")
-        if blob is None:
-            plan = _plan(src, cfg, opts, problems)
-            w.save("plan.json", json.dumps(plan).encode())
-        else:
-            plan = json.loads(blob)
+        plan = kept(w, "plan.json", lambda: _plan(src, cfg, opts, problems))
         problems = Problems(cfg.on_error, "text", plan["problems"])
-        char = cfg.tokenizer == TextTokenizer.char
-        if char:
-            tok = CharTokenizer([chr(c) for c in plan["vocab"]])
-            limit = tok.vocab_size + 1  # room for <unk>, kept only if val or test needs it
-            dtype = corpus.token_dtype(limit)
-            initargs = (tok.table(dtype), tok.vocab_size)
-        else:
-            tok, limit, dtype, initargs = ByteTokenizer(), 256, corpus.token_dtype(256), (None,)
-        w.begin(dtype, limit)
-        jobs = plan["jobs"]
-        workers = 1 if plan["bytes_in"] < SMALL else worker_count(opts, len(jobs) - w.done)
-        stats = w.stats or {"bytes": {s: 0 for s in corpus.SPLITS}, "unknown": {s: 0 for s in corpus.SPLITS}}
-        commit = Committer(w)
-        for k, result in enumerate(ordered_map(_encode, jobs[w.done:], workers, _set_table, initargs), w.done):
-            if isinstance(result, str):
-                raise UserError(result)
-            for split, ids, _, n_bytes, unknown in result:
-                w.append(split, ids)
-                stats["bytes"][split] += n_bytes
-                stats["unknown"][split] += unknown
-            commit(k + 1, lambda: stats)
-        commit(len(jobs), lambda: stats, force=True)
+        tok, limit, initargs = _tokenizer(cfg, plan)
+        w.begin(corpus.token_dtype(limit), limit)
+        stats = _encode_ranges(w, plan, opts, initargs)
         unknown = {s: stats["unknown"][s] for s in ("val", "test")}
-        if char and any(unknown.values()):
+        if cfg.tokenizer == TextTokenizer.char and any(unknown.values()):
             tok = tok.with_unk()
         chars = plan["chars"]
         meta = {
@@ -451,7 +462,7 @@ def prepare_text(cfg: TextDomain, root: Path, opts: PrepareConfig | None = None)
             "unknown_chars": unknown, "inputs": plan["files"], "n_inputs": plan["n_files"],
             "input_hash": input_hash, "settings": corpus.settings_of(cfg), **problems.state(),
         }
-        if char:
+        if cfg.tokenizer == TextTokenizer.char:
             meta["vocab"], meta["unk"] = tok.chars, tok.unk_id is not None
         meta = w.finish(meta)
     log.info("wrote %s: vocab %d, tokens train/val/test %s", out, tok.vocab_size,
@@ -460,3 +471,31 @@ def prepare_text(cfg: TextDomain, root: Path, opts: PrepareConfig | None = None)
         log.warning("characters unseen in train mapped to <unk>: %s", unknown)
     problems.report()
     return out
+
+
+def _tokenizer(cfg: TextDomain, plan: dict) -> tuple[CharTokenizer | ByteTokenizer, int, tuple]:
+    """The tokenizer, the number of ids the corpus may hold, and the workers' table of code point -> id."""
+    if cfg.tokenizer != TextTokenizer.char:
+        return ByteTokenizer(), 256, (None,)
+    tok = CharTokenizer([chr(c) for c in plan["vocab"]])
+    limit = tok.vocab_size + 1  # room for <unk>, kept only if val or test needs it
+    return tok, limit, (tok.table(corpus.token_dtype(limit)), tok.vocab_size)
+
+
+def _encode_ranges(w: corpus.CorpusWriter, plan: dict, opts: PrepareConfig, initargs: tuple) -> dict:
+    """The plan's ranges tokenized by parallel workers and appended in order, committed every few seconds (a resumed
+    prepare goes on after its last commit); returns the UTF-8 bytes and <unk> ids per split."""
+    jobs = plan["jobs"]
+    workers = 1 if plan["bytes_in"] < SMALL else worker_count(opts, len(jobs) - w.done)
+    stats = w.stats or {"bytes": {s: 0 for s in corpus.SPLITS}, "unknown": {s: 0 for s in corpus.SPLITS}}
+    commit = Committer(w)
+    for k, result in enumerate(ordered_map(_encode, jobs[w.done:], workers, _set_table, initargs), w.done):
+        if isinstance(result, str):
+            raise UserError(result)
+        for split, ids, _, n_bytes, unknown in result:
+            w.append(split, ids)
+            stats["bytes"][split] += n_bytes
+            stats["unknown"][split] += unknown
+        commit(k + 1, lambda: stats)
+    commit(len(jobs), lambda: stats, force=True)
+    return stats

@@ -34,17 +34,10 @@ def mix_flops(cfg: ModelConfig) -> int:
     return 2 * cfg.n_layer * 2 * (n + 1) * n * cfg.n_embd
 
 
-def _block_cache(cache, b: int) -> BlockCache | None:
-    if cache is None:
-        return None
-    block_cache = cache.blocks[b]
-    block_cache.pos = cache.length  # the new positions start after those cached
-    return block_cache
-
-
 def run_streams(connections, x, blocks, rope, n: int, cache=None, record: dict | None = None):
     """The blocks over n streams started from x (B, T, C); returns the streams' mean (B, T, C), what the final norm
-    and head read. connections: 2L modules, H (B, T, n, C) -> (mix, post); cache: a GPT Cache (decoding)."""
+    and head read. connections: 2L modules, H (B, T, n, C) -> (mix, post); cache: the blocks' BlockCaches, each at the
+    cache's next position (decoding; GPT._variant_pass hands them over)."""
     H = x.unsqueeze(-2).expand(*x.shape[:-1], n, x.size(-1))  # (B, T, n, C): n copies of h_0
     states = []
     for k, connection in enumerate(connections):
@@ -54,7 +47,7 @@ def run_streams(connections, x, blocks, rope, n: int, cache=None, record: dict |
         h, rest = mixed[..., 0, :], mixed[..., 1:, :]  # the sublayer's input (B, T, C); the mixed streams
         if s == 0:
             states.append(H.mean(dim=-2))
-            out = blocks[b].attn_branch(h, rope, _block_cache(cache, b))  # (B, T, C)
+            out = blocks[b].attn_branch(h, rope, None if cache is None else cache[b])  # (B, T, C)
         else:
             out = blocks[b].mlp_branch(h)
         H = torch.addcmul(rest, post.to(H.dtype).unsqueeze(-1), out.unsqueeze(-2))  # (B, T, n, C)
