@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from shortcut.blocks import BlockCache
 from shortcut.config import ModelConfig
 
 
