@@ -190,4 +190,5 @@ bench:
 	$(PY) benchmarks/tokenize_audio.py
 	$(PY) benchmarks/prepare_memory.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/variant_overhead.py
 	$(PY) benchmarks/sample_speed.py

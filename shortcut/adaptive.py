@@ -20,7 +20,7 @@ from shortcut.blocks import Block
 from shortcut.config import EvalConfig, SampleConfig
 from shortcut.costs import costs
 from shortcut.data import TokenData
-from shortcut.generate import generate
+from shortcut.generate import generate, has_exits
 from shortcut.model import GPT
 from shortcut.routing import routing_mode
 from shortcut.scoring import scored_batches, sliding_windows, split_nll
@@ -56,9 +56,9 @@ def causal_flops(model: GPT, fractions: dict[int, float]) -> float:
 
 
 def draft_depth(model: GPT, cfg: EvalConfig) -> int | None:
-    """eval.decode_draft, or the middle exit depth (None: this model has no shallower exit)."""
+    """eval.decode_draft, or the middle exit depth (None: this model has no shallower exit; a variant has none)."""
     shallow = model.cfg.exit_depths()[:-1]
-    if not shallow or model.cfg.mod_capacity is not None or model.variant is not None:  # no exits: plain only
+    if not shallow or not has_exits(model):
         return None
     return cfg.decode_draft if cfg.decode_draft is not None else shallow[(len(shallow) - 1) // 2]
 

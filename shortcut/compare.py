@@ -269,7 +269,7 @@ def _mean_std(values) -> tuple[float, float] | None:
 # A variant and its reference baseline may differ in these, and in nothing else of the resolved model.
 ARCH_KEYS = ("arch", "taps", "feature_map", "feature_hidden", "depth_embedding", "shortcut_mode", "tap_bias",
              "shortcut_layers", "dwa_dilation", "dwa_period", "attnres_block", "value_residual_init", "moda_ffn_kv",
-             "laurel", "laurel_rank")
+             "laurel", "laurel_rank", "hc_streams", "hc_dynamic", "mhc_sinkhorn_iters")
 # Model settings that make a baseline bigger or smaller: a ladder's rungs differ in these, and in nothing else.
 SIZE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "match_params", "match_by")
 

@@ -28,6 +28,8 @@ class Arch(enum.StrEnum):
     attnres = "attnres"  # Kimi Team 2026: each layer's input is a softmax over earlier layer outputs
     mudd = "mudd"  # Xiao et al. 2025: per-position dynamic dense weights for the q, k, v and residual streams
     value_residual = "value_residual"  # Zhou et al. 2024 (ResFormer): every layer's values mix in the first's
+    hyper = "hyper"  # Zhu et al. 2024 (Hyper-Connections): n residual streams, learned width and depth connections
+    mhc = "mhc"  # Xie et al. 2025 (DeepSeek, mHC): the same, the stream mix projected onto doubly stochastic matrices
     moda = "moda"  # Zhu et al. 2026: one softmax over the layer's sequence keys and earlier layers' keys at the position
     laurel = "laurel"  # Menghani et al. 2025 (LAuReL): every residual x + f(x) becomes alpha·f(x) + g(x, earlier x)
 
@@ -396,6 +398,12 @@ class ModelConfig:
     # --- value_residual (Zhou et al. 2024, arXiv 2410.17897) ---
     value_residual_init: float = 0.5  # lambda_2, the first layer's values' weight at init (own values: 1 - it);
     # chosen: 0.5, the paper's ResFormer U_n = A_n (V_n + V_1) / 2, learned from there; 0 starts as the baseline
+    # --- hyper / mhc (Zhu et al. 2024, arXiv 2409.19606; Xie et al. 2025, arXiv 2512.24880) ---
+    hc_streams: int = 4  # n, the residual streams (both papers' expansion rate; 4 their default). hyper takes 1
+    # (the HC paper's HC x1 ablation: learned scalars on one residual); mhc needs 2 or more
+    hc_dynamic: bool = True  # input-dependent connections (HC's DHC; mHC's alpha·(x·phi) terms); false: static
+    # ones only (HC's SHC; mHC with its biases b alone)
+    mhc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations projecting H_res (the mHC paper's t_max = 20)
     # --- moda (Zhu et al. 2026, arXiv 2603.15619) ---
     moda_ffn_kv: bool = True  # each FFN also writes a key/value pair (a KV projection of its input) for later
     # layers: the paper's default (Table 3 row 4); false: only the attention layers' own keys/values (row 3, no
@@ -454,6 +462,11 @@ class ModelConfig:
         _check(self.attnres_block is None or self.attnres_block >= 1, "model.attnres_block",
                "must be at least 1 (sublayers per block), or null for Full AttnRes")
         _check(0.0 <= self.value_residual_init <= 1.0, "model.value_residual_init", "must be in [0, 1]")
+        _check(self.hc_streams >= 1, "model.hc_streams", "must be at least 1")
+        _check(self.hc_streams >= 2 or self.arch != Arch.mhc, "model.hc_streams",
+               "mhc needs at least 2 streams (with one, H_res is the constant 1); model=hyper takes 1")
+        _check(self.mhc_sinkhorn_iters >= 1, "model.mhc_sinkhorn_iters",
+               "must be at least 1 (the paper's 20): without an iteration H_res is not doubly stochastic")
         _check(isinstance(self.laurel_rank, int) and self.laurel_rank >= 1
                and (self.arch != Arch.laurel or self.laurel_rank <= self.n_embd), "model.laurel_rank",
                f"must be in 1..model.n_embd={self.n_embd}")

@@ -5,8 +5,8 @@ Each new token costs one pass through the blocks at its own position: GPT.forwar
 keeps the keys and values it made (shortcut.blocks: a self-attention's (B, nh, T, hs), a shortcut block's (tap,
 position) ones (B, nh, K_i, T, hs)). This module holds policies only (what to cache, when to rebuild it, at which
 depth a token stops, what to draft and accept); the blocks' arithmetic is the blocks'. Most variants in
-shortcut/variants/ decode with a full forward per token instead; those that compose with the cache (MoDA, LAuReL:
-GPT.caches) use it too, without exits.
+shortcut/variants/ decode with a full forward per token instead; those that compose with the cache (hyper, mhc,
+moda, laurel: GPT.caches) use it too, without exits.
 
 The window: a model sees at most block_size tokens (learned positions end there). When the window is full, the cache
 is rebuilt from the last block_size // 2 tokens (positions start again at 0), so every token is predicted from at

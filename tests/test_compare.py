@@ -409,7 +409,8 @@ def test_arch_fields_are_every_field_a_baseline_ignores():
     assert set(ARCH_KEYS) | shared == fields and not set(ARCH_KEYS) & shared
     other = dict(taps=[0, 1], feature_map="linear", feature_hidden=7, depth_embedding=False, shortcut_mode="add",
                  tap_bias="last", shortcut_layers=2, dwa_dilation=2, dwa_period=2, attnres_block=2,
-                 value_residual_init=0.0, moda_ffn_kv=False, laurel="rw", laurel_rank=2)
+                 value_residual_init=0.0, moda_ffn_kv=False, laurel="rw", laurel_rank=2,
+                 hc_streams=2, hc_dynamic=False, mhc_sinkhorn_iters=3)
     assert set(other) == set(ARCH_KEYS) - {"arch"}
     base = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     x = torch.randint(0, 11, (2, 8))
