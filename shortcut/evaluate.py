@@ -243,7 +243,7 @@ def evaluate_run(job: EvalJob) -> dict:
     if cfg.audit:
         from shortcut.audit import audit
 
-        summary = audit(model, data, audit_dir, cfg, checkpoint_hash=state.weights_hash)
+        summary = audit(model, data, audit_dir, cfg, checkpoint_hash=state.weights_hash, run=record.to_dict())
         record.audit = {k: summary[k] for k in ("taps", "mean_profile", "mean_depth", "spearman_depth_vs_loss",
                                                 "pictures", "logit_lens_nll", "layer_weights", "blocks_run")
                         if k in summary}
@@ -297,5 +297,6 @@ def track(run_dir: Path, state: Checkpoint, result: dict) -> None:
         tracker.summary(scalars)
         pictures = [*(result.get("audit") or {}).get("pictures", []), *(result.get("exit") or {}).get("pictures", [])]
         tracker.images({f"audit/{Path(p).stem}": Path(p) for p in pictures}, state.step)
+        tracker.html({"audit/report": run_dir / rundir.AUDIT / "report.html"}, state.step)
     finally:
         tracker.finish()
