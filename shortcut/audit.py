@@ -68,6 +68,7 @@ def describe_vocab(data: TokenData) -> tuple[list[str], list[str], str]:
 
 TOP_PAIRS = 5  # per query, the (tap, key position) pairs with the most attention, kept for report.html
 
+
 @torch.no_grad()
 def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
     """Per-token depth profiles, mean depths and losses over fixed validation windows (arrays, not yet summaries)."""

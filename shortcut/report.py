@@ -23,6 +23,7 @@ import torch
 from shortcut import diskio
 from shortcut.config import EvalConfig, ModelConfig
 from shortcut.data import TokenData
+from shortcut.model import GPT
 
 FILE = "report.html"
 FORMAT = 1  # of the embedded document; read() refuses another
@@ -38,7 +39,7 @@ def shown(m: dict, cfg: EvalConfig) -> tuple[int, int]:
 
 
 def _r(t, digits: int = 3):
-    """Rounded nested lists: the page carries three significant decimals, not float32 noise."""
+    """Rounded nested lists: the page carries three decimals, not float32 noise."""
     a = np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t, dtype=np.float64)
     return np.round(a, digits).tolist()
 
@@ -51,7 +52,7 @@ def _settings(cfg: ModelConfig) -> list[str]:
             if f.name in always or getattr(cfg, f.name) != getattr(default, f.name)]
 
 
-def identity(model, data: TokenData, cfg: EvalConfig, checkpoint_hash: str, run: dict | None, out: Path) -> dict:
+def identity(model: GPT, data: TokenData, cfg: EvalConfig, checkpoint_hash: str, run: dict | None, out: Path) -> dict:
     """The header: which run, checkpoint, corpus and settings the page shows, and the evaluation's NLL (run: the
     eval record so far, shortcut.rundir.EvalRecord.to_dict(); None for an audit outside `shortcut eval`)."""
     run = run or {}
@@ -521,7 +522,7 @@ function roll(q, s) {
   if (!notes.length) { box.append(el("div", "note", "no note starts in these tokens")); return box; }
   const t0 = Math.min(...notes.map(n => n[0])), t1 = Math.max(...notes.map(n => n[0] + n[1]));
   const p0 = Math.min(...notes.map(n => n[2])) - 1, p1 = Math.max(...notes.map(n => n[2])) + 1;
-  const pxb = Math.max(10, Math.min(48, 760 / Math.max(t1 - t0, 1))), ph = Math.max(3, Math.min(7, 120 / (p1 - p0)));
+  const pxb = Math.max(10, Math.min(90, 760 / Math.max(t1 - t0, 1))), ph = Math.max(3, Math.min(7, 120 / (p1 - p0)));
   const W = 34 + (t1 - t0) * pxb, H = (p1 - p0) * ph + 4;
   const g = sv("svg", {width: W, height: H, role: "img"});
   for (let b = Math.ceil(t0); b <= t1; b++) g.append(sv("line", {x1: 34 + (b - t0) * pxb, x2: 34 + (b - t0) * pxb, y1: 0, y2: H, stroke: "#eee"}));
