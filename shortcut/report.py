@@ -384,9 +384,13 @@ function inDomain() { return D.conditions.find(c => c.kind === "in-domain") || n
 // one colour scale for every condition, so that switching compares like with like
 const SCALE = (function () {
   const c0 = D.conditions[0];
-  if (c0.mean_profile) {
-    const lo = Math.min(...c0.sources), hi = Math.max(...c0.sources);
-    return {kind: "depth", lo: lo, hi: hi > lo ? hi : lo + 1};
+  if (c0.mean_profile) {  // taps span the bars; the tokens' colours span the depths they drew on (chosen: the
+    // observed range, since mean depths crowd the middle of the taps and would all look alike)
+    const lo = Math.min(...c0.sources), hi = Math.max(...c0.sources), seen = [];
+    D.conditions.forEach(c => c.sequences.forEach(q => (q.depth || []).forEach(v => seen.push(v))));
+    const a = Math.min(...seen), b = Math.max(...seen), wide = seen.length && b - a > 0.05;
+    return {kind: "depth", lo: lo, hi: hi > lo ? hi : lo + 1, tlo: wide ? a : lo, thi: wide ? b : (hi > lo ? hi : lo + 1),
+            seen: wide};
   }
   let mx = 0;
   D.conditions.forEach(c => c.sequences.forEach(q => q.nll.forEach(v => { if (v > mx) mx = v; })));
@@ -394,7 +398,7 @@ const SCALE = (function () {
 })();
 function colour(q, k) {
   if (k < 1) return "#e8e8e8";
-  return SCALE.kind === "depth" ? ramp(VIRIDIS, (q.depth[k - 1] - SCALE.lo) / (SCALE.hi - SCALE.lo))
+  return SCALE.kind === "depth" ? ramp(VIRIDIS, (q.depth[k - 1] - SCALE.tlo) / (SCALE.thi - SCALE.tlo))
                                 : ramp(HEAT, q.nll[k - 1] / SCALE.hi);
 }
 
@@ -462,7 +466,8 @@ function legend() {
   r.style.background = "linear-gradient(to right," + stops.map((_, i) => ramp(stops, i / (stops.length - 1))).join(",") + ")";
   box.append(el("div", null, SCALE.kind === "depth" ? "colour: mean depth a token drew on" : "colour: the token's NLL"));
   box.append(r);
-  box.append(el("div", null, SCALE.kind === "depth" ? src(SCALE.lo) + " (shallow) \u2026 " + src(SCALE.hi) + " (deep); h0 = embeddings"
+  box.append(el("div", null, SCALE.kind === "depth" ? fmt(SCALE.tlo, 2) + (SCALE.seen ? " (shallowest shown) \u2026 " : " \u2026 ") +
+                                                      fmt(SCALE.thi, 2) + (SCALE.seen ? " (deepest shown)" : "") + "; taps " + src(SCALE.lo) + " (embeddings) \u2026 " + src(SCALE.hi)
                                                     : "0 \u2026 " + fmt(SCALE.hi, 2) + " nats"));
   box.append(el("div", null, "grey: context (first token of a window)"));
   return box;
