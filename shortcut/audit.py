@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from shortcut import diskio
-from shortcut.config import EvalConfig
+from shortcut.config import EvalConfig, ExitPolicy, UserError
 from shortcut.data import TokenData
 from shortcut.model import GPT
 
@@ -67,6 +67,9 @@ def describe_vocab(data: TokenData) -> tuple[list[str], list[str], str]:
 
 # --- measurement ---
 
+TOP_PAIRS = 5  # per query, the (tap, key position) pairs with the most attention, kept for report.html
+
+
 @torch.no_grad()
 def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
     """Per-token depth profiles, mean depths and losses over fixed validation windows (arrays, not yet summaries)."""
@@ -74,7 +77,8 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
     starts = data.fixed_starts("val", cfg.audit_sequences, T)
     device = next(model.parameters()).device
     out = {"starts": starts, "inputs": [], "targets": [], "loss": [], "profile": [], "profile_heads": [],
-           "attn": None, "lens": [], "layer_weights": [], "layer_weights_info": None, "blocks_run": []}
+           "attn": None, "lens": [], "layer_weights": [], "layer_weights_info": None, "blocks_run": [],
+           "top_pairs": [], "top_weights": []}
     for i in range(0, len(starts), 8):
         x, y = data.windows("val", starts[i:i + 8], T)
         x, y = x.to(device), y.to(device)
@@ -88,6 +92,9 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
             out["profile"].append(heads.mean(dim=1))  # (B, T, K)
             if out["attn"] is None:
                 out["attn"] = probs[0].mean(dim=0).float().cpu()  # (T, K, T) of the first sequence
+            w, pairs = probs.mean(dim=1).float().flatten(2).topk(min(TOP_PAIRS, probs[0, 0, 0].numel()), dim=-1)
+            out["top_pairs"].append(pairs.cpu())  # (B, T, k): index tap * T + key position
+            out["top_weights"].append(w.cpu())
         if model.weighs_layers and not (model.shortcut and len(model.block_taps) == 1):  # shortcut_layers > 1: all
             lw = model.layer_weights(x)
             out["layer_weights"].append(lw.pop("weights").cpu())  # (B, T, consumers, sources)
@@ -100,9 +107,42 @@ def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
         out["layer_weights"] = [torch.cat(out["profile"])[:, :, None, :]]
         out["layer_weights_info"] = {"kind": "shortcut attention mass", "sources": list(model.taps),
                                      "consumers": ["final block"], "normalised": True}
-    for key in ("inputs", "targets", "loss", "profile", "profile_heads", "layer_weights", "blocks_run"):
+    for key in ("inputs", "targets", "loss", "profile", "profile_heads", "layer_weights", "blocks_run", "top_pairs",
+                "top_weights"):
         out[key] = torch.cat(out[key]) if out[key] else None
     out["lens"] = np.mean(np.stack(out["lens"]), axis=0)
+    return out
+
+
+@torch.no_grad()
+def token_exits(model: GPT, x, y, cfg: EvalConfig) -> dict | None:
+    """What the exits eval.exit measures do to each token of windows x, y (B, T), for report.html; None where no
+    exits were measured. fixed: (B, T, D) NLL and top probability at every exit depth; confidence: (B, T, thresholds)
+    exit depth, confidence, NLL, and `differs` (its top-1 is not the full model's: an unsafe exit where it exits
+    early)."""
+    from shortcut.early_exit import check_supported, confidence_details
+
+    if cfg.exit == ExitPolicy.none:
+        return None
+    try:
+        check_supported(model, "this run")
+    except UserError:  # evaluate has refused it already; a direct audit of such a model has no exits to show
+        return None
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
+    depths = model.cfg.exit_depths()
+    out = {"depths": depths}
+    if cfg.exit in (ExitPolicy.fixed, ExitPolicy.both):
+        trace = model.run_to(x, depths[-1])
+        logp = torch.stack([model.exit_logits(trace, d).float().log_softmax(-1) for d in depths], dim=2)  # (B,T,D,V)
+        out["fixed"] = {"nll": -logp.gather(-1, y[:, :, None, None].expand(*logp.shape[:3], 1)).squeeze(-1).cpu(),
+                        "confidence": logp.max(dim=-1).values.exp().cpu()}
+    if cfg.exit in (ExitPolicy.confidence, ExitPolicy.both):
+        full = model(x)[0].argmax(dim=-1)  # (B, T): the full model's top-1
+        per = [confidence_details(model, x, y, t) for t in cfg.exit_thresholds]
+        out["confidence"] = {"thresholds": list(cfg.exit_thresholds),
+                             **{k: torch.stack([p[k] for p in per], dim=-1).cpu() for k in ("depth", "confidence", "nll")},
+                             "differs": torch.stack([p["top1"] != full for p in per], dim=-1).cpu()}
     return out
 
 
@@ -412,6 +452,22 @@ def draw_logit_lens(summary: dict, out: Path) -> Path:
     return _save(fig, out / "logit_lens.png")
 
 
+def write_report(model: GPT, data: TokenData, m: dict, summary: dict, out: Path, cfg: EvalConfig,
+                 labels: list[str], checkpoint_hash: str, run: dict | None) -> Path:
+    """out/report.html: the first windows of the audit (eval.audit_plots of them, eval.audit_plot_tokens tokens
+    each), in-domain, as one self-contained page (shortcut.report)."""
+    from shortcut import report
+
+    n, W = report.shown(m, cfg)
+    exits = token_exits(model, m["inputs"][:n, :W], m["targets"][:n, :W], cfg)
+    view = report.condition("in-domain", "in-domain", m, summary, labels, data, exits, n, W,
+                            note=f"validation windows of {data.meta['source']}, the corpus the model trained on")
+    doc = report.document(report.identity(model, data, cfg, checkpoint_hash, run, out), [view])
+    path, size = report.write(out / report.FILE, doc)
+    log.info("audit report: %d windows of %d tokens, %.0f kB -> %s", n, W, size / 1024, path)
+    return path
+
+
 def _save(fig, path: Path) -> Path:
     diskio.save_figure(fig, path, dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -420,9 +476,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig, checkpoint_hash: str = "") -> dict:
-    """Measure, summarise and draw; writes out/depth.json (naming the checkpoint it measured) and the PNGs.
-    Returns the summary."""
+def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig, checkpoint_hash: str = "",
+          run: dict | None = None) -> dict:
+    """Measure, summarise and draw; writes out/depth.json (naming the checkpoint it measured), the PNGs and
+    report.html (run: the evaluation record so far, for the report's header). Returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
     labels, classes, axis = describe_vocab(data)
     m = measure(model, data, cfg)
@@ -457,6 +514,7 @@ def audit(model: GPT, data: TokenData, out: Path, cfg: EvalConfig, checkpoint_ha
                  sp["n_tokens"], out)
     else:
         log.info("logit lens NLL by layer: %s -> %s", np.round(summary["logit_lens_nll"], 3).tolist(), out)
+    write_report(model, data, m, summary, out, cfg, labels, checkpoint_hash, run)
     if "layer_weights" in summary:
         lw = summary["layer_weights"]
         log.info("layer weights (%s) of the %s mix over sources %s: %s", lw["kind"], lw["consumers"][-1],

@@ -100,6 +100,20 @@ def confidence_choices(model: GPT, x, threshold: float) -> tuple[torch.Tensor, t
     return tokens, depth
 
 
+@torch.no_grad()
+def confidence_details(model: GPT, x, y, threshold: float) -> dict[str, torch.Tensor]:
+    """Per token (B, T) under the confidence policy, for the audit report: the depth it exits at, the top
+    probability that decided it (its confidence), the exit's top-1 token and the NLL of target y there."""
+    out = {"depth": torch.zeros(x.shape, dtype=torch.long, device=x.device), "top1": torch.zeros_like(x),
+           "confidence": torch.zeros(x.shape, device=x.device), "nll": torch.zeros(x.shape, device=x.device)}
+    for d, logp, take in _confidence_exits(model, x, threshold):
+        best, top1 = logp.max(dim=-1)
+        now = {"depth": torch.full_like(out["depth"], d), "top1": top1, "confidence": best.exp(),
+               "nll": -logp.gather(-1, y[..., None]).squeeze(-1)}
+        out = {k: torch.where(take, now[k], v) for k, v in out.items()}
+    return out
+
+
 def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, ctx=None) -> dict:
     """The curves of eval.exit on the split: per fixed depth and per confidence threshold, the mean NLL of the
     scored targets and the mean forward FLOPs per token, with the full depth as the reference point. ctx: the

@@ -224,7 +224,7 @@ def evaluate_run(job: EvalJob) -> dict:
                         flops_per_token=flops_per_token(model.cfg).forward, domain=data.meta["domain"],
                         source=data.meta["source"], tokenizer=data.meta["tokenizer"], units=units,
                         precision=effective_precision(Precision.auto, device), max_steps=max_steps, finished=finished)
-    record.audit = _audit(model, data, cfg, run_dir, state)
+    record.audit = _audit(model, data, cfg, run_dir, state, record.to_dict())
     if cfg.exit != ExitPolicy.none:
         record.exit = early_exits(model, data, cfg, stride, run_dir, state, autocast(device, Precision.auto))
     else:  # curves of an earlier evaluation must not sit beside this one
@@ -263,15 +263,16 @@ def _progress(run_dir: Path, state: Checkpoint) -> tuple[bool, int | None]:
     return finished, max_steps
 
 
-def _audit(model: GPT, data: TokenData, cfg: EvalConfig, run_dir: Path, state: Checkpoint) -> dict | None:
-    """eval.audit's figures for eval.json (the audit writes audit/); without eval.audit, an audit of another model
-    is removed, so that it never sits beside this evaluation."""
+def _audit(model: GPT, data: TokenData, cfg: EvalConfig, run_dir: Path, state: Checkpoint,
+           run: dict | None = None) -> dict | None:
+    """eval.audit's figures for eval.json (the audit writes audit/, report.html with the run's record `run`);
+    without eval.audit, an audit of another model is removed, so that it never sits beside this evaluation."""
     audit_dir = run_dir / rundir.AUDIT
     depth = rundir.read_depth(run_dir)
     if cfg.audit:
         from shortcut.audit import audit
 
-        found = audit(model, data, audit_dir, cfg, checkpoint_hash=state.weights_hash)
+        found = audit(model, data, audit_dir, cfg, checkpoint_hash=state.weights_hash, run=run)
         return {k: found[k] for k in ("taps", "mean_profile", "mean_depth", "spearman_depth_vs_loss", "pictures",
                                       "logit_lens_nll", "layer_weights", "blocks_run") if k in found}
     if depth is not None and depth.get("checkpoint_hash") != state.weights_hash:
@@ -311,5 +312,6 @@ def track(run_dir: Path, state: Checkpoint, result: dict) -> None:
         tracker.summary(scalars)
         pictures = [*(result.get("audit") or {}).get("pictures", []), *(result.get("exit") or {}).get("pictures", [])]
         tracker.images({f"audit/{Path(p).stem}": Path(p) for p in pictures}, state.step)
+        tracker.html({"audit/report": run_dir / rundir.AUDIT / "report.html"}, state.step)
     finally:
         tracker.finish()

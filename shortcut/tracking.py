@@ -62,6 +62,9 @@ class Tracker:
     def images(self, pictures: dict[str, Path], step: int | None = None) -> None:
         pass
 
+    def html(self, pages: dict[str, Path], step: int | None = None) -> None:
+        pass
+
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         pass
 
@@ -91,6 +94,14 @@ class WandbTracker(Tracker):
 
         if pictures:
             self.run.log({k: wandb.Image(str(p)) for k, p in pictures.items() if Path(p).is_file()}, step=step)
+
+    def html(self, pages: dict[str, Path], step: int | None = None) -> None:
+        """Self-contained pages (the audit's report.html) as wandb.Html, without W&B's injected stylesheet."""
+        import wandb
+
+        found = {k: wandb.Html(str(p), inject=False) for k, p in pages.items() if Path(p).is_file()}
+        if found:
+            self.run.log(found, step=step)
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         import wandb

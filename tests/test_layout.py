@@ -19,7 +19,7 @@ LAYERS = [
     ["attention", "blocks", "routing", "variants", "model"],
     ["costs"],
     ["train"],
-    ["scoring", "evaluate", "audit", "early_exit", "generate", "adaptive"],
+    ["scoring", "evaluate", "audit", "report", "early_exit", "generate", "adaptive"],
     ["sample", "compare", "compare_adaptive"],
     ["cli", "launch", "__main__"],
 ]

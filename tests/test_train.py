@@ -178,6 +178,7 @@ def test_wandb_offline_writes_under_the_run_dir(tmp_path, prepared, monkeypatch)
     evaluate(compose("eval", [f"run_dir={tmp_path / 'r'}", "eval.audit_sequences=2"]))
     logged = sorted((tmp_path / "r" / "wandb").glob(f"offline-run-*-{run_id}/files/media/images/audit/*.png"))
     assert {p.name.split("_")[0] for p in logged} >= {"depth", "logit"}, logged
+    assert list((tmp_path / "r" / "wandb").glob(f"offline-run-*-{run_id}/files/media/html/audit/report*.html"))
     from shortcut.compare import compare
 
     compare(compose("compare", [f"runs={tmp_path / 'r'}", f"results_root={tmp_path / 'res'}", "wandb=offline"]))
