@@ -30,8 +30,8 @@ from tqdm import tqdm
 from shortcut import corpus, diskio
 from shortcut.config import AudioDomain, AudioSource, AudioTokenizer, PrepareConfig, UserError
 from shortcut.download import download, require_network
-from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, ordered_map,
-                                     split_whole, survey, worker_count)
+from shortcut.prepare.common import (Committer, Problems, RunTokenizer, already_done, find_files, inputs_of,
+                                     ordered_map, split_whole, survey, worker_count)
 
 log = logging.getLogger(__name__)
 
@@ -645,20 +645,25 @@ def _fit_codebook(plan: dict, cfg: AudioDomain, opts: PrepareConfig) -> np.ndarr
 WORKER_MB = 400  # a worker's footprint: the interpreter with torch, torchaudio and one decoded utterance
 
 
-def prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig | None = None) -> Path:
+def prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig | None = None, given: RunTokenizer | None = None,
+                  out: Path | None = None) -> Path:
+    """The corpus of cfg under root (or at out). given: quantise with a trained run's k-means codebook instead of
+    fitting one (eval.shift); mu-law and EnCodec codes do not depend on the data."""
     opts = opts or PrepareConfig()
     threads = torch.get_num_threads()
     try:
-        return _prepare_audio(cfg, root, opts)
+        return _prepare_audio(cfg, root, opts, given, out)
     finally:
         torch.set_num_threads(threads)  # a one-worker prepare runs in this process with one thread
 
 
-def _prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig) -> Path:
-    out = corpus.corpus_dir(root, cfg)
+def _prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig, given: RunTokenizer | None = None,
+                   out: Path | None = None) -> Path:
+    out = out or corpus.corpus_dir(root, cfg)
     problems = Problems(cfg.on_error, "audio")
     found, n_transcripts = SOURCES[cfg.source](cfg, root, problems)
-    found, input_hash = survey(found, json.dumps(corpus.settings_of(cfg), sort_keys=True), problems)
+    found, input_hash = survey(found, json.dumps(corpus.settings_of(cfg), sort_keys=True) + (given.key if given else ""),
+                               problems)
     if already_done(out, input_hash, problems):
         return out
     with corpus.CorpusWriter(out, input_hash) as w:
@@ -668,7 +673,9 @@ def _prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig) -> Path:
             w.save("plan.json", json.dumps(plan).encode())
         splits = plan["splits"]
         codebook = None
-        if cfg.tokenizer == AudioTokenizer.kmeans:
+        if cfg.tokenizer == AudioTokenizer.kmeans and given is not None:
+            codebook = np.asarray(given.codebook)
+        elif cfg.tokenizer == AudioTokenizer.kmeans:
             blob = w.load("codebook.npy")
             if blob is None:
                 codebook = _fit_codebook(plan, cfg, opts)
@@ -726,6 +733,7 @@ def _prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig) -> Path:
             "seconds_per_token": seconds["val"] / max(1, w.tokens("val")),
             "token_classes": tok.token_classes(), "realtime_factor": rtf, **problems.state(),
             "n_transcripts": n_transcripts or 0, "settings": corpus.settings_of(cfg), "input_hash": input_hash,
+            **({"run_tokenizer": given.key} if given is not None else {}),
         }
         meta = w.finish(meta, extra_files=extra)
     log.info("wrote %s: %s tokens at %d Hz, vocab %d; files %s, hours %s, tokens %s; tokenizing ran %s x real time",

@@ -22,8 +22,8 @@ import numpy as np
 from shortcut import corpus, diskio
 from shortcut.config import PrepareConfig, TextDomain, TextSource, TextTokenizer, UserError
 from shortcut.download import local_or_download, require_network
-from shortcut.prepare.common import (Committer, Problems, already_done, find_files, ordered_map, survey,
-                                     worker_count)
+from shortcut.prepare.common import (Committer, Problems, RunTokenizer, already_done, find_files, ordered_map,
+                                     survey, worker_count)
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +188,13 @@ def _scan(job: tuple[str, int, int, bool]) -> dict:
 
 _TABLE: np.ndarray | None = None  # in a worker: code point -> id (char tokenizer); None: bytes
 _UNK_ID = -1
+_COUNT_TRAIN = False  # count unknown characters in train too (a corpus tokenized with a run's vocabulary)
 _BYTE_MAP: bytes | None = None  # the table's first 256 entries as a bytes.translate map, when every id fits a byte
 
 
-def _set_table(table: np.ndarray | None, unk_id: int = -1) -> None:
-    global _TABLE, _UNK_ID, _BYTE_MAP
-    _TABLE, _UNK_ID = table, unk_id
+def _set_table(table: np.ndarray | None, unk_id: int = -1, count_train: bool = False) -> None:
+    global _TABLE, _UNK_ID, _BYTE_MAP, _COUNT_TRAIN
+    _TABLE, _UNK_ID, _COUNT_TRAIN = table, unk_id, count_train
     _BYTE_MAP = bytes(table[:256].astype(np.uint8)) if table is not None and unk_id < 256 else None
 
 
@@ -221,7 +222,7 @@ def _encode(job: tuple) -> list | str:
     out = []
     for split, lo, hi in pieces:
         part = codes[lo:hi]
-        ids, unknown = _ids(part, count_unknown=split != "train")
+        ids, unknown = _ids(part, count_unknown=split != "train" or _COUNT_TRAIN)
         out.append((split, ids, len(part), utf8_size(part), unknown))
     if join:
         ids, unknown = _ids(np.array([NEWLINE], dtype=np.uint8))
@@ -335,7 +336,8 @@ def range_bytes(opts: PrepareConfig, workers: int) -> int:
     return int(np.clip(budget / (workers * BYTES_PER_INPUT_BYTE), 1 << 20, 8 << 20))
 
 
-def _plan(src: Inputs, cfg: TextDomain, opts: PrepareConfig, problems: Problems) -> dict:
+def _plan(src: Inputs, cfg: TextDomain, opts: PrepareConfig, problems: Problems, every_char: bool = False) -> dict:
+    """every_char: also count every character of every split (what a run's vocabulary may lack, eval.shift)."""
     char = cfg.tokenizer == TextTokenizer.char
     files = src.files
     unit = range_bytes(opts, worker_count(opts, 1 << 30))
@@ -399,36 +401,39 @@ def _plan(src: Inputs, cfg: TextDomain, opts: PrepareConfig, problems: Problems)
     if empty:
         raise UserError(f"no usable text left for the {'/'.join(empty)} split(s) ({problems.n_skipped} file(s) "
                         f"skipped: {', '.join(list(problems.skipped)[:3])})")
+    every = None
+    if every_char and char:  # {code point: count} over every split
+        total = np.zeros(0x110000, dtype=np.int64)
+        for k in good:
+            total[histograms[k][0]] += histograms[k][1]
+        every = {int(c): int(total[c]) for c in np.flatnonzero(total)}
     return {"jobs": jobs, "chars": split_chars, "bytes_in": size, "vocab": np.flatnonzero(counts).tolist(),
+            "every_char": every,
             "problems": problems.state(), "files": [str(f) for f in files[:100]], "n_files": len(files)}
 
 
-def prepare_text(cfg: TextDomain, root: Path, opts: PrepareConfig | None = None) -> Path:
+def prepare_text(cfg: TextDomain, root: Path, opts: PrepareConfig | None = None, given: RunTokenizer | None = None,
+                 out: Path | None = None) -> Path:
+    """The corpus of cfg under root (or at out). given: tokenize with a trained run's vocabulary instead of fitting
+    one on the train split (eval.shift); a character it lacks becomes the reserved id len(vocab), counted."""
     opts = opts or PrepareConfig()
-    out = corpus.corpus_dir(root, cfg)
+    out = out or corpus.corpus_dir(root, cfg)
     src = SOURCES[cfg.source](cfg, root)
     problems = Problems(cfg.on_error, "text")
-    src.files, input_hash = survey(src.files, f"{src.identity}|{json.dumps(corpus.settings_of(cfg), sort_keys=True)}",
-                                   problems)
+    identity = f"{src.identity}|{json.dumps(corpus.settings_of(cfg), sort_keys=True)}|{given.key if given else ''}"
+    src.files, input_hash = survey(src.files, identity, problems)
     if already_done(out, input_hash, problems):
         return out
     with corpus.CorpusWriter(out, input_hash) as w:
         blob = w.load("plan.json")
         if blob is None:
-            plan = _plan(src, cfg, opts, problems)
+            plan = _plan(src, cfg, opts, problems, every_char=given is not None)
             w.save("plan.json", json.dumps(plan).encode())
         else:
             plan = json.loads(blob)
         problems = Problems(cfg.on_error, "text", plan["problems"])
-        char = cfg.tokenizer == TextTokenizer.char
-        if char:
-            tok = CharTokenizer([chr(c) for c in plan["vocab"]])
-            limit = tok.vocab_size + 1  # room for <unk>, kept only if val or test needs it
-            dtype = corpus.token_dtype(limit)
-            initargs = (tok.table(dtype), tok.vocab_size)
-        else:
-            tok, limit, dtype, initargs = ByteTokenizer(), 256, corpus.token_dtype(256), (None,)
-        w.begin(dtype, limit)
+        tok, limit, initargs = _tokenizer(cfg, plan, given)
+        w.begin(corpus.token_dtype(limit), limit)
         jobs = plan["jobs"]
         workers = 1 if plan["bytes_in"] < SMALL else worker_count(opts, len(jobs) - w.done)
         stats = w.stats or {"bytes": {s: 0 for s in corpus.SPLITS}, "unknown": {s: 0 for s in corpus.SPLITS}}
@@ -442,23 +447,54 @@ def prepare_text(cfg: TextDomain, root: Path, opts: PrepareConfig | None = None)
                 stats["unknown"][split] += unknown
             commit(k + 1, lambda: stats)
         commit(len(jobs), lambda: stats, force=True)
-        unknown = {s: stats["unknown"][s] for s in ("val", "test")}
-        if char and any(unknown.values()):
+        unknown = {s: stats["unknown"][s] for s in (corpus.SPLITS if given else ("val", "test"))}
+        if isinstance(tok, CharTokenizer) and given is None and any(unknown.values()):
             tok = tok.with_unk()
-        chars = plan["chars"]
-        meta = {
-            "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
-            "vocab_size": tok.vocab_size, "chars": chars, "bytes": stats["bytes"],
-            "units": {"char": chars},  # eval reports bits per character
-            "unknown_chars": unknown, "inputs": plan["files"], "n_inputs": plan["n_files"],
-            "input_hash": input_hash, "settings": corpus.settings_of(cfg), **problems.state(),
-        }
-        if char:
-            meta["vocab"], meta["unk"] = tok.chars, tok.unk_id is not None
-        meta = w.finish(meta)
+        meta = w.finish(_meta(cfg, plan, stats, tok, unknown, input_hash, problems, given))
     log.info("wrote %s: vocab %d, tokens train/val/test %s", out, tok.vocab_size,
              "/".join(f"{meta['tokens'][s]:,}" for s in corpus.SPLITS))
     if any(unknown.values()):
-        log.warning("characters unseen in train mapped to <unk>: %s", unknown)
+        log.warning("characters %s mapped to %s: %s", "the run's vocabulary lacks" if given else "unseen in train",
+                    "the reserved id" if given else "<unk>", unknown)
     problems.report()
     return out
+
+
+def _tokenizer(cfg: TextDomain, plan: dict, given: RunTokenizer | None) -> tuple:
+    """(tokenizer, ids' upper limit, the workers' table arguments). With a run's vocabulary, every character it
+    lacks maps to len(vocab): an id past the run's vocabulary that marks the place (shortcut.robustness)."""
+    if cfg.tokenizer != TextTokenizer.char:
+        return ByteTokenizer(), 256, (None,)
+    if given is None:
+        tok = CharTokenizer([chr(c) for c in plan["vocab"]])
+        limit = tok.vocab_size + 1  # room for <unk>, kept only if val or test needs it
+        return tok, limit, (tok.table(corpus.token_dtype(limit)), tok.vocab_size)
+    tok = CharTokenizer(given.vocab, unk=given.unk)
+    reserved = tok.vocab_size
+    table = tok.table(corpus.token_dtype(reserved + 1))
+    table[table == len(tok.codepoints)] = reserved  # the run's <unk> placeholder is no character either
+    return tok, reserved + 1, (table, reserved, True)
+
+
+def _meta(cfg: TextDomain, plan: dict, stats: dict, tok, unknown: dict, input_hash: str, problems: Problems,
+          given: RunTokenizer | None) -> dict:
+    chars = plan["chars"]
+    meta = {
+        "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
+        "vocab_size": tok.vocab_size, "chars": chars, "bytes": stats["bytes"],
+        "units": {"char": chars},  # eval reports bits per character
+        "unknown_chars": unknown, "inputs": plan["files"], "n_inputs": plan["n_files"],
+        "input_hash": input_hash, "settings": corpus.settings_of(cfg), **problems.state(),
+    }
+    if isinstance(tok, CharTokenizer):
+        meta["vocab"], meta["unk"] = tok.chars, tok.unk_id is not None
+    if given is not None:
+        meta["run_tokenizer"] = given.key
+        if isinstance(tok, CharTokenizer):  # the ids run to the reserved one; what it stood for, most frequent first
+            known = set(tok.codepoints.tolist())
+            lacking = sorted(((n, c) for c, n in (plan["every_char"] or {}).items() if int(c) not in known),
+                             reverse=True)
+            meta.update({"vocab_size": tok.vocab_size + 1, "reserved_id": tok.vocab_size,
+                         "unknown_examples": [[chr(int(c)), n] for n, c in lacking[:20]],
+                         "n_unknown_kinds": len(lacking)})
+    return meta
