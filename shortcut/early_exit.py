@@ -99,6 +99,21 @@ def confidence_choices(model: GPT, x, threshold: float) -> tuple[torch.Tensor, t
     return tokens, depth
 
 
+@torch.no_grad()
+def confidence_outcomes(model: GPT, x, y, threshold: float) -> dict[str, torch.Tensor]:
+    """Per token (B, T), under the confidence policy: the depth it exits at, its NLL of the target y, the exit's
+    top-1 prediction and the confidence that decided (the exit's top probability): what the robustness report
+    compares with the full model (shortcut.robustness)."""
+    out = {"depth": torch.zeros(y.shape, dtype=torch.long, device=y.device), "nll": torch.zeros(y.shape, device=y.device)}
+    out["top1"], out["confidence"] = torch.zeros_like(out["depth"]), torch.zeros_like(out["nll"])
+    for d, logp, take in _confidence_exits(model, x, threshold):
+        best, arg = logp.max(dim=-1)
+        for key, value in (("depth", torch.full_like(out["depth"], d)), ("top1", arg), ("confidence", best.exp()),
+                           ("nll", -logp.gather(-1, y[..., None]).squeeze(-1))):
+            out[key] = torch.where(take, value, out[key])
+    return out
+
+
 def exit_curve(model: GPT, data: TokenData, cfg: EvalConfig, stride: int, ctx=None) -> dict:
     """The curves of eval.exit on the split: per fixed depth and per confidence threshold, the mean NLL of the
     scored targets and the mean forward FLOPs per token, with the full depth as the reference point. ctx: the
