@@ -1,0 +1,174 @@
+"""Robustness (issue 23): noisy context (seeded, paired across models, targets clean, p = 0 is in-domain exactly),
+shifted sources tokenized with the run's own tokenizer (unknown symbols counted, incompatible runs refused), the
+depth-profile shift with paired bootstrap intervals, unsafe exits against a hand computation, compare's table."""
+
+import json
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY, english_like
+from shortcut import corpus
+from shortcut.cli import _lists_as_override, compose
+from shortcut.config import EvalConfig, ModelConfig, UserError
+from shortcut.data import TokenData
+from shortcut.evaluate import evaluate, needs_eval
+from shortcut.model import GPT
+from shortcut.prepare import prepare
+from shortcut.robustness import ECE_BINS, Condition, corrupt, measure
+from shortcut.train import train
+
+STEPS = ["train.lr=3e-3", "train.warmup_steps=10"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only waits for the first (7x slower on the shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A char corpus of English-like text, a shortcut run (150 steps) and an exit-trained baseline (40 steps)."""
+    tmp = tmp_path_factory.mktemp("robust")
+    (tmp / "texts").mkdir()
+    for i in range(3):
+        (tmp / "texts" / f"part{i}.txt").write_text(english_like(4000, seed=i), encoding="utf-8")
+    base = [f"data.root={tmp / 'data'}", "domain=text", "domain.source=files"]
+    prepare(compose("prepare", base + [f"domain.files={tmp}/texts/*.txt"]))
+    train(compose("train", base + TINY + ["model=shortcut", "train.max_steps=150", *STEPS]), tmp / "shortcut")
+    train(compose("train", base + TINY + ["model.exit_train=0.5", "train.max_steps=40", *STEPS]), tmp / "baseline")
+    return tmp
+
+
+def conditions_of(run, *overrides):
+    return evaluate(compose("eval", [f"run_dir={run}", "eval.audit=false", *overrides]))["conditions"]
+
+
+# --- noise ---
+
+def test_corruption_is_seeded_nested_prefix_stable_and_always_another_token():
+    tokens = np.random.default_rng(5).integers(0, 40, 5000)
+    a = corrupt(tokens, 0.2, 0, 40)
+    assert np.array_equal(a, corrupt(tokens, 0.2, 0, 40)) and not np.array_equal(a, corrupt(tokens, 0.2, 1, 40))
+    assert np.array_equal(corrupt(tokens[:700], 0.2, 0, 40), a[:700])  # token j's fate: (seed, j) alone
+    assert abs((a != tokens).mean() - 0.2) < 0.02
+    wider = corrupt(tokens, 0.5, 0, 40)
+    changed = a != tokens
+    assert np.array_equal(wider[changed], a[changed])  # nested in p: the same tokens, replaced by the same ids
+    everything = corrupt(tokens, 1.0, 0, 40)
+    assert (everything != tokens).all() and everything.max() < 40 and everything.min() >= 0
+    assert np.array_equal(corrupt(tokens, 0.0, 0, 40), tokens)
+
+
+def test_noise_at_p0_is_the_in_domain_nll_exactly_and_nll_rises_with_p(runs):
+    result = evaluate(compose("eval", [f"run_dir={runs / 'shortcut'}", "eval.audit=false",
+                                       "eval.noise=[0,0.1,0.5]"]))
+    c = {x["name"]: x for x in result["conditions"]}
+    assert c["in-domain"]["nll"] == result["test_nll"]  # the eval's own number, not an approximation
+    assert c["noise p=0"]["nll"] == c["in-domain"]["nll"] and c["noise p=0"]["delta_nll"] == 0
+    assert c["noise p=0"]["n_tokens"] == result["n_tokens"]
+    assert 0 < c["noise p=0.1"]["delta_nll"] < c["noise p=0.5"]["delta_nll"]
+    assert c["noise p=0.1"]["changed"] == pytest.approx(0.1, abs=0.02)
+    # the same windows read two ways: the paired bootstrap of p = 0 against in-domain is exactly zero
+    shift = c["noise p=0"]["depth"]["shift"]
+    assert shift["paired"] and shift["shallow_mass"] == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    lo, hi = c["noise p=0.5"]["depth"]["shift"]["shallow_mass"]["ci_low"], \
+        c["noise p=0.5"]["depth"]["shift"]["shallow_mass"]["ci_high"]
+    assert lo <= c["noise p=0.5"]["depth"]["shift"]["shallow_mass"]["delta"] <= hi and lo < hi
+    assert c["in-domain"]["depth"]["shift"] is None
+    assert sum(c["in-domain"]["depth"]["profile"]) == pytest.approx(1)
+
+
+def test_the_same_corruption_for_every_model_and_every_run(runs):
+    a = conditions_of(runs / "shortcut", "eval.noise=[0.2]")
+    b = conditions_of(runs / "baseline", "eval.noise=[0.2]")
+    again = conditions_of(runs / "shortcut", "eval.noise=[0.2]", "eval.batch_size=3")
+    assert a[1]["inputs_hash"] == b[1]["inputs_hash"] == again[1]["inputs_hash"]
+    assert a[0]["inputs_hash"] != a[1]["inputs_hash"]
+    assert conditions_of(runs / "shortcut", "eval.noise=[0.2]", "eval.noise_seed=1")[1]["inputs_hash"] \
+        != a[1]["inputs_hash"]
+
+
+def test_targets_are_never_corrupted(runs):
+    data = TokenData(next((runs / "data" / "text").glob("files-*")), 32)
+    cond = Condition("noise p=1", "noise", data, "test", data.vocab_size, p=1.0, seed=0)
+    inputs, targets, scored = cond.arrays(500)
+    clean = np.asarray(data.splits["test"][:500], dtype=np.int64)
+    assert np.array_equal(targets, clean) and scored is None
+    assert (inputs != clean).all()  # p = 1: every context token replaced
+
+
+def test_noise_levels_are_one_list_on_the_command_line():
+    assert _lists_as_override(["run_dir=r", "eval.noise=0.05,0.2"]) == ["run_dir=r", "eval.noise=[0.05,0.2]"]
+    assert _lists_as_override(["eval.noise=[0.1]"]) == ["eval.noise=[0.1]"]
+    assert compose("eval", ["run_dir=r", *_lists_as_override(["eval.noise=0.05,0.2"])]).eval.noise == [0.05, 0.2]
+    with pytest.raises(ValueError, match="eval.noise"):
+        EvalConfig(noise=[1.5])
+
+
+def test_conditions_are_reevaluated_only_when_their_settings_change(runs):
+    run = runs / "baseline"
+    cfg = compose("eval", [f"run_dir={run}", "eval.audit=false", "eval.noise=[0.2]"])
+    evaluate(cfg)
+    assert needs_eval(run, cfg.eval) is None
+    assert "robustness" in needs_eval(run, compose("eval", [f"run_dir={run}", "eval.audit=false",
+                                                            "eval.noise=[0.3]"]).eval)
+
+
+# --- unsafe exits, by hand ---
+
+def test_unsafe_exits_and_calibration_match_a_hand_computation(tmp_path):
+    """A 2-layer baseline (exits at depth 1 and the full depth 2): a token exits early when head(h_1)'s top
+    probability reaches the threshold; it is unsafe when that top-1 differs from the full model's. Under CALM's
+    copy-up nothing the full depth reads changes (block 1 reads h_1 of every token), so by hand it is plain
+    arithmetic on two forward passes."""
+    V, T = 23, 16
+    rng = np.random.default_rng(0)
+    splits = {s: rng.integers(0, V, n) for s, n in (("train", 400), ("val", 100), ("test", 161))}
+    corpus.write_corpus(tmp_path / "c", splits, {"vocab_size": V, "tokenizer": "char", "domain": "text"})
+    data = TokenData(tmp_path / "c", T)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=T, vocab_size=V)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    test = torch.from_numpy(np.asarray(data.splits["test"], dtype=np.int64))
+    x, y = test[:160].view(10, T), test[1:161].view(10, T)  # stride T: ten windows, every target scored once
+    with torch.no_grad():
+        full = model(x)[0]
+        shallow = model.head(model.hidden_states(x)[1])  # the exit at depth 1: the head on h_1
+    conf1, top1 = shallow.softmax(-1).max(-1)
+    c = conf1.flatten().sort().values
+    gaps = (c[1:] - c[:-1])[60:100]
+    k = 60 + int(gaps.argmax())
+    threshold = float((c[k] + c[k + 1]) / 2)  # about half exit early, and no confidence sits near the threshold
+    early = conf1 >= threshold
+    unsafe = early & (top1 != full.argmax(-1))
+    nll_full = F.cross_entropy(full.transpose(1, 2), y, reduction="none")
+    nll_1 = F.cross_entropy(shallow.transpose(1, 2), y, reduction="none")
+    conf = torch.where(early, conf1, full.softmax(-1).max(-1).values)
+    hit = torch.where(early, top1, full.argmax(-1)) == y
+    bins = [[0, 0.0, 0.0] for _ in range(ECE_BINS)]
+    for cf, h in zip(conf.flatten().tolist(), hit.flatten().tolist()):
+        b = min(int(cf * ECE_BINS), ECE_BINS - 1)
+        bins[b][0], bins[b][1], bins[b][2] = bins[b][0] + 1, bins[b][1] + cf, bins[b][2] + h
+    hand_ece = sum(abs(h - cf) for _, cf, h in bins) / 160
+
+    cfg = EvalConfig(exit="confidence", exit_thresholds=[threshold], batch_size=4)
+    record, _ = measure(model, Condition("in-domain", "in_domain", data, "test", V), cfg, T, nullcontext())
+    e = record["exits"]["thresholds"][0]
+    assert record["n_tokens"] == 160 and 0 < int(unsafe.sum()) < int(early.sum()) < 160
+    assert e["n_early"] == int(early.sum()) and e["n_unsafe"] == int(unsafe.sum())
+    assert e["early_share"] == pytest.approx(float(early.float().mean()))
+    assert e["unsafe_share"] == pytest.approx(float(unsafe.sum() / early.sum()))
+    assert e["nll_increase_unsafe"] == pytest.approx(float((nll_1 - nll_full)[unsafe].mean()), rel=1e-5)
+    assert e["nll_increase_early"] == pytest.approx(float((nll_1 - nll_full)[early].mean()), rel=1e-5)
+    assert e["ece"] == pytest.approx(hand_ece, rel=1e-5)
+    assert record["nll"] == pytest.approx(float(nll_full.mean()), rel=1e-6)
