@@ -146,6 +146,10 @@ def conditions(cfg: EvalConfig, data: TokenData, domain: dict) -> list[Condition
                 shifted = TokenData(shift.path, data.block_size)
             except UserError as exc:
                 raise UserError(f"eval.shift={spec!r}: {exc}") from None
+            name = f"{cfg.split}.bin"
+            if shifted.meta.get("hashes", {}).get(name) == data.meta.get("hashes", {}).get(name):
+                raise UserError(f"eval.shift={spec!r} describes the run's own corpus (its {cfg.split} split holds "
+                                f"the same tokens); name another source")
             if shifted.vocab_size > V + 1:
                 raise UserError(f"eval.shift={spec!r}: {shift.path} has ids up to {shifted.vocab_size - 1}, past the "
                                 f"run's vocabulary of {V} (and its one reserved id): not this run's tokenizer")

@@ -2,7 +2,6 @@
 shifted sources tokenized with the run's own tokenizer (unknown symbols counted, incompatible runs refused), the
 depth-profile shift with paired bootstrap intervals, unsafe exits against a hand computation, compare's table."""
 
-import json
 from contextlib import nullcontext
 
 import numpy as np
@@ -172,3 +171,124 @@ def test_unsafe_exits_and_calibration_match_a_hand_computation(tmp_path):
     assert e["nll_increase_early"] == pytest.approx(float((nll_1 - nll_full)[early].mean()), rel=1e-5)
     assert e["ece"] == pytest.approx(hand_ece, rel=1e-5)
     assert record["nll"] == pytest.approx(float(nll_full.mean()), rel=1e-6)
+
+
+# --- shifted sources ---
+
+@pytest.fixture(scope="module")
+def other_text(runs):
+    """Another English-like text with characters the run's vocabulary lacks."""
+    folder = runs / "other"
+    folder.mkdir(exist_ok=True)
+    text = english_like(3000, seed=9).replace("the", "thé").replace("of", "øf") + "Fin: 5 € for the ß.\n"
+    (folder / "o.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_a_shifted_text_is_tokenized_with_the_runs_vocabulary_and_its_unknowns_counted(runs, other_text):
+    spec = f"eval.shift='files={other_text}/*.txt'"
+    c = conditions_of(runs / "shortcut", spec)[1]
+    assert c["kind"] == "shift" and c["shift"] == f"files={other_text}/*.txt"
+    shifted = TokenData(c["corpus"], 32)
+    run_meta = corpus.read_meta(next((runs / "data" / "text").glob("files-*")))
+    V = run_meta["vocab_size"]
+    assert shifted.meta["vocab"] == run_meta["vocab"] and shifted.meta["reserved_id"] == V
+    assert "/shifted/" in c["corpus"]  # never the run's own corpus' folder, which files do not key
+    ids = np.asarray(shifted.splits["test"])
+    text = (other_text / "o.txt").read_text(encoding="utf-8")[-len(ids):]  # test is the end of the text
+    assert "".join(run_meta["vocab"][i] if i < V else "?" for i in ids) == "".join(
+        ch if ch in run_meta["vocab"] else "?" for ch in text)
+    u = c["unknown"]
+    assert u["n"] == int((ids == V).sum()) > 0 and u["rate"] == pytest.approx(u["n"] / len(ids))
+    assert u["unscored_targets"] == int((ids[1:c["n_tokens"] + u["n"] + 1] == V).sum())
+    assert {ch for ch, _ in u["examples"]} == {"é", "ø", "€", "ß", ":", "5"} and "not scored" in u["policy"]
+    assert np.isfinite(c["nll"]) and c["n_tokens"] + u["unscored_targets"] == len(ids) - 1
+    assert c["depth"]["shift"]["paired"] is False
+    meta_file = other_text.parent / c["corpus"] / "meta.json"
+    before = meta_file.stat().st_mtime_ns
+    assert conditions_of(runs / "shortcut", spec)[1]["data_hash"] == c["data_hash"]
+    assert meta_file.stat().st_mtime_ns == before  # prepared once, then reused
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("tokenizer=byte", "tokenized with the run's own tokenizer"),
+    ("name=music", "stays in the run's domain"),
+    ("collection=essenFolksong", "may set source, files"),
+    ("nonsense=1", "has no setting nonsense"),
+    ("justaword", "is not key=value"),
+])
+def test_a_shift_that_changes_the_tokens_or_the_domain_is_refused_in_one_line(runs, spec, match):
+    with pytest.raises(UserError, match=match) as exc:
+        conditions_of(runs / "baseline", f"eval.shift='{spec}'")
+    assert "\n" not in str(exc.value)
+
+
+def test_the_runs_own_corpus_is_no_shift(runs):
+    with pytest.raises(UserError, match="describes the run's own corpus"):
+        conditions_of(runs / "baseline", f"eval.shift='files={runs}/texts/*.txt'")
+
+
+def test_a_prepared_corpus_of_other_ids_is_refused(runs, other_text, tmp_path):
+    root = tmp_path / "data"
+    chars = prepare(compose("prepare", [f"data.root={root}", "domain=text", "domain.source=files",
+                                        f"domain.files={other_text}/*.txt"]))  # its own vocabulary
+    with pytest.raises(UserError, match="another char tokenizer than this run's"):
+        conditions_of(runs / "baseline", f"eval.shift={chars}")
+    base = [f"data.root={root}", "domain=text", "domain.source=files", "domain.tokenizer=byte"]
+    prepare(compose("prepare", base + [f"domain.files={runs}/texts/*.txt"]))
+    train(compose("train", base + TINY + ["train.max_steps=2"]), tmp_path / "byte")
+    with pytest.raises(UserError, match="holds char tokens; this run's model reads byte tokens") as exc:
+        conditions_of(tmp_path / "byte", f"eval.shift={chars}")
+    assert "\n" not in str(exc.value)
+    c = conditions_of(tmp_path / "byte", f"eval.shift='files={other_text}/*.txt'")[1]  # bytes know every text
+    assert c["unknown"]["n"] == 0 and c["n_tokens"] > 0
+
+
+def test_a_shifted_music_source_uses_the_runs_tokenizer_and_counts_notes_it_cannot_hold(tmp_path):
+    from symusic import Note, Score, TimeSignature, Track
+
+    from test_music import write_piece
+
+    for name, n in (("a", 6), ("b", 4)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            write_piece(tmp_path / name / f"{name}{i}.mid", seed=i + 10 * (name == "b"))
+    score = Score(480)
+    score.time_signatures.append(TimeSignature(0, 4, 4))
+    track = Track(name="high", program=0)
+    track.notes.extend(Note(480 * k, 480, 100 + k % 8, 80) for k in range(32))  # above pitch_range [36, 90)
+    score.tracks.append(track)
+    score.dump_midi(str(tmp_path / "b" / "high.mid"))
+    base = [f"data.root={tmp_path / 'data'}", "domain=music", "domain.source=files"]
+    prepare(compose("prepare", base + [f"domain.files={tmp_path / 'a'}"]))
+    train(compose("train", base + TINY + ["train.max_steps=2"]), tmp_path / "run")
+    c = conditions_of(tmp_path / "run", f"eval.shift='files={tmp_path / 'b'}'")[1]
+    run_corpus = next((tmp_path / "data" / "music").glob("files-*"))
+    assert (run_corpus / "tokenizer.json").read_bytes() == (tmp_path / c["corpus"] / "tokenizer.json").read_bytes()
+    meta = corpus.read_meta(c["corpus"])
+    outside = sum(meta["notes_outside_range"].values())
+    assert outside == 32 and "pitch range" in c["unknown"]["what"]
+    assert c["unknown"]["n"] == meta["notes_outside_range"]["test"]
+
+
+def test_a_shifted_audio_source_is_quantised_with_the_runs_codebook(tmp_path):
+    import soundfile as sf
+
+    from shortcut.prepare.shift import prepare_shift
+    from test_audio import sound
+
+    for name, kinds in (("a", ["tone", "chirp", "noise"]), ("b", ["chirp", "silence", "tone"])):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            sf.write(tmp_path / name / f"{name}{i}.wav", sound(kinds[i % 3], 0.5, 16000, seed=i), 16000)
+    args = [f"data.root={tmp_path / 'data'}", "domain=audio", "domain.source=files", "domain.codebook_size=8",
+            "prepare.workers=1"]
+    run_corpus = prepare(compose("prepare", args + [f"domain.files={tmp_path / 'a'}"]))
+    domain = {**corpus.read_meta(run_corpus)["settings"], "files": str(tmp_path / "a")}
+    shift = prepare_shift(f"files={tmp_path / 'b'}", domain, corpus.read_meta(run_corpus), run_corpus,
+                          tmp_path / "data")
+    assert (shift.path / "codebook.npy").read_bytes() == (run_corpus / "codebook.npy").read_bytes()
+    assert shift.meta["files"]["train"] + shift.meta["files"]["val"] + shift.meta["files"]["test"] == 6
+    assert shift.unknown("test")["n"] == 0
+    with pytest.raises(UserError, match="decides how the data becomes tokens"):
+        prepare_shift("codebook_size=16", domain, corpus.read_meta(run_corpus), run_corpus, tmp_path / "data")
