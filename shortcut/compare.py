@@ -416,14 +416,19 @@ def compare(job: CompareJob) -> dict:
             start = len(table) - len(ds_rows)
             table[start:] = sorted(table[start:], key=_by_multiplier)
     pictures += early_exit_curves(rows, datasets, out_dir, notes)
-    md = render_markdown(table, notes, incomplete, job.compute_multiplier, job.reference)
+    from shortcut.robustness_table import robustness_tables  # eval.noise / eval.shift conditions (issue 23)
+
+    robust_md, robust_pictures, robust_rows = robustness_tables(
+        [(r.dataset, r.variant, [(run.seed, run.eval) for run in r.runs]) for r in rows], out_dir)
+    pictures += robust_pictures
+    md = render_markdown(table, notes, incomplete, job.compute_multiplier, job.reference) + robust_md
     _write(out_dir / "table.md", md)
     _write_csv(out_dir / "table.csv", table)
     pictures += plot(table, rows, out_dir)
     for t in table:
         t.pop("_key")
     summary = {"kind": "compare", "rows": table, "notes": notes, "incomplete": incomplete,
-               "pictures": [str(p) for p in pictures]}
+               "pictures": [str(p) for p in pictures], "robustness": robust_rows}
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     track(job, out_dir, table, pictures)
     print(md)

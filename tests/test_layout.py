@@ -20,7 +20,7 @@ LAYERS = [
     ["costs"],
     ["train"],
     ["scoring", "evaluate", "audit", "early_exit", "generate", "adaptive"],
-    ["sample", "compare"],
+    ["sample", "compare", "robustness_table"],
     ["cli", "launch", "__main__"],
 ]
 

@@ -2,6 +2,7 @@
 shifted sources tokenized with the run's own tokenizer (unknown symbols counted, incompatible runs refused), the
 depth-profile shift with paired bootstrap intervals, unsafe exits against a hand computation, compare's table."""
 
+import json
 from contextlib import nullcontext
 
 import numpy as np
@@ -292,3 +293,41 @@ def test_a_shifted_audio_source_is_quantised_with_the_runs_codebook(tmp_path):
     assert shift.unknown("test")["n"] == 0
     with pytest.raises(UserError, match="decides how the data becomes tokens"):
         prepare_shift("codebook_size=16", domain, corpus.read_meta(run_corpus), run_corpus, tmp_path / "data")
+
+
+# --- compare ---
+
+def test_compare_tables_robustness_over_seeds_with_intervals(runs, other_text):
+    from scipy import stats
+
+    from shortcut.compare import compare
+
+    base = [f"data.root={runs / 'data'}", "domain=text", "domain.source=files"]
+    train(compose("train", base + TINY + ["model.exit_train=0.5", "train.max_steps=40", "seed=1", *STEPS]),
+          runs / "baseline1")
+    settings = ["eval.noise=[0.3]", f"eval.shift='files={other_text}/*.txt'", "eval.exit=confidence",
+                "eval.exit_thresholds=[0.1,0.15]"]
+    for run in ("shortcut", "baseline", "baseline1"):
+        conditions_of(runs / run, *settings)
+    out = compare(compose("compare", [f"runs='{runs}/shortcut,{runs}/baseline,{runs}/baseline1'",
+                                      f"results_root={runs / 'results'}", "wandb=off"]))
+    rows = {(r["variant"].split()[0], r["condition"]): r for r in out["robustness"]}
+    assert {c for _, c in rows} == {"in-domain", "noise p=0.3", f"shift files={other_text}/*.txt"}
+    noisy = rows[("baseline", "noise p=0.3")]
+    evals = [json.loads((runs / r / "eval.json").read_text())["conditions"][1] for r in ("baseline", "baseline1")]
+    d = [e["delta_nll"] for e in evals]
+    half = stats.t.ppf(0.975, 1) * np.std(d, ddof=1) / np.sqrt(2)
+    assert noisy["seeds"] == [0, 1] and noisy["delta_nll"]["mean"] == pytest.approx(np.mean(d))
+    assert noisy["delta_nll"]["ci_high"] - noisy["delta_nll"]["mean"] == pytest.approx(half)
+    assert noisy["threshold"] == 0.15  # 0.9 was not measured: the common threshold nearest it
+    at = [next(t for t in e["exits"]["thresholds"] if t["threshold"] == 0.15) for e in evals]
+    assert all(t["n_early"] > 0 for t in at)
+    assert noisy["unsafe_share"]["mean"] == pytest.approx(np.mean([t["unsafe_share"] for t in at]))
+    assert noisy["early_share"]["mean"] == pytest.approx(np.mean([t["early_share"] for t in at]))
+    assert rows[("shortcut", "noise p=0.3")]["shallow_shift"] is not None  # one seed: a mean, no interval
+    assert rows[("shortcut", "noise p=0.3")]["shallow_shift"]["ci_low"] is None
+    assert rows[("baseline", "noise p=0.3")]["shallow_shift"] is None  # no depth weights
+    md = (runs / "results" / "compare" / "table.md").read_text()
+    assert "### Robustness" in md and "Unsafe early exits at confidence threshold 0.15" in md
+    assert "characters outside the run's vocabulary" in md
+    assert (runs / "results" / "compare" / "robustness.png").is_file()
