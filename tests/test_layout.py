@@ -19,7 +19,7 @@ LAYERS = [
     ["attention", "blocks", "routing", "variants", "model"],
     ["costs"],
     ["train"],
-    ["scoring", "evaluate", "audit", "early_exit", "generate", "adaptive"],
+    ["scoring", "evaluate", "audit", "early_exit", "generate", "adaptive", "robustness"],
     ["sample", "compare", "robustness_table"],
     ["cli", "launch", "__main__"],
 ]
