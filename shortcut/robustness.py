@@ -248,10 +248,10 @@ def measure(model: GPT, cond: Condition, cfg: EvalConfig, stride: int, ctx) -> t
     n_split = len(cond.data.splits[cond.split])
     windows = sliding_windows(n_split, cond.data.block_size, stride, max_targets(cfg))
     inputs, targets, scored = cond.arrays(max(s + length for s, length, _ in windows) + 1)
-    taps = thresholds(cfg)
-    full_depth = model.cfg.exit_depths()[-1] if taps else None
+    levels = thresholds(cfg)
+    full_depth = model.cfg.exit_depths()[-1] if levels else None
     weighs = model.weighs_layers
-    tally = Tally(windows, stride, taps)
+    tally = Tally(windows, stride, levels)
     info = None
     device = next(model.parameters()).device
     for i in range(0, len(windows), cfg.batch_size):
@@ -272,7 +272,7 @@ def measure(model: GPT, cond: Condition, cfg: EvalConfig, stride: int, ctx) -> t
             profile, info = lw.pop("weights")[:, :, -1, :], lw  # the mix nearest the output: (B, T, sources)
             depth = profile.double() @ torch.tensor(info["sources"], dtype=torch.float64, device=device)  # (B, T)
         outcomes = {}
-        for t in taps:
+        for t in levels:
             with ctx:
                 outcomes[t] = confidence_outcomes(model, x, y, t)
         tally.add(i, x, y, keep, nll, logits, profile, depth, outcomes, full_depth)
@@ -295,7 +295,10 @@ def _record(cond: Condition, tally: Tally, inputs: np.ndarray, windows: list, in
         clean = np.asarray(cond.data.splits[cond.split][:len(inputs)], dtype=np.int64)
         rec["changed"] = float((inputs != clean).mean())  # the share of context tokens the noise changed
     if cond.kind == "shift":
-        rec["unknown"] = {**cond.shift.unknown(cond.split), "policy": UNKNOWN_POLICY,
+        policy = (UNKNOWN_POLICY if cond.shift.meta.get("reserved_id") is not None else
+                  "notes outside the pitch range never become tokens (miditok leaves them out): counted, not scored"
+                  if cond.data.meta["domain"] == "music" else "nothing to leave out")
+        rec["unknown"] = {**cond.shift.unknown(cond.split), "policy": policy,
                           "substitute_id": cond.substitute,
                           "unscored_targets": sum(length - f for _, length, f in windows) - tally.count}
     rec["depth"] = _depth(tally, info, n_layer, cfg) if info is not None else None

@@ -153,7 +153,10 @@ def robustness_tables(groups: list[Group], out_dir: Path) -> tuple[str, list[Pat
         names = list(dict.fromkeys(c["name"] for _, _, runs in mine for _, ev in runs for c in ev["conditions"]))
         threshold = _threshold(mine)
         rows = dataset_rows(mine, names, threshold)
-        md.append(render(ds, rows, names, threshold, _notes(mine, names)))
+        left_out = [v for d, v, runs in groups if d == ds and (v, runs) not in [(g[1], g[2]) for g in mine]]
+        notes = _notes(mine, names) + ([f"left out (not every seed has conditions): {', '.join(left_out)}"]
+                                       if left_out else [])
+        md.append(render(ds, rows, names, threshold, notes))
         png = out_dir / ("robustness.png" if len(datasets) == 1 else f"robustness_{i}.png")
         pictures.append(plot(ds, rows, names, threshold, png))
         table += [{"dataset": ds, **r} for r in rows]
