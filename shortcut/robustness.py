@@ -427,8 +427,9 @@ def headline(rec: dict) -> str:
         parts.append(f"shallow-tap mass {d['shallow_mass']:.3f}" + (
             f" ({sh['delta']:+.3f} [{_f(sh['ci_low'])}, {_f(sh['ci_high'])}])" if sh else ""))
     for e in (rec["exits"] or {}).get("thresholds", [])[-1:]:
-        parts.append(f"at exit threshold {e['threshold']:g}: {100 * e['early_share']:.1f}% exit early, "
-                     f"{100 * (e['unsafe_share'] or 0):.1f}% of them unsafe")
+        parts.append(f"at exit threshold {e['threshold']:g}: " + (
+            f"{100 * e['early_share']:.1f}% exit early, {100 * e['unsafe_share']:.1f}% of them unsafe (top-1 not the "
+            f"full model's)" if e["n_early"] else "no token exits early"))
     return "; ".join(parts)
 
 
