@@ -35,14 +35,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A char corpus of English-like text, a shortcut run (150 steps) and an exit-trained baseline (40 steps)."""
+    """A char corpus of English-like text, a shortcut run (100 steps) and an exit-trained baseline (40 steps)."""
     tmp = tmp_path_factory.mktemp("robust")
     (tmp / "texts").mkdir()
     for i in range(3):
         (tmp / "texts" / f"part{i}.txt").write_text(english_like(4000, seed=i), encoding="utf-8")
     base = [f"data.root={tmp / 'data'}", "domain=text", "domain.source=files"]
     prepare(compose("prepare", base + [f"domain.files={tmp}/texts/*.txt"]))
-    train(compose("train", base + TINY + ["model=shortcut", "train.max_steps=150", *STEPS]), tmp / "shortcut")
+    train(compose("train", base + TINY + ["model=shortcut", "train.max_steps=100", *STEPS]), tmp / "shortcut")
     train(compose("train", base + TINY + ["model.exit_train=0.5", "train.max_steps=40", *STEPS]), tmp / "baseline")
     return tmp
 
@@ -87,12 +87,13 @@ def test_noise_at_p0_is_the_in_domain_nll_exactly_and_nll_rises_with_p(runs):
 
 
 def test_the_same_corruption_for_every_model_and_every_run(runs):
-    a = conditions_of(runs / "shortcut", "eval.noise=[0.2]")
-    b = conditions_of(runs / "baseline", "eval.noise=[0.2]")
-    again = conditions_of(runs / "shortcut", "eval.noise=[0.2]", "eval.batch_size=3")
+    few = "eval.max_tokens=600"
+    a = conditions_of(runs / "shortcut", "eval.noise=[0.2]", few)
+    b = conditions_of(runs / "baseline", "eval.noise=[0.2]", few)
+    again = conditions_of(runs / "shortcut", "eval.noise=[0.2]", "eval.batch_size=3", few)
     assert a[1]["inputs_hash"] == b[1]["inputs_hash"] == again[1]["inputs_hash"]
     assert a[0]["inputs_hash"] != a[1]["inputs_hash"]
-    assert conditions_of(runs / "shortcut", "eval.noise=[0.2]", "eval.noise_seed=1")[1]["inputs_hash"] \
+    assert conditions_of(runs / "shortcut", "eval.noise=[0.2]", "eval.noise_seed=1", few)[1]["inputs_hash"] \
         != a[1]["inputs_hash"]
 
 
@@ -245,6 +246,7 @@ def test_a_prepared_corpus_of_other_ids_is_refused(runs, other_text, tmp_path):
     assert c["unknown"]["n"] == 0 and c["n_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_a_shifted_music_source_uses_the_runs_tokenizer_and_counts_notes_it_cannot_hold(tmp_path):
     from symusic import Note, Score, TimeSignature, Track
 
@@ -297,6 +299,7 @@ def test_a_shifted_audio_source_is_quantised_with_the_runs_codebook(tmp_path):
 
 # --- compare ---
 
+@pytest.mark.slow
 def test_compare_tables_robustness_over_seeds_with_intervals(runs, other_text):
     from scipy import stats
 
@@ -331,3 +334,39 @@ def test_compare_tables_robustness_over_seeds_with_intervals(runs, other_text):
     assert "### Robustness" in md and "Unsafe early exits at confidence threshold 0.15" in md
     assert "characters outside the run's vocabulary" in md
     assert (runs / "results" / "compare" / "robustness.png").is_file()
+
+
+def fake_eval(seed: int, shift_nll: float, unsafe: float | None, early: float, mass: float | None) -> dict:
+    """eval.json's conditions as shortcut.robustness writes them, cut to what the table reads."""
+    def cond(name, nll, unsafe_share, shift):
+        depth = None if mass is None else {"shallow_mass": mass + shift, "shift": None if name == "in-domain" else
+                                           {"shallow_mass": {"delta": shift}}}
+        exits = {"thresholds": [{"threshold": t, "unsafe_share": unsafe_share, "early_share": early}
+                                for t in (0.5, 0.9)]}
+        return {"name": name, "nll": nll, "delta_nll": nll - 1.0, "inputs_hash": name, "depth": depth,
+                "exits": exits}
+    return {"conditions": [cond("in-domain", 1.0, unsafe, 0.0), cond("noise p=0.2", shift_nll, None if unsafe is None
+                                                                      else unsafe + 0.1 * seed, 0.01 * seed)]}
+
+
+def test_the_robustness_table_averages_seeds_with_t_intervals(tmp_path):
+    from scipy import stats
+
+    from shortcut.robustness_table import robustness_tables
+
+    groups = [("ds", "shortcut", [(s, fake_eval(s, 1.2 + 0.1 * s, 0.2, 0.4, 0.6)) for s in range(3)]),
+              ("ds", "baseline", [(s, fake_eval(s, 1.5, None, 0.3, None)) for s in range(3)]),
+              ("other", "shortcut", [(0, {"test_nll": 1.0})])]  # no conditions: no table
+    md, pictures, rows = robustness_tables(groups, tmp_path)
+    by = {(r["variant"], r["condition"]): r for r in rows}
+    assert {r["dataset"] for r in rows} == {"ds"} and pictures == [tmp_path / "robustness.png"]
+    d = [0.2, 0.3, 0.4]
+    half = stats.t.ppf(0.975, 2) * np.std(d, ddof=1) / np.sqrt(3)
+    noisy = by[("shortcut", "noise p=0.2")]
+    assert noisy["delta_nll"]["mean"] == pytest.approx(0.3)
+    assert noisy["delta_nll"]["ci_low"] == pytest.approx(0.3 - half) and noisy["delta_nll"]["n"] == 3
+    assert noisy["threshold"] == 0.9 and noisy["unsafe_share"]["mean"] == pytest.approx(0.3)
+    assert noisy["unsafe_delta"]["mean"] == pytest.approx(0.1) and noisy["shallow_shift"]["mean"] == pytest.approx(0.01)
+    assert by[("baseline", "noise p=0.2")]["shallow_shift"] is None
+    assert by[("baseline", "noise p=0.2")]["delta_nll"]["ci_low"] == pytest.approx(0.5)  # no spread, no width
+    assert "Unsafe early exits at confidence threshold 0.9" in md and "no early exit" in md
