@@ -400,8 +400,13 @@ def measure_all(model: GPT, conds: list[Condition], cfg: EvalConfig, stride: int
         tallies.append(tally)
     base = records[0]
     arrays = {"thresholds": np.array(thresholds(cfg))}
+    def nll_parts(t: Tally):  # per-window summed NLL and token counts
+        return torch.cat(t.per_window["nll"]).numpy()[:, None], torch.cat(t.per_window["count"]).numpy()
+
     for i, (rec, tally, cond) in enumerate(zip(records, tallies, conds)):
         rec["delta_nll"] = rec["nll"] - base["nll"]
+        if cond.kind != "in_domain":  # within this run: resampling windows (paired for noise)
+            rec["delta_nll_interval"] = _difference(nll_parts(tallies[0]), nll_parts(tally), cond.kind == "noise")[0]
         normalised = rec["depth"] is not None and rec["depth"]["normalised"]
         if normalised and cond.kind != "in_domain":
             rec["depth"]["shift"] = depth_shift(tallies[0], tally, rec, base, paired=cond.kind == "noise")

@@ -75,6 +75,8 @@ def test_noise_at_p0_is_the_in_domain_nll_exactly_and_nll_rises_with_p(runs):
     assert c["noise p=0"]["nll"] == c["in-domain"]["nll"] and c["noise p=0"]["delta_nll"] == 0
     assert c["noise p=0"]["n_tokens"] == result["n_tokens"]
     assert 0 < c["noise p=0.1"]["delta_nll"] < c["noise p=0.5"]["delta_nll"]
+    assert c["noise p=0"]["delta_nll_interval"] == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert 0 < c["noise p=0.5"]["delta_nll_interval"]["ci_low"] < c["noise p=0.5"]["delta_nll"]
     assert c["noise p=0.1"]["changed"] == pytest.approx(0.1, abs=0.02)
     # the same windows read two ways: the paired bootstrap of p = 0 against in-domain is exactly zero
     shift = c["noise p=0"]["depth"]["shift"]
