@@ -7,7 +7,8 @@ LAUNCHER ?=
 SWEEP = $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
 
 .PHONY: help install test test-all gpu-check demo reproduce-paper reproduce-paper-cpu scaling scaling-cpu bench \
-	peers peers-cpu peers-deep-cpu ablations-cpu shortcut-search shortcut-search-cpu early-exit-cpu adaptive adaptive-cpu
+	peers peers-cpu peers-deep-cpu ablations-cpu shortcut-search shortcut-search-cpu early-exit-cpu adaptive adaptive-cpu \
+	robustness-cpu
 help:
 	@echo "make reproduce-paper      the paper's table on one GPU (downloads text8, WikiText-103, MAESTRO, LibriSpeech)"
 	@echo "make reproduce-paper-cpu  the same table at CPU scale on offline data, under 30 min (TEXT='books/*.txt')"
@@ -21,6 +22,7 @@ help:
 	@echo "make adaptive-cpu  routing, exit and speculative decoding vs dense ladders, chorales + text, CPU (~75 min)"
 	@echo "make adaptive      the same at GPT-2-small scale on text8, for one GPU (~6 GPU-hours)"
 	@echo "make early-exit-cpu  NLL vs compute of early exits, baseline (LayerSkip) and shortcut, chorales, CPU (~25 min)"
+	@echo "make robustness-cpu  shifted (Essen, another text) and noisy inputs: depth use and unsafe exits, CPU (~45 min)"
 	@echo "make ablations-cpu  the shortcut's own ablations (taps, feature map, depth embedding), chorales, CPU"
 	@echo "make gpu-check  on a CUDA device: fused kernels, bf16 vs fp32, resume, tokens/s and MFU (< 8 min on an H200)"
 	@echo "make bench     speed benchmarks (tokenization real-time factor, training throughput)"
@@ -180,6 +182,30 @@ early-exit-cpu:
 	-shortcut train -m experiment=early_exit_cpu
 	shortcut eval run_dir=runs/early_exit_cpu eval.exit=both eval.audit=false
 	shortcut compare runs=runs/early_exit_cpu name=early_exit_cpu wandb=off
+
+# Issue 23: shifted and noisy inputs, unsafe exits. The demo's models, plain and exit-trained, 3 seeds, on the chorales
+# (shift: Essen folk songs, music21 wheel) and TEXT (shift: SHIFT_TEXT, Python's language reference written from the
+# interpreter's own pydoc_data: offline on every CPython); noise 0.05 / 0.2; confidence exits at 0.5 / 0.7 / 0.9.
+SHIFT_TEXT ?= data/python-reference.txt
+ESSEN = collection=essenFolksong max_pieces=500
+ROBUST_EVAL = eval.noise=0.05,0.2 eval.exit=confidence "eval.exit_thresholds=[0.5,0.7,0.9]" \
+	eval.robust_max_tokens=4096 eval.exit_max_tokens=4096 eval.audit_sequences=8
+
+data/python-reference.txt:
+	mkdir -p data && $(PY) -c "import pydoc_data.topics as t; print('\n\n'.join(t.topics[k] for k in sorted(t.topics)))" \
+		> $@.tmp && mv $@.tmp $@
+
+# The two datasets run side by side, one thread each (sizing in conf/experiment/robustness_cpu.yaml).
+robustness-cpu: $(filter data/python-reference.txt,$(SHIFT_TEXT))
+	shortcut prepare domain=music
+	shortcut prepare dataset=text_local "domain.files='$(TEXT)'"
+	-OMP_NUM_THREADS=1 shortcut train -m experiment=robustness_cpu dataset=chorales & p=$$!; \
+		OMP_NUM_THREADS=1 shortcut train -m experiment=robustness_cpu dataset=text_local "domain.files='$(TEXT)'"; \
+		wait $$p
+	OMP_NUM_THREADS=1 shortcut eval run_dir=runs/robustness_cpu/chorales $(ROBUST_EVAL) "eval.shift='$(ESSEN)'" & \
+		p=$$!; OMP_NUM_THREADS=1 shortcut eval run_dir=runs/robustness_cpu/text_local $(ROBUST_EVAL) \
+		"eval.shift='files=$(SHIFT_TEXT)'"; s=$$?; wait $$p && exit $$s
+	shortcut compare runs=runs/robustness_cpu name=robustness_cpu wandb=off
 
 # On a CUDA machine: every attention implementation against the reference, then the GPU path end to end (~6 min).
 gpu-check:

@@ -275,6 +275,18 @@ def _interval(boot: np.ndarray) -> dict:
     return {"ci_low": float(lo), "ci_high": float(hi), "p_value": float(min(1.0, max(1 / len(b), p)))}
 
 
+def within_position_spearman(depth: np.ndarray, loss: np.ndarray, n_boot: int = N_BOOT, seed: int = BOOT_SEED
+                             ) -> dict:
+    """Spearman(depth, loss) within position for (n_seq, T) arrays, as summarise computes it: the mean over
+    positions of the rho across sequences, with a 95% interval from resampling whole sequences."""
+    n_seq = depth.shape[0]
+    w = _resample_counts(n_seq, n_boot if n_seq > 1 else 0, seed)
+    rho = _within_position_spearman(depth, loss, np.vstack([np.ones(n_seq), w]))
+    ci = _interval(rho[1:])
+    return {"within_position_rho": _num(rho[0]), "within_position_ci_low": ci["ci_low"],
+            "within_position_ci_high": ci["ci_high"], "n_sequences": int(n_seq)}
+
+
 def _num(v) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
 

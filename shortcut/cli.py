@@ -387,6 +387,21 @@ def _variants_as_override(args: list[str]) -> list[str]:
     return [*rest, f"variants=[{','.join(words)}]"]
 
 
+_LIST_KEYS = ("eval.noise",)  # comma-separated values that are one list, never a sweep
+
+
+def _lists_as_override(args: list[str]) -> list[str]:
+    """`eval.noise=0.05,0.2` -> eval.noise=[0.05,0.2] (issue 23): the noise levels one evaluation measures, not a
+    Hydra sweep of evaluations that would each overwrite the run's eval.json."""
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if eq and key.lstrip("+") in _LIST_KEYS and "," in value and not value.lstrip().startswith(("[", "'", '"')):
+            a = f"{key}=[{value}]"
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -397,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
     if command == "compare":
         args = _variants_as_override(args)
+    if command == "eval":
+        args = _lists_as_override(args)
     if os.environ.get("WORLD_SIZE", "1") != "1":  # a torchrun process
         if command != "train" or any(a in ("-m", "--multirun") for a in args):
             _fail("torchrun runs one `shortcut train` job; sweep with `shortcut train -m ... train.nproc=N` instead")

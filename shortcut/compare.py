@@ -485,12 +485,16 @@ def dataset_entries(ds_rows: list[Row], refs: dict[tuple, Reference], job: Compa
 def write_results(job: CompareJob, out_dir: Path, table: list[Entry], rows: list[Row], notes: list[str],
                   incomplete: list[str], pictures: list[Path]) -> dict:
     """table.md (also printed), table.csv, the plots, summary.json and the W&B run; returns what summary.json holds."""
-    md = render_markdown(table, notes, incomplete, job.compute_multiplier, job.reference)
+    from shortcut.robustness_table import robustness_tables  # eval.noise / eval.shift conditions (issue 23)
+
+    robust_md, robust_pictures, robust_rows = robustness_tables(
+        [(r.dataset, r.variant, [(run.seed, run.eval) for run in r.runs]) for r in rows], out_dir)
+    md = render_markdown(table, notes, incomplete, job.compute_multiplier, job.reference) + robust_md
     _write(out_dir / "table.md", md)
     _write_csv(out_dir / "table.csv", table)
-    pictures = pictures + plot(table, rows, out_dir)
+    pictures = pictures + robust_pictures + plot(table, rows, out_dir)
     summary = {"kind": "compare", "rows": [e.to_dict() for e in table], "notes": notes, "incomplete": incomplete,
-               "pictures": [str(p) for p in pictures]}
+               "pictures": [str(p) for p in pictures], "robustness": robust_rows}
     _write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     track(job, out_dir, table, pictures)
     print(md)

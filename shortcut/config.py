@@ -602,8 +602,29 @@ class EvalConfig:
     decode_threshold: float = 0.9
     decode_draft: Optional[int] = None
     decode_draft_tokens: int = 4
+    # Robustness (issue 23, shortcut.robustness): besides the in-domain split, score the model with each context
+    # token replaced, with probability p, by another token drawn uniformly (the targets stay clean), for each p of
+    # `noise` (eval.noise=0.05,0.2), and on each shifted source of `shift` (eval.shift='collection=essenFolksong':
+    # the run's domain settings with these source keys changed, or a prepared corpus folder; several joined by ";"),
+    # tokenized with the run's own tokenizer. Written to eval.json's "conditions".
+    noise: List[float] = field(default_factory=list)
+    noise_seed: int = 0  # which tokens are replaced, and by what: the same for every model, so rows pair
+    shift: Any = field(default_factory=list)  # a string (";"-separated) or a list of strings
+    robust_max_tokens: Optional[int] = None  # each condition scores the first this many targets of its split
+    # (and at most max_tokens; None: the eval's own), so the in-domain condition is eval.json's NLL
 
     def __post_init__(self) -> None:
+        if isinstance(self.shift, str):
+            self.shift = [s.strip() for s in self.shift.split(";") if s.strip()]
+        _check(isinstance(self.shift, (list, tuple)) and all(isinstance(s, str) and s.strip() for s in self.shift),
+               "eval.shift", "must be a string of domain settings (eval.shift='collection=essenFolksong'), a "
+               "prepared corpus folder, or a list of them")
+        self.shift = [s.strip() for s in self.shift]
+        _check(len(set(self.shift)) == len(self.shift), "eval.shift", "names the same shift twice")
+        _check(all(0 <= p <= 1 for p in self.noise), "eval.noise", "must be probabilities in [0, 1]")
+        _check(len(set(self.noise)) == len(self.noise), "eval.noise", "names the same probability twice")
+        _check(self.robust_max_tokens is None or self.robust_max_tokens >= 1, "eval.robust_max_tokens",
+               "must be at least 1")
         try:
             self.exit = ExitPolicy(self.exit)
         except ValueError:

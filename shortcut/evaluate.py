@@ -177,6 +177,12 @@ def needs_eval(run: Path, cfg: EvalConfig) -> str | None:
         have = {k: (record.exit or {}).get(k) for k in want}
         if have != want:
             return f"its early-exit curves were measured with {have}, now {want}"
+    if cfg.noise or cfg.shift:
+        from shortcut.robustness import stale_conditions
+
+        why = stale_conditions(record.conditions, cfg, resolved_stride(cfg, summary.model["block_size"], run))
+        if why:
+            return why
     if cfg.decode_tokens:
         from shortcut.adaptive import decode_settings
 
@@ -214,6 +220,11 @@ def evaluate_run(job: EvalJob) -> dict:
         from shortcut.early_exit import check_supported
 
         check_supported(model, run_dir)
+    conditions = None
+    if cfg.noise or cfg.shift:  # shifted corpora prepared (or refused) before anything is scored
+        from shortcut import robustness
+
+        conditions = robustness.conditions(cfg, data, state.config["domain"])
     total, n, mean_context = split_nll(model, data, cfg.split, stride, cfg.max_tokens, cfg.batch_size,
                                        autocast(device, Precision.auto))
     nll, units = total / n, per_unit(total, n, data.meta, cfg.split)
@@ -231,6 +242,11 @@ def evaluate_run(job: EvalJob) -> dict:
         for name in (rundir.EXIT_CURVE, "exit_curve.png"):
             (run_dir / rundir.AUDIT / name).unlink(missing_ok=True)
     adaptive_figures(model, data, cfg, stride, record, autocast(device, Precision.auto))
+    if conditions is not None:
+        record.conditions = robustness.measure_all(model, conditions, cfg, stride, run_dir / rundir.AUDIT,
+                                                   autocast(device, Precision.auto))
+    else:  # token samples of an earlier evaluation's conditions must not sit beside this one
+        (run_dir / rundir.AUDIT / "conditions.npz").unlink(missing_ok=True)
     record.write(run_dir)
     result = record.to_dict()
     track(run_dir, state, result)

@@ -245,6 +245,8 @@ class EvalRecord(_Record):
     decode: dict | None = None  # eval.decode_tokens' decoding speeds (shortcut.adaptive)
     max_steps: int | None = None  # the run's length: checkpoint_step of max_steps was scored (None: not recorded)
     finished: bool | None = None  # whether the run had finished training (summary.json); False: an unfinished run
+    conditions: list | None = None  # eval.noise / eval.shift (shortcut.robustness): in-domain, each noise level and
+    # shift, each with its NLL, depth profile and exits
 
     def to_dict(self) -> dict:
         """The JSON keeps today's flat keys (test_nll, test_ppl, bits_per_token, bits_per_char, ...) for readers."""

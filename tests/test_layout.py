@@ -19,8 +19,8 @@ LAYERS = [
     ["attention", "blocks", "routing", "variants", "model"],
     ["costs"],
     ["train"],
-    ["scoring", "evaluate", "audit", "report", "early_exit", "generate", "adaptive"],
-    ["sample", "compare", "compare_adaptive"],
+    ["scoring", "evaluate", "audit", "report", "early_exit", "generate", "adaptive", "robustness"],
+    ["sample", "compare", "compare_adaptive", "robustness_table"],
     ["cli", "launch", "__main__"],
 ]
 

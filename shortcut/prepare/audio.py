@@ -31,7 +31,7 @@ from tqdm import tqdm
 from shortcut import corpus, diskio
 from shortcut.config import AudioDomain, AudioSource, AudioTokenizer, PrepareConfig, UserError
 from shortcut.download import download, require_network
-from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, kept, ordered_map,
+from shortcut.prepare.common import (Committer, Problems, RunTokenizer, already_done, find_files, inputs_of, kept, ordered_map,
                                      split_whole, survey, worker_count)
 
 log = logging.getLogger(__name__)
@@ -646,30 +646,38 @@ def _fit_codebook(plan: dict, cfg: AudioDomain, opts: PrepareConfig) -> np.ndarr
 WORKER_MB = 400  # a worker's footprint: the interpreter with torch, torchaudio and one decoded utterance
 
 
-def prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig | None = None) -> Path:
+def prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig | None = None, given: RunTokenizer | None = None,
+                  out: Path | None = None) -> Path:
+    """The corpus of cfg under root (or at out). given: quantise with a trained run's k-means codebook instead of
+    fitting one (eval.shift); mu-law and EnCodec codes do not depend on the data."""
     opts = opts or PrepareConfig()
     threads = torch.get_num_threads()
     try:
-        return _prepare_audio(cfg, root, opts)
+        return _prepare_audio(cfg, root, opts, given, out)
     finally:
         torch.set_num_threads(threads)  # a one-worker prepare runs in this process with one thread
 
 
-def _prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig) -> Path:
-    out = corpus.corpus_dir(root, cfg)
+def _prepare_audio(cfg: AudioDomain, root: Path, opts: PrepareConfig, given: RunTokenizer | None = None,
+                   out: Path | None = None) -> Path:
+    out = out or corpus.corpus_dir(root, cfg)
     problems = Problems(cfg.on_error, "audio")
     found, n_transcripts = SOURCES[cfg.source](cfg, root, problems)
-    found, input_hash = survey(found, json.dumps(corpus.settings_of(cfg), sort_keys=True), problems)
+    found, input_hash = survey(found, json.dumps(corpus.settings_of(cfg), sort_keys=True) + (given.key if given else ""),
+                               problems)
     if already_done(out, input_hash, problems):
         return out
     with corpus.CorpusWriter(out, input_hash) as w:
         plan = kept(w, "plan.json", lambda: _plan(found, cfg, opts, problems))
         codebook = None
-        if cfg.tokenizer == AudioTokenizer.kmeans:
+        if cfg.tokenizer == AudioTokenizer.kmeans and given is not None:
+            codebook = np.asarray(given.codebook)
+        elif cfg.tokenizer == AudioTokenizer.kmeans:
             codebook = kept(w, "codebook.npy", lambda: _fit_codebook(plan, cfg, opts), _npy, _from_npy)
         tok, done = _tokenize_files(w, plan, cfg, opts, codebook)
         _check_splits(done.files, done.problems)
-        meta = w.finish(_meta(cfg, tok, w, done, n_transcripts, input_hash),
+        meta = w.finish({**_meta(cfg, tok, w, done, n_transcripts, input_hash),
+                         **({"run_tokenizer": given.key} if given is not None else {})},
                         extra_files={} if codebook is None else {"codebook.npy": _npy(codebook)})
     log.info("wrote %s: %s tokens at %d Hz, vocab %d; files %s, hours %s, tokens %s; tokenizing ran %s x real time",
              out, cfg.tokenizer, tok.rate, tok.vocab_size, "/".join(str(done.files[s]) for s in corpus.SPLITS),

@@ -11,13 +11,25 @@ import logging
 import os
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from shortcut import corpus
 from shortcut.config import OnError, PrepareConfig, UserError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunTokenizer:
+    """A trained run's own tokenizer, handed to a prepare step so that another source is tokenized exactly as the
+    run's corpus was (eval.shift, shortcut.prepare.shift): nothing is fitted on the new source."""
+    key: str  # its identity (a hash of the vocabulary, tokenizer.json or codebook): part of the corpus' folder name
+    vocab: list[str] | None = None  # text, char tokenizer: the run's characters, id order (its <unk> placeholder last)
+    unk: bool = False  # text: whether the last entry of vocab is the run's <unk> placeholder, not a character
+    blob: bytes | None = None  # music: the run's tokenizer.json
+    codebook: Any = None  # audio, kmeans: the run's codebook (codes, features) as a numpy array
 
 
 def find_files(pattern: str | None, example: str, suffixes: tuple[str, ...] | None = None) -> list[Path]:

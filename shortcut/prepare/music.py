@@ -24,7 +24,7 @@ from tqdm import tqdm
 from shortcut import corpus, diskio
 from shortcut.config import MusicDomain, MusicSource, PrepareConfig, UserError
 from shortcut.download import local_or_download
-from shortcut.prepare.common import (Committer, Problems, already_done, find_files, inputs_of, kept, ordered_map,
+from shortcut.prepare.common import (Committer, Problems, RunTokenizer, already_done, find_files, inputs_of, kept, ordered_map,
                                      split_whole, survey, worker_count)
 
 log = logging.getLogger(__name__)
@@ -235,11 +235,11 @@ def _init_worker(blob: bytes, cfg: MusicDomain) -> None:
 
 
 def _tokenize(path: str):
-    """Worker: (token ids, notes) of one piece, or why it cannot be read."""
+    """Worker: (token ids, notes the tokenizer represents, all notes) of one piece, or why it cannot be read."""
     try:
         score = _read_score(Path(path))
         ids = np.asarray(encode_piece(_WORKER["tok"], score), dtype=np.int64)
-        return ids, count_notes(score, _WORKER["cfg"])
+        return ids, count_notes(score, _WORKER["cfg"]), int(score.note_num())
     except Exception as exc:  # noqa: BLE001
         return f"{type(exc).__name__}: {str(exc)[:120]}"
 
@@ -288,21 +288,25 @@ def no_usable_midi(empty: list[str], problems: Problems, cfg: MusicDomain) -> Us
     return UserError(f"no usable MIDI left for the {'/'.join(empty)} split(s): {'; '.join(why)}; {fix}")
 
 
-def prepare_music(cfg: MusicDomain, root: Path, opts: PrepareConfig | None = None) -> Path:
+def prepare_music(cfg: MusicDomain, root: Path, opts: PrepareConfig | None = None, given: RunTokenizer | None = None,
+                  out: Path | None = None) -> Path:
+    """The corpus of cfg under root (or at out). given: tokenize with a trained run's tokenizer.json instead of
+    making one (and learning no BPE merges): eval.shift."""
     opts = opts or PrepareConfig()
-    out = corpus.corpus_dir(root, cfg)
+    out = out or corpus.corpus_dir(root, cfg)
     found, failed = SOURCES[cfg.source](cfg, root, opts)
     problems = Problems(cfg.on_error, "MIDI")
     for name, error in failed.items():
         problems.skip(name, error)
-    found, input_hash = survey(found, json.dumps(corpus.settings_of(cfg), sort_keys=True), problems)
+    found, input_hash = survey(found, json.dumps(corpus.settings_of(cfg), sort_keys=True) + (given.key if given else ""),
+                               problems)
     if already_done(out, input_hash, problems):
         problems.report()
         return out
     with corpus.CorpusWriter(out, input_hash) as w:
         plan = kept(w, "plan.json", lambda: _plan(found, cfg, opts, problems))
-        tok_blob = kept(w, "tokenizer.json", lambda: tokenizer_blob(_fit_tokenizer(cfg, plan["splits"]["train"])),
-                        bytes, bytes)
+        tok_blob = given.blob if given is not None else kept(
+            w, "tokenizer.json", lambda: tokenizer_blob(_fit_tokenizer(cfg, plan["splits"]["train"])), bytes, bytes)
         vocab_size = len(tokenizer_from_blob(tok_blob))
         stats, problems = _tokenize_pieces(w, plan, cfg, opts, tok_blob, vocab_size)
         pieces, notes = stats["pieces"], stats["notes"]
@@ -313,7 +317,8 @@ def prepare_music(cfg: MusicDomain, root: Path, opts: PrepareConfig | None = Non
             "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
             "bpe_vocab": cfg.bpe_vocab, "vocab_size": vocab_size, "pieces": pieces, "notes": notes,
             "units": {"note": notes}, **problems.state(), "settings": corpus.settings_of(cfg),
-            "input_hash": input_hash,
+            "input_hash": input_hash, "notes_outside_range": stats["outside"],
+            **({"run_tokenizer": given.key} if given is not None else {}),
         }
         meta = w.finish(meta, extra_files={"tokenizer.json": tok_blob})
     log.info("wrote %s: %s tokenizer%s, vocab %d; pieces %s, notes %s, tokens %s", out, cfg.tokenizer,
@@ -343,7 +348,7 @@ def _tokenize_pieces(w: corpus.CorpusWriter, plan: dict, cfg: MusicDomain, opts:
     w.begin(corpus.token_dtype(vocab_size), vocab_size)
     problems = Problems(cfg.on_error, "MIDI", w.stats.get("problems", plan["problems"]))
     stats = {"notes": {s: 0 for s in corpus.SPLITS}, "pieces": {s: 0 for s in corpus.SPLITS},
-             **{k: v for k, v in w.stats.items() if k != "problems"}}
+             "outside": {s: 0 for s in corpus.SPLITS}, **{k: v for k, v in w.stats.items() if k != "problems"}}
     jobs = [(s, p) for s in corpus.SPLITS for p in plan["splits"][s]]
     workers = worker_count(opts, len(jobs) - w.done)
     commit = Committer(w)
@@ -356,6 +361,7 @@ def _tokenize_pieces(w: corpus.CorpusWriter, plan: dict, cfg: MusicDomain, opts:
         else:
             w.append(split, result[0])
             stats["notes"][split] += result[1]
+            stats["outside"][split] += result[2] - result[1]  # outside the pitch range: not in the tokens
             stats["pieces"][split] += 1
         commit(k + 1, lambda: {**stats, "problems": problems.state()})
     commit(len(jobs), lambda: {**stats, "problems": problems.state()}, force=True)

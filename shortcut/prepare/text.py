@@ -23,7 +23,7 @@ import numpy as np
 from shortcut import corpus, diskio
 from shortcut.config import PrepareConfig, TextDomain, TextSource, TextTokenizer, UserError
 from shortcut.download import local_or_download, require_network
-from shortcut.prepare.common import (Committer, Problems, already_done, find_files, kept, ordered_map, survey,
+from shortcut.prepare.common import (Committer, Problems, RunTokenizer, already_done, find_files, kept, ordered_map, survey,
                                      worker_count)
 
 log = logging.getLogger(__name__)
@@ -189,12 +189,13 @@ def _scan(job: tuple[str, int, int, bool]) -> dict:
 
 _TABLE: np.ndarray | None = None  # in a worker: code point -> id (char tokenizer); None: bytes
 _UNK_ID = -1
+_COUNT_TRAIN = False  # count unknown characters in train too (a corpus tokenized with a run's vocabulary)
 _BYTE_MAP: bytes | None = None  # the table's first 256 entries as a bytes.translate map, when every id fits a byte
 
 
-def _set_table(table: np.ndarray | None, unk_id: int = -1) -> None:
-    global _TABLE, _UNK_ID, _BYTE_MAP
-    _TABLE, _UNK_ID = table, unk_id
+def _set_table(table: np.ndarray | None, unk_id: int = -1, count_train: bool = False) -> None:
+    global _TABLE, _UNK_ID, _BYTE_MAP, _COUNT_TRAIN
+    _TABLE, _UNK_ID, _COUNT_TRAIN = table, unk_id, count_train
     _BYTE_MAP = bytes(table[:256].astype(np.uint8)) if table is not None and unk_id < 256 else None
 
 
@@ -222,7 +223,7 @@ def _encode(job: tuple) -> list | str:
     out = []
     for split, lo, hi in pieces:
         part = codes[lo:hi]
-        ids, unknown = _ids(part, count_unknown=split != "train")
+        ids, unknown = _ids(part, count_unknown=split != "train" or _COUNT_TRAIN)
         out.append((split, ids, len(part), utf8_size(part), unknown))
     if join:
         ids, unknown = _ids(np.array([NEWLINE], dtype=np.uint8))
@@ -349,9 +350,10 @@ class _Scanned:
     size: int
 
 
-def _plan(src: Inputs, cfg: TextDomain, opts: PrepareConfig, problems: Problems) -> dict:
+def _plan(src: Inputs, cfg: TextDomain, opts: PrepareConfig, problems: Problems, every_char: bool = False) -> dict:
     """The second pass's work, from one parallel scan of the inputs: each range's pieces of the splits, the newline
-    that joins a file to the next, the characters per split, and the training vocabulary."""
+    that joins a file to the next, the characters per split, and the training vocabulary. every_char: also count
+    every character of every split (what a run's vocabulary may lack, eval.shift)."""
     char = cfg.tokenizer == TextTokenizer.char
     scan = _scan_ranges(src.files, char, opts, problems)
     bounds = _bounds(src, cfg, scan) if src.splits is None else []  # []: each file is its split
@@ -360,8 +362,14 @@ def _plan(src: Inputs, cfg: TextDomain, opts: PrepareConfig, problems: Problems)
     if empty:
         raise UserError(f"no usable text left for the {'/'.join(empty)} split(s) ({problems.n_skipped} file(s) "
                         f"skipped: {', '.join(list(problems.skipped)[:3])})")
+    every = None
+    if every_char and char:  # {code point: count} over every split
+        total = np.zeros(0x110000, dtype=np.int64)
+        for k in scan.good:
+            total[scan.histograms[k][0]] += scan.histograms[k][1]
+        every = {int(c): int(total[c]) for c in np.flatnonzero(total)}
     return {"jobs": jobs, "chars": split_chars, "bytes_in": scan.size, "vocab": np.flatnonzero(counts).tolist(),
-            "problems": problems.state(), "files": [str(f) for f in src.files[:100]], "n_files": len(src.files)}
+            "every_char": every, "problems": problems.state(), "files": [str(f) for f in src.files[:100]], "n_files": len(src.files)}
 
 
 def _scan_ranges(files: list[Path], char: bool, opts: PrepareConfig, problems: Problems) -> _Scanned:
@@ -436,50 +444,75 @@ def _assign(src: Inputs, scan: _Scanned, bounds: list[tuple[str, int, int]], cha
     return jobs, split_chars, counts
 
 
-def prepare_text(cfg: TextDomain, root: Path, opts: PrepareConfig | None = None) -> Path:
+def prepare_text(cfg: TextDomain, root: Path, opts: PrepareConfig | None = None, given: RunTokenizer | None = None,
+                 out: Path | None = None) -> Path:
+    """The corpus of cfg under root (or at out). given: tokenize with a trained run's vocabulary instead of fitting
+    one on the train split (eval.shift); a character it lacks becomes the reserved id len(vocab), counted."""
     opts = opts or PrepareConfig()
-    out = corpus.corpus_dir(root, cfg)
+    out = out or corpus.corpus_dir(root, cfg)
     src = SOURCES[cfg.source](cfg, root)
     problems = Problems(cfg.on_error, "text")
-    src.files, input_hash = survey(src.files, f"{src.identity}|{json.dumps(corpus.settings_of(cfg), sort_keys=True)}",
-                                   problems)
+    identity = f"{src.identity}|{json.dumps(corpus.settings_of(cfg), sort_keys=True)}|{given.key if given else ''}"
+    src.files, input_hash = survey(src.files, identity, problems)
     if already_done(out, input_hash, problems):
         return out
     with corpus.CorpusWriter(out, input_hash) as w:
-        plan = kept(w, "plan.json", lambda: _plan(src, cfg, opts, problems))
+        plan = kept(w, "plan.json", lambda: _plan(src, cfg, opts, problems, every_char=given is not None))
         problems = Problems(cfg.on_error, "text", plan["problems"])
-        tok, limit, initargs = _tokenizer(cfg, plan)
+        tok, limit, initargs = _tokenizer(cfg, plan, given)
         w.begin(corpus.token_dtype(limit), limit)
         stats = _encode_ranges(w, plan, opts, initargs)
-        unknown = {s: stats["unknown"][s] for s in ("val", "test")}
-        if cfg.tokenizer == TextTokenizer.char and any(unknown.values()):
+        unknown = {s: stats["unknown"][s] for s in (corpus.SPLITS if given else ("val", "test"))}
+        if isinstance(tok, CharTokenizer) and given is None and any(unknown.values()):
             tok = tok.with_unk()
-        chars = plan["chars"]
-        meta = {
-            "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
-            "vocab_size": tok.vocab_size, "chars": chars, "bytes": stats["bytes"],
-            "units": {"char": chars},  # eval reports bits per character
-            "unknown_chars": unknown, "inputs": plan["files"], "n_inputs": plan["n_files"],
-            "input_hash": input_hash, "settings": corpus.settings_of(cfg), **problems.state(),
-        }
-        if cfg.tokenizer == TextTokenizer.char:
-            meta["vocab"], meta["unk"] = tok.chars, tok.unk_id is not None
-        meta = w.finish(meta)
+        meta = w.finish(_meta(cfg, plan, stats, tok, unknown, input_hash, problems, given))
     log.info("wrote %s: vocab %d, tokens train/val/test %s", out, tok.vocab_size,
              "/".join(f"{meta['tokens'][s]:,}" for s in corpus.SPLITS))
     if any(unknown.values()):
-        log.warning("characters unseen in train mapped to <unk>: %s", unknown)
+        log.warning("characters %s mapped to %s: %s", "the run's vocabulary lacks" if given else "unseen in train",
+                    "the reserved id" if given else "<unk>", unknown)
     problems.report()
     return out
 
 
-def _tokenizer(cfg: TextDomain, plan: dict) -> tuple[CharTokenizer | ByteTokenizer, int, tuple]:
-    """The tokenizer, the number of ids the corpus may hold, and the workers' table of code point -> id."""
+def _tokenizer(cfg: TextDomain, plan: dict, given: RunTokenizer | None) -> tuple:
+    """(tokenizer, ids' upper limit, the workers' table arguments). With a run's vocabulary, every character it
+    lacks maps to len(vocab): an id past the run's vocabulary that marks the place (shortcut.robustness)."""
     if cfg.tokenizer != TextTokenizer.char:
         return ByteTokenizer(), 256, (None,)
-    tok = CharTokenizer([chr(c) for c in plan["vocab"]])
-    limit = tok.vocab_size + 1  # room for <unk>, kept only if val or test needs it
-    return tok, limit, (tok.table(corpus.token_dtype(limit)), tok.vocab_size)
+    if given is None:
+        tok = CharTokenizer([chr(c) for c in plan["vocab"]])
+        limit = tok.vocab_size + 1  # room for <unk>, kept only if val or test needs it
+        return tok, limit, (tok.table(corpus.token_dtype(limit)), tok.vocab_size)
+    tok = CharTokenizer(given.vocab, unk=given.unk)
+    reserved = tok.vocab_size
+    table = tok.table(corpus.token_dtype(reserved + 1))
+    table[table == len(tok.codepoints)] = reserved  # the run's <unk> placeholder is no character either
+    return tok, reserved + 1, (table, reserved, True)
+
+
+def _meta(cfg: TextDomain, plan: dict, stats: dict, tok, unknown: dict, input_hash: str, problems: Problems,
+          given: RunTokenizer | None) -> dict:
+    chars = plan["chars"]
+    meta = {
+        "domain": cfg.name, "source": str(cfg.source), "tokenizer": str(cfg.tokenizer),
+        "vocab_size": tok.vocab_size, "chars": chars, "bytes": stats["bytes"],
+        "units": {"char": chars},  # eval reports bits per character
+        "unknown_chars": unknown, "inputs": plan["files"], "n_inputs": plan["n_files"],
+        "input_hash": input_hash, "settings": corpus.settings_of(cfg), **problems.state(),
+    }
+    if isinstance(tok, CharTokenizer):
+        meta["vocab"], meta["unk"] = tok.chars, tok.unk_id is not None
+    if given is not None:
+        meta["run_tokenizer"] = given.key
+        if isinstance(tok, CharTokenizer):  # the ids run to the reserved one; what it stood for, most frequent first
+            known = set(tok.codepoints.tolist())
+            lacking = sorted(((n, c) for c, n in (plan["every_char"] or {}).items() if int(c) not in known),
+                             reverse=True)
+            meta.update({"vocab_size": tok.vocab_size + 1, "reserved_id": tok.vocab_size,
+                         "unknown_examples": [[chr(int(c)), n] for n, c in lacking[:20]],
+                         "n_unknown_kinds": len(lacking)})
+    return meta
 
 
 def _encode_ranges(w: corpus.CorpusWriter, plan: dict, opts: PrepareConfig, initargs: tuple) -> dict:
