@@ -133,6 +133,7 @@ def test_kmeans_corpus_codebook_from_train_only(tmp_path, audio_folder, monkeypa
         assert (again / name).read_bytes() == (out / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_mulaw_corpus_and_smoke_training(tmp_path, audio_folder):
     out = prep(tmp_path, "domain.source=files", f"domain.files={audio_folder}", "domain.tokenizer=mulaw")
     meta = corpus.read_meta(out)

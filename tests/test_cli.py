@@ -30,6 +30,7 @@ def cli(capsys, monkeypatch):
     return run
 
 
+@pytest.mark.slow
 def test_every_command_and_group_option_composes():
     conf = config_dir()
     for cmd in ("prepare", "eval"):
@@ -134,6 +135,7 @@ def run_dir_of(overrides, key="hydra.run.dir"):
     return OmegaConf.select(cfg, key)
 
 
+@pytest.mark.slow
 def test_default_run_dirs_of_other_settings_never_collide():
     """Issue 19: the default run dir named the group choices only, so model.n_embd=32 and =16 shared one."""
     plain = run_dir_of([])
@@ -191,6 +193,7 @@ def test_wandb_mode_in_the_environment_wins(cli, tmp_path, prepared, monkeypatch
                                        "dryrun, online, run; unset it to use wandb.mode")
 
 
+@pytest.mark.slow
 def test_data_dependent_errors_are_one_line_too(tmp_path, prepared):
     r = shortcut("train", *prepared, *TINY, "model.block_size=100000", f"hydra.run.dir={tmp_path / 'r'}")
     assert r.returncode != 0 and "Traceback" not in r.stderr
@@ -229,6 +232,7 @@ def test_help_shows_only_the_commands_own_groups_and_keys(cli, command, groups, 
     assert all(k in out.splitlines() for k in keys), out
 
 
+@pytest.mark.slow
 def test_multirun_runs_every_job_and_reports_failures(tmp_path, prepared):
     sweep = tmp_path / "sweep"
     r = shortcut("train", "-m", *prepared, *TINY, "model=baseline,shortcut", "train.max_steps=5",

@@ -243,6 +243,7 @@ def test_compute_multiplier_needs_a_ladder(runs):
     assert rows_of(summary)["shortcut"]["compute_multiplier"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", [("baseline", "shortcut"), ("shortcut", "baseline")])
 def test_a_vs_b_in_either_order(runs, order):
     """Issue 19, item 10: `compare shortcut vs baseline` printed "no baseline row" on every row (the first word was

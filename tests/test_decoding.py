@@ -53,6 +53,7 @@ def test_speculative_greedy_is_full_depth_greedy_token_for_token(name):
             assert spec.rounds > 0 and 0 <= spec.accepted <= spec.drafted
 
 
+@pytest.mark.slow
 def test_speculative_sampling_is_distributed_as_the_full_model():
     """Two new tokens of a 3-token vocabulary at temperature 1: the speculative sampler's outcome frequencies over
     the 9 pairs (3,000 draws) against the full model's exact probabilities (chi-square), with a draft that differs

@@ -210,6 +210,7 @@ def test_compute_saved_picks_the_cheapest_point_within_one_percent():
     assert s["confidence"]["saved"] == pytest.approx(0.2) and s["confidence"]["at"]["threshold"] == 0.9
 
 
+@pytest.mark.slow
 def test_exit_trained_runs_evaluate_to_curves(tmp_path, prepared):
     """Through the commands: train with exits, eval.exit=both writes the curve, eval.json carries it, a re-run
     is up to date, another threshold list re-measures, and compare draws both models' curves."""

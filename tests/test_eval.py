@@ -126,6 +126,7 @@ def test_retrain_never_leaves_an_old_number(tmp_path, prepared):
     assert "n_layer=1" in row["dataset"] + row["variant"] or row["params"] < 30_000
 
 
+@pytest.mark.slow
 def test_sweep_eval_reruns_what_changed(trained):
     sweep = trained.parent
     cfg = compose("eval", [f"run_dir={sweep}", "eval.audit=false"])

@@ -157,6 +157,7 @@ def test_maestro_from_a_local_archive(tmp_path):
     assert "Velocity" in " ".join(load_tokenizer(out).vocab)  # the piano defaults keep velocities
 
 
+@pytest.mark.slow
 def test_music21_chorales_train_and_eval(tmp_path):
     out = prep(tmp_path, "domain.max_pieces=5")
     meta = corpus.read_meta(out)

@@ -196,6 +196,7 @@ prepare(compose("prepare", sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_prepare_then_resume_is_byte_identical(tmp_path, speech):
     args = ["domain=audio", "domain.source=files", f"domain.files={speech}", "domain.codebook_size=8"]
     whole = prepare(compose("prepare", [f"data.root={tmp_path / 'whole'}", *args, "prepare.workers=1"]))

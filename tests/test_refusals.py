@@ -27,6 +27,7 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "shortcut.cli", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_a_refused_train_writes_nothing_into_the_run_dir(tmp_path, prepared):
     run = tmp_path / "D"
     common = ["train", *prepared, *TINY, "train.max_steps=10", f"hydra.run.dir={run}"]

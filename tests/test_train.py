@@ -148,6 +148,7 @@ def test_missing_corpus_is_explained(tmp_path):
         train(compose("train", [f"data.root={tmp_path}"] + TINY), tmp_path / "r")
 
 
+@pytest.mark.slow
 def test_eval_writes_the_documented_keys(tmp_path, prepared):
     train(job(prepared, "model=shortcut", "train.max_steps=10"), tmp_path / "r")
     result = evaluate(compose("eval", [f"run_dir={tmp_path / 'r'}"]))
@@ -168,6 +169,7 @@ def test_eval_writes_the_documented_keys(tmp_path, prepared):
     assert evaluate(compose("eval", [f"run_dir={tmp_path}"])) == {}
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_under_the_run_dir(tmp_path, prepared, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -295,6 +297,7 @@ def test_flops_budget_sets_the_steps(tmp_path, prepared):
         train(job(prepared, "train.match_flops=baseline"), tmp_path / "m")
 
 
+@pytest.mark.slow
 def test_match_flops_from_the_command_line(tmp_path, prepared):
     args = [sys.executable, "-m", "shortcut.cli", "train", *prepared, *TINY, "train.max_steps=30"]
     subprocess.run(args + ["model=baseline", f"hydra.run.dir={tmp_path / 'b'}"], check=True, capture_output=True)
