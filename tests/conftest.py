@@ -133,3 +133,15 @@ def impls_to_test() -> list:
     from shortcut.config import AttnImpl
 
     return [i for i in AttnImpl if i != AttnImpl.auto and (i != AttnImpl.flex or torch.cuda.is_available())]
+
+
+def perturb_own(model, prefixes: tuple[str, ...], seed: int = 1, scale: float = 0.5) -> None:
+    """Random values added to a variant's own parameters (those under `prefixes`), so that its mixing is no longer
+    the identity or an average it starts at."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.split(".")[0] in prefixes:
+                p.add_(torch.randn(p.shape, generator=g) * scale)

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import TINY, assert_causal_and_trainable, assert_flops_match_the_counter, tokens
+from conftest import perturb_own, TINY, assert_causal_and_trainable, assert_flops_match_the_counter, tokens
 
 from shortcut.config import ModelConfig
 from shortcut.costs import match_params, param_counts
@@ -36,11 +36,7 @@ def name(case):
 
 def perturb(model, seed=1, scale=0.5):
     """Random values for the connections' own parameters, so no stream mix is the identity any more."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.split(".")[0] in ("hyper", "mhc"):
-                p.add_(torch.randn(p.shape, generator=g) * scale)
+    perturb_own(model, ("hyper", "mhc"), seed, scale)
 
 
 def sublayer(block, k, h):

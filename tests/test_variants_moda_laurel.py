@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import assert_causal_and_trainable, assert_flops_match_the_counter, tokens
+from conftest import perturb_own, assert_causal_and_trainable, assert_flops_match_the_counter, tokens
 
 from shortcut.blocks import apply_rope
 from shortcut.config import ModelConfig, SampleConfig, UserError
@@ -32,11 +32,7 @@ def name(case):
 
 def perturb(model, seed=1, scale=0.5):
     """Random values for the variant's own parameters (moda.*, laurel.*): away from B = 0, alpha = beta = 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.split(".")[0] in ("moda", "laurel"):
-                p.add_(torch.randn(p.shape, generator=g) * scale)
+    perturb_own(model, ("moda", "laurel"), seed, scale)
 
 
 @pytest.mark.parametrize("style", [{}, MODERN], ids=["gpt2", "modern"])

@@ -26,7 +26,7 @@ import torch.nn as nn
 from shortcut.blocks import Linear, make_norm
 from shortcut.config import Arch, ModelConfig
 from shortcut.variants.common import register_variant
-from shortcut.variants.streams import mix_flops, run_streams
+from shortcut.variants.streams import StreamVariant
 
 SCALE_INIT = 0.01  # s_α, s_β at initialisation
 
@@ -60,20 +60,9 @@ class HyperConnection(nn.Module):
 
 
 @register_variant(Arch.hyper)
-class HyperConnections(nn.Module):
-    kind = None  # it weighs streams, not earlier layers' outputs: no layer weights for the audit
-    caches = True  # every connection acts per position: decoding keeps the KV cache
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n = cfg.hc_streams
-        self.connections = nn.ModuleList([HyperConnection(cfg, k) for k in range(2 * cfg.n_layer)])
+class HyperConnections(StreamVariant):
+    connection = HyperConnection
 
     @staticmethod
-    def extra_flops(cfg: ModelConfig) -> int:
-        n, C = cfg.hc_streams, cfg.n_embd
-        dynamic = 2 * cfg.n_layer * 2 * n * C * (n + 2) if cfg.hc_dynamic else 0  # H̄ [W_m | W_r | W_β]
-        return mix_flops(cfg) + dynamic
-
-    def forward(self, x, blocks, rope, record: dict | None = None, cache=None):
-        return run_streams(self.connections, x, blocks, rope, self.n, cache, record)
+    def dynamic_width(n: int) -> int:
+        return n + 2  # H̄ [W_m | W_r | W_β]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from shortcut.blocks import Linear
 from shortcut.config import Arch, ModelConfig
 from shortcut.variants.common import register_variant
-from shortcut.variants.streams import mix_flops, run_streams
+from shortcut.variants.streams import StreamVariant
 
 ALPHA_INIT = 0.01  # α_pre, α_post, α_res at initialisation
 READ = 0.75  # H_pre's weight on stream k mod n at initialisation (the others share the rest)
@@ -85,20 +85,9 @@ class MHCConnection(nn.Module):
 
 
 @register_variant(Arch.mhc)
-class ManifoldHyperConnections(nn.Module):
-    kind = None  # it weighs streams, not earlier layers' outputs: no layer weights for the audit
-    caches = True  # every connection acts per position: decoding keeps the KV cache
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n = cfg.hc_streams
-        self.connections = nn.ModuleList([MHCConnection(cfg, k) for k in range(2 * cfg.n_layer)])
+class ManifoldHyperConnections(StreamVariant):
+    connection = MHCConnection
 
     @staticmethod
-    def extra_flops(cfg: ModelConfig) -> int:
-        n, C = cfg.hc_streams, cfg.n_embd
-        dynamic = 2 * cfg.n_layer * 2 * n * C * (2 * n + n * n) if cfg.hc_dynamic else 0  # x̃ φ
-        return mix_flops(cfg) + dynamic
-
-    def forward(self, x, blocks, rope, record: dict | None = None, cache=None):
-        return run_streams(self.connections, x, blocks, rope, self.n, cache, record)
+    def dynamic_width(n: int) -> int:
+        return 2 * n + n * n  # x̃ φ

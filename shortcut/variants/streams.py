@@ -23,6 +23,7 @@ and values as the baseline's does (tested: cached logits equal a full forward).
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from shortcut.config import ModelConfig
 
@@ -53,3 +54,29 @@ def run_streams(connections, x, blocks, rope, n: int, cache=None, record: dict |
     if record is not None:
         record["states"] = states
     return H.mean(dim=-2)
+
+
+class StreamVariant(nn.Module):
+    """What hyper and mhc share: 2L connections of the class `connection` around the blocks (run_streams), the
+    stream mixes' FLOPs plus, when dynamic, n·C x `dynamic_width(n)` projection FLOPs per sublayer."""
+    kind = None  # it weighs streams, not earlier layers' outputs: no layer weights for the audit
+    caches = True  # every connection acts per position: decoding keeps the KV cache
+    connection: type[nn.Module]
+
+    @staticmethod
+    def dynamic_width(n: int) -> int:
+        raise NotImplementedError
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n = cfg.hc_streams
+        self.connections = nn.ModuleList([self.connection(cfg, k) for k in range(2 * cfg.n_layer)])
+
+    @classmethod
+    def extra_flops(cls, cfg: ModelConfig) -> int:
+        n, C = cfg.hc_streams, cfg.n_embd
+        dynamic = 2 * cfg.n_layer * 2 * n * C * cls.dynamic_width(n) if cfg.hc_dynamic else 0
+        return mix_flops(cfg) + dynamic
+
+    def forward(self, x, blocks, rope, record: dict | None = None, cache=None):
+        return run_streams(self.connections, x, blocks, rope, self.n, cache, record)
