@@ -70,18 +70,25 @@ def describe_vocab(data: TokenData) -> tuple[list[str], list[str], str]:
 TOP_PAIRS = 5  # per query, the (tap, key position) pairs with the most attention, kept for report.html
 
 
+def audit_len(data: TokenData, cfg: EvalConfig) -> int:
+    return min(cfg.audit_seq_len or data.block_size, data.block_size)
+
+
 @torch.no_grad()
-def measure(model: GPT, data: TokenData, cfg: EvalConfig) -> dict:
-    """Per-token depth profiles, mean depths and losses over fixed validation windows (arrays, not yet summaries)."""
-    T = min(cfg.audit_seq_len or data.block_size, data.block_size)
-    starts = data.fixed_starts("val", cfg.audit_sequences, T)
+def measure(model: GPT, data: TokenData, cfg: EvalConfig, windows: tuple | None = None) -> dict:
+    """Per-token depth profiles, mean depths and losses over fixed validation windows (arrays, not yet summaries).
+    windows: (starts, inputs, targets (N, T)) to measure instead (a shifted or noisy condition's, for the report)."""
+    if windows is None:
+        T = audit_len(data, cfg)
+        starts = data.fixed_starts("val", cfg.audit_sequences, T)
+        windows = (starts, *data.windows("val", starts, T))
+    starts, xs, ys = windows
     device = next(model.parameters()).device
     out = {"starts": starts, "inputs": [], "targets": [], "loss": [], "profile": [], "profile_heads": [],
            "attn": None, "lens": [], "layer_weights": [], "layer_weights_info": None, "blocks_run": [],
            "top_pairs": [], "top_weights": []}
     for i in range(0, len(starts), 8):
-        x, y = data.windows("val", starts[i:i + 8], T)
-        x, y = x.to(device), y.to(device)
+        x, y = xs[i:i + 8].to(device), ys[i:i + 8].to(device)
         logits, probs = model.depth_attention(x, per_head=True) if model.shortcut else (model(x)[0], None)
         out["inputs"].append(x.cpu())
         out["targets"].append(y.cpu())

@@ -2,7 +2,7 @@
 styles; no network, no server), each audited token in the domain's own symbols, coloured by the depth it drew on.
 
 The page holds one JSON document (read() returns it): the run's identity, then a list of *conditions* (in-domain
-first; a shifted or noisy evaluation adds its own with add_conditions), each with its headline numbers and its
+first; a shifted or noisy evaluation adds its own with set_conditions), each with its headline numbers and its
 windows. Per predicted token: its NLL, its profile over the layers it can read (the shortcut's attention mass per
 tap, or a layer-weighing variant's normalised last mix), the (tap, position) pairs it attends to most, and what the
 measured early exits do to it. Chosen: a window's first token is shown as context only (nothing predicts it); every
@@ -29,6 +29,7 @@ FILE = "report.html"
 FORMAT = 1  # of the embedded document; read() refuses another
 DATA_OPEN, DATA_CLOSE = '<script type="application/json" id="report-data">', "</script>"
 STRIP_ROWS = 32  # mel bands of the k-means audio strip (the codebook's n_mels, averaged down)
+UNKNOWN = "\ufffd"  # a shifted source's symbol that the run's vocabulary lacks
 
 
 def shown(m: dict, cfg: EvalConfig) -> tuple[int, int]:
@@ -102,16 +103,27 @@ def condition(name: str, kind: str, m: dict, summary: dict, labels: list[str], d
         if key in summary:
             cond[key] = summary[key]
     if exits is not None and "confidence" in exits:
-        cond["exit_summary"] = exit_summary(exits, m["loss"][:n, :W])
+        scored = None if m.get("source") is None else torch.as_tensor(m["source"][:n, 1:W + 1] >= 0)
+        cond["exit_summary"] = exit_summary(exits, m["loss"][:n, :W], scored)
     return cond
 
 
 def _sequence(m: dict, r: int, W: int, labels: list[str], profile, sources: list[int], exits: dict | None,
               extra: dict) -> dict:
-    """Window r's first W predictions. Element 0 is its first input (context); element k >= 1 is target k - 1."""
-    ids = [int(m["inputs"][r, 0])] + m["targets"][r, :W].tolist()
-    seq = {"start": int(m["starts"][r]), "ids": ids, "sym": [labels[i] for i in ids],
-           "nll": _r(m["loss"][r, :W]), **extra}
+    """Window r's first W predictions. Element 0 is its first input (context); element k >= 1 is target k - 1.
+    A condition whose source differs from what the model read (noise, a shift's unknown symbols) carries
+    m["source"] (N, T + 1): the window's tokens as the source has them (-1: a symbol the run's vocabulary lacks,
+    shown as UNKNOWN and not scored); "read" then lists the elements the model read as something else."""
+    source = m.get("source")
+    ids = [int(m["inputs"][r, 0])] + m["targets"][r, :W].tolist() if source is None else source[r, :W + 1].tolist()
+    nll = _r(m["loss"][r, :W])
+    if source is not None:
+        nll = [None if ids[k + 1] < 0 else v for k, v in enumerate(nll)]
+    seq = {"start": int(m["starts"][r]), "ids": ids, "sym": [labels[i] if i >= 0 else UNKNOWN for i in ids],
+           "nll": nll, **extra}
+    if source is not None:
+        read = m["inputs"][r, :W].tolist()
+        seq["read"] = [[k, labels[v]] for k, v in enumerate(read) if v != ids[k]]
     if profile is not None:
         p = profile[r, :W].double()  # (W, S)
         seq["profile"] = _r(p)
@@ -140,16 +152,17 @@ def _token_exits(exits: dict, r: int) -> dict:
     return out
 
 
-def exit_summary(exits: dict, full_nll: torch.Tensor) -> list[dict]:
-    """Per confidence threshold over the shown tokens: the share that exits before the full depth, the share of
-    those whose top-1 differs from the full model's (unsafe exits), and their mean NLL increase over the full
-    model. (A token that runs the full depth can differ too: it reads the copied states of earlier exits.)"""
+def exit_summary(exits: dict, full_nll: torch.Tensor, scored: torch.Tensor | None = None) -> list[dict]:
+    """Per confidence threshold over the shown (scored) tokens: the share that exits before the full depth, the
+    share of those whose top-1 differs from the full model's (unsafe exits), and their mean NLL increase over the
+    full model. (A token that runs the full depth can differ too: it reads the copied states of earlier exits.)"""
     c, full = exits["confidence"], exits["depths"][-1]
+    scored = torch.ones_like(full_nll, dtype=torch.bool) if scored is None else scored
     rows = []
     for j, t in enumerate(c["thresholds"]):
-        early = c["depth"][..., j] < full
+        early = (c["depth"][..., j] < full) & scored
         n = int(early.sum())
-        rows.append({"threshold": t, "early_share": n / early.numel(), "n_early": n,
+        rows.append({"threshold": t, "early_share": n / max(int(scored.sum()), 1), "n_early": n,
                      "unsafe_share": float(c["differs"][..., j][early].double().mean()) if n else None,
                      "nll_increase": float((c["nll"][..., j] - full_nll)[early].double().mean()) if n else None})
     return rows
@@ -270,12 +283,11 @@ def read(path: Path) -> dict:
     return doc
 
 
-def add_conditions(path: Path, conditions: list[dict]) -> tuple[Path, int]:
-    """Add (or replace, by name) conditions in an existing report: how a shifted or noisy evaluation joins the
-    in-domain audit's page."""
+def set_conditions(path: Path, conditions: list[dict]) -> tuple[Path, int]:
+    """Keep the report's in-domain condition and replace every other with these (none: in-domain alone), so the
+    page never shows a shifted or noisy view that the evaluation beside it did not measure."""
     doc = read(path)
-    names = {c["name"] for c in conditions}
-    doc["conditions"] = [c for c in doc["conditions"] if c["name"] not in names] + list(conditions)
+    doc["conditions"] = [c for c in doc["conditions"] if c["kind"] == "in-domain"][:1] + list(conditions)
     return write(path, doc)
 
 
@@ -316,6 +328,7 @@ aside { width:330px; flex:none; position:sticky; top:0; max-height:100vh; overfl
 .tok.ctx { color:var(--mut); background:#e8e8e8; }
 .tok.sel { outline:2px solid var(--hi); outline-offset:1px; z-index:2; }
 .tok.hit { box-shadow:inset 0 -3px 0 var(--hi); }
+.tok.noisy { text-decoration:line-through 2px #e0115f; }
 .tok.hit::after { content:attr(data-badge); position:absolute; left:0; top:-1.3em; font:9px/1.1 system-ui, sans-serif; color:#fff; background:var(--hi); padding:0 2px; border-radius:2px; white-space:nowrap; pointer-events:none; z-index:3; }
 .legend { font-size:11px; color:var(--mut); }
 .ramp { width:160px; height:10px; border:1px solid var(--line); margin:2px 0; }
@@ -581,11 +594,13 @@ function windows() {
     if (q.strip) scroll.append(strip(q, s));
     const line = el("div", "seq" + (q.strip ? " cells" : "") + (D.domain === "music" ? " music" : ""));
     line.dataset.s = s;
+    const read = new Map(q.read || []);
     q.sym.forEach((sym, k) => {
       const t = el("span", "tok" + (k === 0 ? " ctx" : ""), shown(sym));
       t.dataset.k = k;
       if (q.name) t.title = q.name[k];
       if (k > 0) { const bg = colour(q, k); t.style.background = bg; t.style.color = ink(bg); }
+      if (read.has(k)) { t.classList.add("noisy"); t.title = "read as \u201c" + shown(read.get(k)) + "\u201d"; }
       hook(t, s, k);
       line.append(t);
       if (D.domain === "text" && sym === "\\n") line.append(el("br"));
@@ -643,7 +658,10 @@ function show(s, k) {
   if (k === 0) { P.append(el("p", "note", "The window's first token: context only, nothing predicts it here.")); return; }
   const i = k - 1, t = el("table");
   P.append(el("p", "note", "window " + s + ", token " + k + ": predicted from the " + k + " token(s) before it"));
-  row(t, "NLL", fmt(q.nll[i]) + " nats (p = " + fmt(Math.exp(-q.nll[i])) + ")");
+  if (q.nll[i] === null) row(t, "NLL", "not scored: the run's vocabulary lacks this symbol (the shift's policy)");
+  else row(t, "NLL", fmt(q.nll[i]) + " nats (p = " + fmt(Math.exp(-q.nll[i])) + ")");
+  const as = (q.read || []).find(p => p[0] === k);
+  if (as) row(t, "read as", "\u201c" + shown(as[1]) + "\u201d: the model read this here, not the symbol shown");
   if (q.depth) row(t, "mean depth", fmt(q.depth[i], 2) + " (expected layer)");
   P.append(t);
   if (q.profile) {

@@ -130,15 +130,17 @@ def test_the_page_is_self_contained_and_states_its_size(runs):
     assert abs(stated - path.stat().st_size) < 16 and path.stat().st_size < 200_000
 
 
-def test_a_later_condition_joins_the_page(runs, tmp_path):
+def test_conditions_replace_every_earlier_one_but_in_domain(runs, tmp_path):
     path = tmp_path / report.FILE
     shutil.copy(runs["shortcut"] / report.FILE, path)
     doc = report.read(path)
     noisy = {**doc["conditions"][0], "name": "noise p=0.2", "kind": "noise", "headline": {"ΔNLL vs in-domain": 0.5}}
-    report.add_conditions(path, [noisy])
-    report.add_conditions(path, [{**noisy, "nll": 9.0}])  # the same name replaces, never duplicates
+    report.set_conditions(path, [noisy, {**noisy, "name": "noise p=0.05"}])
+    report.set_conditions(path, [{**noisy, "nll": 9.0}])  # an evaluation without p=0.05: its view goes
     names = [c["name"] for c in report.read(path)["conditions"]]
     assert names == ["in-domain", "noise p=0.2"] and report.read(path)["conditions"][1]["nll"] == 9.0
+    report.set_conditions(path, [])
+    assert [c["name"] for c in report.read(path)["conditions"]] == ["in-domain"]
 
 
 @pytest.mark.slow
@@ -229,8 +231,11 @@ def test_the_page_renders_in_chromium_without_errors(runs, tmp_path, arch):
     path = tmp_path / report.FILE
     shutil.copy(runs[arch] / report.FILE, path)
     doc = report.read(path)
-    report.add_conditions(path, [{**doc["conditions"][0], "name": "noise p=0.2", "kind": "noise"}])
-    dom, log = browse(path, tmp_path, "#c=0&s=1&k=12", screenshot=str(tmp_path / "report.png"))
+    noisy = json.loads(json.dumps(doc["conditions"][0]))
+    q = noisy["sequences"][1]
+    q["nll"][11], q["sym"][12], q["read"] = None, report.UNKNOWN, [[12, "x"], [3, "y"]]  # unscored, read otherwise
+    report.set_conditions(path, [{**noisy, "name": "noise p=0.2", "kind": "noise"}])
+    dom, log = browse(path, tmp_path, "#c=1&s=1&k=12", screenshot=str(tmp_path / "report.png"))
     assert "Uncaught" not in log and not re.search(r"CONSOLE.*(Error|error)", log), log[-2000:]
     body = re.search(r"<body[^>]*>", dom).group(0)
     assert 'data-rendered="ok"' in body, dom[:2000]
@@ -240,8 +245,9 @@ def test_the_page_renders_in_chromium_without_errors(runs, tmp_path, arch):
     assert len(re.findall(r"<button", dom)) == 2  # the condition switch: in-domain, noise
     panel = re.search(r'<aside id="panel">(.*?)</aside>', dom, re.S).group(1)  # the pinned token's details
     assert "NLL" in panel and "confidence exits" in panel
+    assert "not scored" in panel and "read as" in panel and len(re.findall(r'class="tok[^"]* noisy', dom)) == 2
     if arch == "shortcut":
-        assert "its attention over taps" in panel and "tok hit" in dom and 'class="tok sel"' in dom
+        assert "its attention over taps" in panel and "tok hit" in dom and re.search(r'class="tok[^"]*\bsel\b', dom)
     else:
         assert "no depth attention" in panel
     assert (tmp_path / "report.png").stat().st_size > 10_000
