@@ -245,8 +245,13 @@ def evaluate_run(job: EvalJob) -> dict:
     if conditions is not None:
         record.conditions = robustness.measure_all(model, conditions, cfg, stride, run_dir / rundir.AUDIT,
                                                    autocast(device, Precision.auto))
-    else:  # token samples of an earlier evaluation's conditions must not sit beside this one
+        robustness.report_views(model, conditions, record.conditions, cfg, data, run_dir / rundir.AUDIT)
+    else:  # token samples and views of an earlier evaluation's conditions must not sit beside this one
         (run_dir / rundir.AUDIT / "conditions.npz").unlink(missing_ok=True)
+        if (run_dir / rundir.AUDIT / "report.html").exists():
+            from shortcut import report
+
+            report.set_conditions(run_dir / rundir.AUDIT / "report.html", [])
     record.write(run_dir)
     result = record.to_dict()
     track(run_dir, state, result)

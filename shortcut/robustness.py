@@ -72,9 +72,10 @@ class Condition:
     shift: Any = None  # shortcut.prepare.shift.Shift
     substitute: int | None = None  # shift: the id an unknown context symbol is read as
 
-    def arrays(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """The first n tokens as the model reads them, as they are scored, and which targets count (None: all)."""
-        clean = np.asarray(self.data.splits[self.split][:n], dtype=np.int64)
+    def arrays(self, n: int, split: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The first n tokens (of the scored split, or of `split`) as the model reads them, as they are scored, and
+        which targets count (None: all)."""
+        clean = np.asarray(self.data.splits[split or self.split][:n], dtype=np.int64)
         if self.kind == "noise":
             return corrupt(clean, self.p, self.seed, self.vocab_size), clean, None
         unknown = clean >= self.vocab_size
@@ -440,3 +441,76 @@ def headline(rec: dict) -> str:
 
 def _f(v: float | None) -> str:
     return "n/a" if v is None else f"{v:+.3f}"
+
+
+# --- the conditions in report.html ---
+
+def report_views(model: GPT, conds: list[Condition], records: list[dict], cfg: EvalConfig, data: TokenData,
+                 audit_dir: Path) -> Path | None:
+    """Add each shifted and noisy condition to the audit's report.html (written by the in-domain audit just
+    before, or by an earlier evaluation of the same checkpoint), replacing any other shifted or noisy views, so
+    its condition switch shows these and no others: the audit's measurement on the condition's own validation
+    windows (the same starts as in-domain for noise, so a window reads token by token against its clean self; the
+    shifted corpus' own for a shift), with the eval split's numbers of this module as the headline."""
+    from shortcut import audit, report
+
+    path = audit_dir / report.FILE
+    if not path.exists():  # no audit of this checkpoint (evaluate removes another checkpoint's)
+        return None
+    labels = audit.describe_vocab(data)[0]
+    views = []
+    for cond, rec in zip(conds[1:], records[1:]):
+        T = min(audit.audit_len(data, cfg), len(cond.data.splits["val"]) - 2)
+        if T < 2:
+            log.warning("%s: its validation split is too short to show in report.html", cond.name)
+            continue
+        starts = cond.data.fixed_starts("val", cfg.audit_sequences, T)
+        inputs, _, _ = cond.arrays(int(starts.max()) + T + 1, split="val")
+        source = np.asarray(cond.data.splits["val"][:int(starts.max()) + T + 1], dtype=np.int64)
+        source = np.where(source >= cond.vocab_size, -1, source)  # a symbol the run lacks
+        x = torch.from_numpy(np.stack([inputs[s:s + T] for s in starts]))
+        y = torch.from_numpy(np.stack([np.maximum(source[s + 1:s + T + 1], 0) for s in starts]))
+        m = audit.measure(model, data, cfg, windows=(starts, x, y))
+        m["source"] = np.stack([source[s:s + T + 1] for s in starts])
+        unscored = torch.from_numpy(m["source"][:, 1:] < 0)
+        m["loss"] = m["loss"].masked_fill(unscored, 0.0)  # not scored: counts nowhere below
+        n, W = report.shown(m, cfg)
+        exits = audit.token_exits(model, x[:n, :W], y[:n, :W], cfg)
+        taps = {"taps": list(model.taps) if model.shortcut else []}
+        view = report.condition(cond.name, cond.kind, m, taps, labels, data, exits, n, W,
+                                note=_view_note(cond, rec), headline=_view_headline(rec))
+        view.update(nll=float(m["loss"].double().sum() / max(int((~unscored).sum()), 1)),
+                    n_tokens=int((~unscored).sum()))
+        views.append(view)
+    return report.set_conditions(path, views)[0]
+
+
+def _view_note(cond: Condition, rec: dict) -> str:
+    what = (f"the validation windows of the in-domain view, each context token replaced with probability {cond.p:g} "
+            f"(struck through: what the model read instead)" if cond.kind == "noise" else
+            f"validation windows of {cond.data.meta['source']} ({cond.shift.spec}), read with the run's tokenizer")
+    return f"{what}; the headline numbers are the {rec['split']} split's ({rec['n_tokens']:,} scored tokens)"
+
+
+def _view_headline(rec: dict) -> dict:
+    """The condition's numbers over its whole eval split, as eval.json records them."""
+    def ci(d: dict | None) -> str:
+        return "" if not d else f" [{_f(d.get('ci_low'))}, {_f(d.get('ci_high'))}]"
+
+    out = {f"{rec['split']} NLL": f"{rec['nll']:.4f} ({rec['delta_nll']:+.4f}{ci(rec.get('delta_nll_interval'))} "
+                                  f"vs in-domain)"}
+    if rec.get("changed") is not None:
+        out["context tokens changed"] = f"{100 * rec['changed']:.1f}%"
+    if rec.get("unknown"):
+        u = rec["unknown"]
+        out["symbols the vocabulary lacks"] = f"{100 * u['rate']:.2f}% ({u['what']})"
+    d = rec.get("depth")
+    if d and d.get("shallow_mass") is not None:
+        sh = (d.get("shift") or {}).get("shallow_mass")
+        out["shallow-tap mass"] = f"{d['shallow_mass']:.3f}" + (f" ({sh['delta']:+.3f}{ci(sh)} vs in-domain)"
+                                                                 if sh else "")
+    for e in (rec.get("exits") or {}).get("thresholds", []):
+        out[f"exits at threshold {e['threshold']:g}"] = (
+            f"{100 * e['early_share']:.1f}% early, {100 * e['unsafe_share']:.1f}% of them unsafe"
+            if e["n_early"] else "none early")
+    return out

@@ -372,3 +372,45 @@ def test_the_robustness_table_averages_seeds_with_t_intervals(tmp_path):
     assert by[("baseline", "noise p=0.2")]["shallow_shift"] is None
     assert by[("baseline", "noise p=0.2")]["delta_nll"]["ci_low"] == pytest.approx(0.5)  # no spread, no width
     assert "Unsafe early exits at confidence threshold 0.9" in md and "no early exit" in md
+
+
+# --- the conditions in report.html ---
+
+def test_the_report_shows_the_evaluations_conditions_and_no_others(runs, other_text):
+    from shortcut import report
+    from shortcut.audit import describe_vocab
+
+    run, spec = runs / "baseline", f"eval.shift='files={other_text}/*.txt'"
+    audit = ["eval.audit_sequences=6", "eval.audit_plots=6", "eval.audit_plot_tokens=32", "eval.max_tokens=400",
+             "eval.exit=confidence", "eval.exit_thresholds=[0.3]", "eval.exit_max_tokens=100"]
+    result = evaluate(compose("eval", [f"run_dir={run}", *audit, "eval.noise=[0.3]", spec]))
+    page = run / "audit" / report.FILE
+    doc = report.read(page)
+    views = {c["name"]: c for c in doc["conditions"]}
+    assert list(views) == [c["name"] for c in result["conditions"]]  # in-domain, noise p=0.3, the shift
+    clean, noisy, shifted = doc["conditions"]
+    assert [q["start"] for q in noisy["sequences"]] == [q["start"] for q in clean["sequences"]]
+    data = TokenData(next((runs / "data" / "text").glob("files-*")), 32)
+    val = np.asarray(data.splits["val"], dtype=np.int64)
+    read = corrupt(val, 0.3, 0, data.vocab_size)  # what the noisy view's model read, recomputed by hand
+    labels = describe_vocab(data)[0]
+    for q, c in zip(noisy["sequences"], clean["sequences"]):
+        s, n = q["start"], len(q["nll"])
+        assert q["ids"] == c["ids"] == val[s:s + n + 1].tolist()  # the source's tokens are shown ...
+        assert q["read"] == [[k, labels[read[s + k]]] for k in range(n) if read[s + k] != val[s + k]]
+    assert sum(len(q["read"]) for q in noisy["sequences"]) > 0
+    assert noisy["headline"]["test NLL"].startswith(f"{result['conditions'][1]['nll']:.4f}")
+    V = data.vocab_size
+    shifted_val = np.asarray(TokenData(result["conditions"][2]["corpus"], 32).splits["val"], dtype=np.int64)
+    unknown = [(q, k) for q in shifted["sequences"] for k, i in enumerate(q["ids"]) if i < 0]
+    assert unknown and all(q["sym"][k] == report.UNKNOWN and (k == 0 or q["nll"][k - 1] is None) for q, k in unknown)
+    for q in shifted["sequences"]:
+        s = q["start"]
+        assert q["ids"] == [-1 if i >= V else int(i) for i in shifted_val[s:s + len(q["ids"])]]
+        assert all(v is not None for k, v in enumerate(q["nll"]) if q["ids"][k + 1] >= 0)
+    assert "symbols the vocabulary lacks" in shifted["headline"] and shifted["exit_summary"]
+    # another evaluation without the shift: its view leaves the page; without conditions, only in-domain stays
+    evaluate(compose("eval", [f"run_dir={run}", *audit, "eval.noise=[0.3]"]))
+    assert [c["name"] for c in report.read(page)["conditions"]] == ["in-domain", "noise p=0.3"]
+    evaluate(compose("eval", [f"run_dir={run}", *audit[:-3], "eval.audit=false"]))
+    assert [c["name"] for c in report.read(page)["conditions"]] == ["in-domain"]
