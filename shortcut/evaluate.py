@@ -245,13 +245,7 @@ def evaluate_run(job: EvalJob) -> dict:
     if conditions is not None:
         record.conditions = robustness.measure_all(model, conditions, cfg, stride, run_dir / rundir.AUDIT,
                                                    autocast(device, Precision.auto))
-        robustness.report_views(model, conditions, record.conditions, cfg, data, run_dir / rundir.AUDIT)
-    else:  # token samples and views of an earlier evaluation's conditions must not sit beside this one
-        (run_dir / rundir.AUDIT / "conditions.npz").unlink(missing_ok=True)
-        if (run_dir / rundir.AUDIT / "report.html").exists():
-            from shortcut import report
-
-            report.set_conditions(run_dir / rundir.AUDIT / "report.html", [])
+    _report_views(model, conditions, record, cfg, data, run_dir / rundir.AUDIT)
     record.write(run_dir)
     result = record.to_dict()
     track(run_dir, state, result)
@@ -260,6 +254,24 @@ def evaluate_run(job: EvalJob) -> dict:
              "".join(f", {v['bits']:.4f} bits/{u}" for u, v in units.items()), f"{n:,}", stride, mean_context,
              run_dir / rundir.EVAL)
     return result
+
+
+def _report_views(model: GPT, conditions: list | None, record: EvalRecord, cfg: EvalConfig, data: TokenData,
+                  audit_dir: Path) -> None:
+    """report.html's condition views become this evaluation's: its shifted and noisy conditions, or none, so that
+    views and samples of an earlier evaluation never sit beside this one. A page that cannot be updated (an older
+    format) is left, with a warning: the evaluation itself is not lost for it."""
+    from shortcut import report, robustness
+
+    if conditions is None:
+        (audit_dir / "conditions.npz").unlink(missing_ok=True)
+    try:
+        if conditions is not None:
+            robustness.report_views(model, conditions, record.conditions, cfg, data, audit_dir, record.to_dict())
+        elif (audit_dir / report.FILE).exists():
+            report.set_conditions(audit_dir / report.FILE, [], record.to_dict())
+    except UserError as e:
+        log.warning("report.html not updated with this evaluation's conditions: %s", e)
 
 
 def per_unit(total: float, n: int, meta: dict, split: str) -> dict:

@@ -67,11 +67,15 @@ def identity(model: GPT, data: TokenData, cfg: EvalConfig, checkpoint_hash: str,
              "settings": _settings(model.cfg),
              "audit": {"split": "val", "sequences": cfg.audit_sequences,
                        "seq_len": min(cfg.audit_seq_len or data.block_size, data.block_size), "exit": str(cfg.exit)},
-             "eval": None}
-    if "nll" in run:
-        ident["eval"] = {"split": run["split"], "nll": run["nll"], "bits_per_token": run["nll"] / math.log(2),
-                         "n_tokens": run["n_tokens"], "units": run.get("units") or {}}
+             "eval": _eval_header(run)}
     return ident
+
+
+def _eval_header(run: dict) -> dict | None:
+    if "nll" not in run:
+        return None
+    return {"split": run["split"], "nll": run["nll"], "bits_per_token": run["nll"] / math.log(2),
+            "n_tokens": run["n_tokens"], "units": run.get("units") or {}}
 
 
 def _profiles(m: dict, summary: dict) -> tuple[torch.Tensor | None, list[int], str | None]:
@@ -90,13 +94,17 @@ def condition(name: str, kind: str, m: dict, summary: dict, labels: list[str], d
     and its summary (audit.summarise): headline numbers over every audited window, and the first n windows' first
     W tokens in full. headline: extra named numbers to show (e.g. a shift's NLL difference)."""
     profile, sources, what = _profiles(m, summary)
-    extras = domain_extras(data, m["inputs"][:n, :W], m["targets"][:n, :W])
+    src = m.get("source")  # the window as its source has it: names and piano roll of the symbols shown
+    shown_inputs = m["inputs"][:n, :W] if src is None else torch.from_numpy(np.maximum(src[:n, :W], 0))
+    extras = domain_extras(data, shown_inputs, m["targets"][:n, :W])
     seqs = [_sequence(m, r, W, labels, profile, sources, exits, extras[r]) for r in range(n)]
     cond = {"name": name, "kind": kind, "note": note, "headline": dict(headline or {}),
             "nll": float(m["loss"].double().mean()), "n_sequences": int(m["loss"].shape[0]),
             "n_tokens": int(m["loss"].numel()), "sources": sources, "profile_kind": what, "sequences": seqs}
     if profile is not None:
         flat = profile.reshape(-1, len(sources)).double()
+        if m.get("source") is not None:  # over the scored predictions only, as eval.json's depth
+            flat = flat[torch.as_tensor(m["source"][:, 1:] >= 0).reshape(-1)]
         cond["mean_profile"] = flat.mean(dim=0).tolist()
         cond["mean_depth"] = float((flat @ torch.tensor(sources, dtype=torch.float64)).mean())
     for key in ("share_shallow", "spearman_depth_vs_loss"):
@@ -136,6 +144,10 @@ def _sequence(m: dict, r: int, W: int, labels: list[str], profile, sources: list
                       for q in range(W)]
     if exits is not None:
         seq.update(_token_exits(exits, r))
+        for k, v in enumerate(nll):  # an unscored target has no exit NLL either
+            for kind in ("exit", "fixed"):
+                if v is None and kind in seq:
+                    seq[kind]["nll"][k] = [None] * len(seq[kind]["nll"][k])
     return seq
 
 
@@ -283,11 +295,14 @@ def read(path: Path) -> dict:
     return doc
 
 
-def set_conditions(path: Path, conditions: list[dict]) -> tuple[Path, int]:
+def set_conditions(path: Path, conditions: list[dict], run: dict | None = None) -> tuple[Path, int]:
     """Keep the report's in-domain condition and replace every other with these (none: in-domain alone), so the
-    page never shows a shifted or noisy view that the evaluation beside it did not measure."""
+    page never shows a shifted or noisy view that the evaluation beside it did not measure; run (the evaluation's
+    record, as for identity): the header's evaluation numbers become its."""
     doc = read(path)
-    doc["conditions"] = [c for c in doc["conditions"] if c["kind"] == "in-domain"][:1] + list(conditions)
+    doc["conditions"] = [c for c in doc["conditions"] if c.get("kind") == "in-domain"][:1] + list(conditions)
+    if run is not None:
+        doc["identity"]["eval"] = _eval_header(run)
     return write(path, doc)
 
 
@@ -411,8 +426,8 @@ const SCALE = (function () {
 })();
 function colour(q, k) {
   if (k < 1) return "#e8e8e8";
-  return SCALE.kind === "depth" ? ramp(VIRIDIS, (q.depth[k - 1] - SCALE.tlo) / (SCALE.thi - SCALE.tlo))
-                                : ramp(HEAT, q.nll[k - 1] / SCALE.hi);
+  if (SCALE.kind === "depth") return ramp(VIRIDIS, (q.depth[k - 1] - SCALE.tlo) / (SCALE.thi - SCALE.tlo));
+  return q.nll[k - 1] === null ? "#e8e8e8" : ramp(HEAT, q.nll[k - 1] / SCALE.hi);
 }
 
 function bars(values, sources, ghost, width, height) {
@@ -489,8 +504,8 @@ function legend() {
 function exitTable() {
   const c = cond(), box = el("div");
   if (!c.exit_summary) return box;
-  const shown = c.sequences.reduce((a, q) => a + q.nll.length, 0);
-  box.append(el("div", "legend", "confidence exits over the " + shown + " shown tokens"));
+  const shown = c.sequences.reduce((a, q) => a + q.nll.filter(v => v !== null).length, 0);
+  box.append(el("div", "legend", "confidence exits over the " + shown + " shown scored tokens"));
   const t = el("table"), h = el("tr");
   ["threshold", "exit early", "unsafe of those", "\u0394NLL of those"].forEach(s => h.append(el("th", null, s)));
   t.append(h);
@@ -655,13 +670,16 @@ function show(s, k) {
   document.querySelectorAll('svg [data-s="' + s + '"][data-e="' + k + '"]').forEach(e => e.classList.add("on"));
   P.textContent = "";
   P.append(el("h2", null, "\u201c" + shown(q.sym[k]) + "\u201d" + (q.name ? "  " + q.name[k] : "") + (pinned ? "  (pinned)" : "")));
-  if (k === 0) { P.append(el("p", "note", "The window's first token: context only, nothing predicts it here.")); return; }
-  const i = k - 1, t = el("table");
+  const as = (q.read || []).find(p => p[0] === k), t = el("table");
+  if (as) row(t, "read as", "\u201c" + shown(as[1]) + "\u201d: the model read this here, not the symbol shown");
+  if (k === 0) {
+    P.append(el("p", "note", "The window's first token: context only, nothing predicts it here."), t);
+    return;
+  }
+  const i = k - 1;
   P.append(el("p", "note", "window " + s + ", token " + k + ": predicted from the " + k + " token(s) before it"));
   if (q.nll[i] === null) row(t, "NLL", "not scored: the run's vocabulary lacks this symbol (the shift's policy)");
   else row(t, "NLL", fmt(q.nll[i]) + " nats (p = " + fmt(Math.exp(-q.nll[i])) + ")");
-  const as = (q.read || []).find(p => p[0] === k);
-  if (as) row(t, "read as", "\u201c" + shown(as[1]) + "\u201d: the model read this here, not the symbol shown");
   if (q.depth) row(t, "mean depth", fmt(q.depth[i], 2) + " (expected layer)");
   P.append(t);
   if (q.profile) {
@@ -688,8 +706,9 @@ function footer() {
   const c = cond(), f = document.getElementById("foot");
   f.textContent = "This page: " + (D.size_bytes ? Math.round(D.size_bytes / 1024) + " kB" : "?") +
     ", self-contained (no network, no server). It shows " + c.sequences.length + " of the " + c.n_sequences +
-    " audited windows, " + D.caps.tokens + " tokens each (eval.audit_plots, eval.audit_plot_tokens); the headline numbers cover all " +
-    c.n_tokens.toLocaleString("en") + " audited tokens. Each token after a window's first is the target of the prediction made " +
+    " audited windows, " + D.caps.tokens + " tokens each (eval.audit_plots, eval.audit_plot_tokens); the audited windows' numbers cover all " +
+    c.n_tokens.toLocaleString("en") + " scored tokens of the " + c.n_sequences + " windows" +
+    (c.kind === "in-domain" ? "" : "; the " + (D.identity.eval ? D.identity.eval.split : "eval") + " split's numbers cover that split") + ". Each token after a window's first is the target of the prediction made " +
     "from the tokens before it; its colour, bars and NLL are that prediction's. " + (c.profile_kind ? "Depth: " + c.profile_kind + "." : "");
 }
 

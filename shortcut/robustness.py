@@ -446,25 +446,29 @@ def _f(v: float | None) -> str:
 # --- the conditions in report.html ---
 
 def report_views(model: GPT, conds: list[Condition], records: list[dict], cfg: EvalConfig, data: TokenData,
-                 audit_dir: Path) -> Path | None:
+                 audit_dir: Path, run: dict | None = None) -> Path | None:
     """Add each shifted and noisy condition to the audit's report.html (written by the in-domain audit just
     before, or by an earlier evaluation of the same checkpoint), replacing any other shifted or noisy views, so
     its condition switch shows these and no others: the audit's measurement on the condition's own validation
     windows (the same starts as in-domain for noise, so a window reads token by token against its clean self; the
-    shifted corpus' own for a shift), with the eval split's numbers of this module as the headline."""
+    shifted corpus' own for a shift), with the eval split's numbers of this module as the headline. The windows'
+    count and length are the page's own (an earlier audit's, when this evaluation ran without eval.audit); run:
+    the evaluation's record, for the header."""
     from shortcut import audit, report
 
     path = audit_dir / report.FILE
     if not path.exists():  # no audit of this checkpoint (evaluate removes another checkpoint's)
         return None
+    doc = report.read(path)
+    shape, caps = doc["identity"]["audit"], doc["caps"]
     labels = audit.describe_vocab(data)[0]
     views = []
     for cond, rec in zip(conds[1:], records[1:]):
-        T = min(audit.audit_len(data, cfg), len(cond.data.splits["val"]) - 2)
+        T = min(shape["seq_len"], len(cond.data.splits["val"]) - 1)  # a window reads T + 1 tokens
         if T < 2:
             log.warning("%s: its validation split is too short to show in report.html", cond.name)
             continue
-        starts = cond.data.fixed_starts("val", cfg.audit_sequences, T)
+        starts = cond.data.fixed_starts("val", shape["sequences"], T)
         inputs, _, _ = cond.arrays(int(starts.max()) + T + 1, split="val")
         source = np.asarray(cond.data.splits["val"][:int(starts.max()) + T + 1], dtype=np.int64)
         source = np.where(source >= cond.vocab_size, -1, source)  # a symbol the run lacks
@@ -474,7 +478,7 @@ def report_views(model: GPT, conds: list[Condition], records: list[dict], cfg: E
         m["source"] = np.stack([source[s:s + T + 1] for s in starts])
         unscored = torch.from_numpy(m["source"][:, 1:] < 0)
         m["loss"] = m["loss"].masked_fill(unscored, 0.0)  # not scored: counts nowhere below
-        n, W = report.shown(m, cfg)
+        n, W = min(caps["sequences"], len(starts)), min(caps["tokens"], T)  # as many as the in-domain view shows
         exits = audit.token_exits(model, x[:n, :W], y[:n, :W], cfg)
         taps = {"taps": list(model.taps) if model.shortcut else []}
         view = report.condition(cond.name, cond.kind, m, taps, labels, data, exits, n, W,
@@ -482,7 +486,7 @@ def report_views(model: GPT, conds: list[Condition], records: list[dict], cfg: E
         view.update(nll=float(m["loss"].double().sum() / max(int((~unscored).sum()), 1)),
                     n_tokens=int((~unscored).sum()))
         views.append(view)
-    return report.set_conditions(path, views)[0]
+    return report.set_conditions(path, views, run)[0]
 
 
 def _view_note(cond: Condition, rec: dict) -> str:

@@ -404,13 +404,19 @@ def test_the_report_shows_the_evaluations_conditions_and_no_others(runs, other_t
     shifted_val = np.asarray(TokenData(result["conditions"][2]["corpus"], 32).splits["val"], dtype=np.int64)
     unknown = [(q, k) for q in shifted["sequences"] for k, i in enumerate(q["ids"]) if i < 0]
     assert unknown and all(q["sym"][k] == report.UNKNOWN and (k == 0 or q["nll"][k - 1] is None) for q, k in unknown)
+    assert all(k == 0 or set(q["exit"]["nll"][k - 1]) == {None} for q, k in unknown)  # no exit NLL either
     for q in shifted["sequences"]:
         s = q["start"]
         assert q["ids"] == [-1 if i >= V else int(i) for i in shifted_val[s:s + len(q["ids"])]]
         assert all(v is not None for k, v in enumerate(q["nll"]) if q["ids"][k + 1] >= 0)
     assert "symbols the vocabulary lacks" in shifted["headline"] and shifted["exit_summary"]
-    # another evaluation without the shift: its view leaves the page; without conditions, only in-domain stays
-    evaluate(compose("eval", [f"run_dir={run}", *audit, "eval.noise=[0.3]"]))
-    assert [c["name"] for c in report.read(page)["conditions"]] == ["in-domain", "noise p=0.3"]
+    # another evaluation without the shift, and without the audit (so only the views are rewritten), of other
+    # sizes: the shift's view leaves the page, the noise view keeps the page's windows, the header its numbers
+    again = evaluate(compose("eval", [f"run_dir={run}", *audit[4:], "eval.max_tokens=300", "eval.audit_sequences=2",
+                                      "eval.noise=[0.3]", "eval.audit=false"]))
+    doc = report.read(page)
+    assert [c["name"] for c in doc["conditions"]] == ["in-domain", "noise p=0.3"]
+    assert [q["start"] for q in doc["conditions"][1]["sequences"]] == [q["start"] for q in clean["sequences"]]
+    assert doc["identity"]["eval"]["n_tokens"] == again["n_tokens"] != result["n_tokens"]
     evaluate(compose("eval", [f"run_dir={run}", *audit[:-3], "eval.audit=false"]))
     assert [c["name"] for c in report.read(page)["conditions"]] == ["in-domain"]
