@@ -375,18 +375,28 @@ def _eval_settings(ds_rows: list[Row]) -> None:
                         f"evaluate them again with the same eval.stride and eval.max_tokens")
 
 
+# What makes a model adaptive (routing, early-exit training): such a row, a baseline's too, is priced on the ladder
+# of *dense* baselines, so its compute multiplier answers "on, above or below the dense loss-vs-compute curve".
+ADAPTIVE_KEYS = ("mod_capacity", "mod_every", "mod_aux_weight", "exit_train")
+
+
+def _dense(s: Summary) -> bool:
+    return s.model.get("mod_capacity") is None and not s.model.get("exit_train")
+
+
 def _ladder_key(row: Row) -> str:
-    """Rows of one architecture up to size and the arch's own fields, that saw as many tokens: a baseline ladder's
-    rungs share it, and so does every variant the ladder prices."""
+    """Rows of one architecture up to size, the arch's own fields and its adaptive ones, that saw as many tokens:
+    a baseline ladder's rungs share it, and so does every variant the ladder prices."""
     s = row.summary
-    model = {k: v for k, v in _shared_model(s).items() if k not in SIZE_KEYS}
+    model = {k: v for k, v in _shared_model(s).items() if k not in SIZE_KEYS and k not in ADAPTIVE_KEYS}
     return rundir.short_hash([model, s.max_steps * s.tokens_per_step])  # the same architecture, the same tokens
 
 
 def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: list[str]
                         ) -> tuple[dict[tuple, dict], set[tuple]]:
-    """For every non-baseline row: the ladder of baseline rows that differ from it only in size and the arch's own
-    fields (and saw as many tokens), fitted, and the row's multiplier on it. It needs no baseline of its own size.
+    """For every row but a dense baseline's: the ladder of dense baseline rows that differ from it only in size, the
+    arch's own fields and its adaptive ones (routing, exit training; saw as many tokens), fitted, and the row's
+    multiplier on it (training FLOPs: a routed run's are its capacity's). It needs no baseline of its own size.
     Returns the multipliers by row key (each with its ladder's labels) and the keys of the rungs of the ladders that
     priced a row. Draws loss vs compute for the largest ladder."""
     from shortcut import scaling
@@ -395,12 +405,15 @@ def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: l
         return [scaling.Point(r.seed, r.summary.train_flops, v) for r in row.runs if (v := r.value(metric)) is not None]
 
     out, ladders, priced_by = {}, {}, {}
+    def rung(row: Row) -> bool:
+        return row.summary.arch == "baseline" and _dense(row.summary)
+
     for row in ds_rows:
-        if row.summary.arch == "baseline":
+        if rung(row):
             continue
         key = _ladder_key(row)
         if key not in ladders:
-            rungs = [r for r in ds_rows if r.summary.arch == "baseline" and _ladder_key(r) == key]
+            rungs = [r for r in ds_rows if rung(r) and _ladder_key(r) == key]
             ladders[key] = (rungs, None)
             try:
                 ladders[key] = (rungs, scaling.fit_power_law([p for r in rungs for p in points(r)]))

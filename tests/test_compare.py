@@ -237,6 +237,21 @@ def test_compute_multiplier_is_recovered(tmp_path, multiplier):
     assert rows_of(summary)["baseline model.n_embd=s"]["compute_multiplier"] is None  # the ladder itself
 
 
+@pytest.mark.parametrize("adaptive", ["model.mod_capacity=0.125", "model.exit_train=0.5"])
+def test_an_adaptive_baseline_is_priced_on_the_dense_ladder(tmp_path, adaptive):
+    """Issue 21: a routed or exit-trained baseline is no rung of the ladder; it gets a multiplier on the dense one."""
+    ladder(tmp_path, 1.25)
+    law = lambda c: 1.0 + 0.5 * (c / 1e13) ** -0.3  # noqa: E731
+    for s in range(3):  # reaches the dense ladder's loss at 0.8x its own (lower) training compute
+        fake_run(tmp_path / "runs", f"a{s}", "baseline", s, law(0.8 * 6e12) + 0.001 * (s - 1), train_flops=6e12,
+                 label=f"baseline model.n_embd=m {adaptive}")
+    rows = rows_of(compare(job(tmp_path, "compute_multiplier=true")))
+    m = rows[f"baseline model.n_embd=m {adaptive}"]["compute_multiplier"]
+    assert m["multiplier"] == pytest.approx(0.8, rel=0.03) and len(m["ladder"]) == 3
+    assert not any("=0." in rung for rung in m["ladder"])  # dense rungs only
+    assert rows["shortcut model.n_embd=m"]["compute_multiplier"]["multiplier"] == pytest.approx(1.25, rel=0.02)  # unchanged
+
+
 def test_compute_multiplier_needs_a_ladder(runs):
     summary = compare(job(runs, "compute_multiplier=true"))
     assert any("at least 3 sizes" in n for n in summary["notes"])
