@@ -419,7 +419,8 @@ def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: l
                 ladders[key] = (rungs, scaling.fit_power_law([p for r in rungs for p in points(r)]))
             except UserError as exc:
                 notes.append(f"{ds_rows[0].dataset}: no compute multiplier for {row.variant} and the rows that share "
-                             f"its baseline ladder ({len(rungs)} baseline row(s) differ from it only in size): {exc}")
+                             f"its baseline ladder ({len(rungs)} dense baseline row(s) differ from it only in size and its "
+                             f"routing or exit settings): {exc}")
         rungs, fit = ladders[key]
         if fit is not None:
             out[row.key] = {**scaling.compute_multiplier([p for r in rungs for p in points(r)], points(row)),
@@ -728,8 +729,8 @@ def render_markdown(table: list[Entry], notes: list[str], incomplete: list[str],
                  + "The interval, not the sign, says whether a difference is real. Settings in {braces} are shared "
                  "by every row of the dataset.")
     if multiplier:
-        lines.append("Compute multiplier: baseline training FLOPs that reach the row's loss on the fitted baseline "
-                     "ladder (power law + constant), divided by the row's own; > 1 means the variant is worth more "
+        lines.append("Compute multiplier: baseline training FLOPs that reach the row's loss on the fitted dense "
+                     "baseline ladder (power law + constant; routed and exit-trained rows are priced on it too), divided by the row's own; > 1 means the variant is worth more "
                      "compute than it costs. Interval: bootstrap over seeds (narrow with 3 seeds: read it as a range).")
     lines += compare_adaptive.markdown(table)
     lines += [f"- note: {n}" for n in notes]

@@ -237,7 +237,8 @@ def test_compute_multiplier_is_recovered(tmp_path, multiplier):
     assert rows_of(summary)["baseline model.n_embd=s"]["compute_multiplier"] is None  # the ladder itself
 
 
-@pytest.mark.parametrize("adaptive", ["model.mod_capacity=0.125", "model.exit_train=0.5"])
+@pytest.mark.parametrize("adaptive", ["model.mod_capacity=0.125", "model.mod_capacity=0.125 model.mod_every=3",
+                                      "model.exit_train=0.5"])
 def test_an_adaptive_baseline_is_priced_on_the_dense_ladder(tmp_path, adaptive):
     """Issue 21: a routed or exit-trained baseline is no rung of the ladder; it gets a multiplier on the dense one."""
     ladder(tmp_path, 1.25)
