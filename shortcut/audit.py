@@ -70,16 +70,12 @@ def describe_vocab(data: TokenData) -> tuple[list[str], list[str], str]:
 TOP_PAIRS = 5  # per query, the (tap, key position) pairs with the most attention, kept for report.html
 
 
-def audit_len(data: TokenData, cfg: EvalConfig) -> int:
-    return min(cfg.audit_seq_len or data.block_size, data.block_size)
-
-
 @torch.no_grad()
 def measure(model: GPT, data: TokenData, cfg: EvalConfig, windows: tuple | None = None) -> dict:
     """Per-token depth profiles, mean depths and losses over fixed validation windows (arrays, not yet summaries).
     windows: (starts, inputs, targets (N, T)) to measure instead (a shifted or noisy condition's, for the report)."""
     if windows is None:
-        T = audit_len(data, cfg)
+        T = min(cfg.audit_seq_len or data.block_size, data.block_size)
         starts = data.fixed_starts("val", cfg.audit_sequences, T)
         windows = (starts, *data.windows("val", starts, T))
     starts, xs, ys = windows

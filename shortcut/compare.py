@@ -404,10 +404,10 @@ def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: l
     def points(row: Row) -> list[scaling.Point]:
         return [scaling.Point(r.seed, r.summary.train_flops, v) for r in row.runs if (v := r.value(metric)) is not None]
 
-    out, ladders, priced_by = {}, {}, {}
     def rung(row: Row) -> bool:
         return row.summary.arch == "baseline" and _dense(row.summary)
 
+    out, ladders, priced_by = {}, {}, {}
     for row in ds_rows:
         if rung(row):
             continue
@@ -419,8 +419,8 @@ def compute_multipliers(ds_rows: list[Row], metric: str, out_png: Path, notes: l
                 ladders[key] = (rungs, scaling.fit_power_law([p for r in rungs for p in points(r)]))
             except UserError as exc:
                 notes.append(f"{ds_rows[0].dataset}: no compute multiplier for {row.variant} and the rows that share "
-                             f"its baseline ladder ({len(rungs)} dense baseline row(s) differ from it only in size and its "
-                             f"routing or exit settings): {exc}")
+                             f"its baseline ladder ({len(rungs)} dense baseline row(s) differ from it only in size "
+                             f"and its routing or exit settings): {exc}")
         rungs, fit = ladders[key]
         if fit is not None:
             out[row.key] = {**scaling.compute_multiplier([p for r in rungs for p in points(r)], points(row)),
@@ -730,8 +730,9 @@ def render_markdown(table: list[Entry], notes: list[str], incomplete: list[str],
                  "by every row of the dataset.")
     if multiplier:
         lines.append("Compute multiplier: baseline training FLOPs that reach the row's loss on the fitted dense "
-                     "baseline ladder (power law + constant; routed and exit-trained rows are priced on it too), divided by the row's own; > 1 means the variant is worth more "
-                     "compute than it costs. Interval: bootstrap over seeds (narrow with 3 seeds: read it as a range).")
+                     "baseline ladder (power law + constant; routed and exit-trained rows are priced on it too), "
+                     "divided by the row's own; > 1 means the variant is worth more compute than it costs. "
+                     "Interval: bootstrap over seeds (narrow with 3 seeds: read it as a range).")
     lines += compare_adaptive.markdown(table)
     lines += [f"- note: {n}" for n in notes]
     lines += [f"- incomplete run: {i}" for i in incomplete]

@@ -98,21 +98,20 @@ def condition(name: str, kind: str, m: dict, summary: dict, labels: list[str], d
     shown_inputs = m["inputs"][:n, :W] if src is None else torch.from_numpy(np.maximum(src[:n, :W], 0))
     extras = domain_extras(data, shown_inputs, m["targets"][:n, :W])
     seqs = [_sequence(m, r, W, labels, profile, sources, exits, extras[r]) for r in range(n)]
+    # the scored predictions (N, T): all, or those whose target the run's vocabulary holds; every number is over them
+    scored = torch.ones_like(m["loss"], dtype=torch.bool) if src is None else torch.as_tensor(src[:, 1:] >= 0)
     cond = {"name": name, "kind": kind, "note": note, "headline": dict(headline or {}),
-            "nll": float(m["loss"].double().mean()), "n_sequences": int(m["loss"].shape[0]),
-            "n_tokens": int(m["loss"].numel()), "sources": sources, "profile_kind": what, "sequences": seqs}
+            "nll": float(m["loss"][scored].double().sum() / max(int(scored.sum()), 1)), "n_sequences": int(m["loss"].shape[0]),
+            "n_tokens": int(scored.sum()), "sources": sources, "profile_kind": what, "sequences": seqs}
     if profile is not None:
-        flat = profile.reshape(-1, len(sources)).double()
-        if m.get("source") is not None:  # over the scored predictions only, as eval.json's depth
-            flat = flat[torch.as_tensor(m["source"][:, 1:] >= 0).reshape(-1)]
+        flat = profile[scored].double()  # (scored tokens, S)
         cond["mean_profile"] = flat.mean(dim=0).tolist()
         cond["mean_depth"] = float((flat @ torch.tensor(sources, dtype=torch.float64)).mean())
     for key in ("share_shallow", "spearman_depth_vs_loss"):
         if key in summary:
             cond[key] = summary[key]
     if exits is not None and "confidence" in exits:
-        scored = None if m.get("source") is None else torch.as_tensor(m["source"][:n, 1:W + 1] >= 0)
-        cond["exit_summary"] = exit_summary(exits, m["loss"][:n, :W], scored)
+        cond["exit_summary"] = exit_summary(exits, m["loss"][:n, :W], scored[:n, :W])
     return cond
 
 

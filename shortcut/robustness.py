@@ -469,23 +469,17 @@ def report_views(model: GPT, conds: list[Condition], records: list[dict], cfg: E
             log.warning("%s: its validation split is too short to show in report.html", cond.name)
             continue
         starts = cond.data.fixed_starts("val", shape["sequences"], T)
-        inputs, _, _ = cond.arrays(int(starts.max()) + T + 1, split="val")
-        source = np.asarray(cond.data.splits["val"][:int(starts.max()) + T + 1], dtype=np.int64)
-        source = np.where(source >= cond.vocab_size, -1, source)  # a symbol the run lacks
+        inputs, targets, counts = cond.arrays(int(starts.max()) + T + 1, split="val")
+        source = targets if counts is None else np.where(counts, targets, -1)  # -1: a symbol the run lacks
         x = torch.from_numpy(np.stack([inputs[s:s + T] for s in starts]))
-        y = torch.from_numpy(np.stack([np.maximum(source[s + 1:s + T + 1], 0) for s in starts]))
+        y = torch.from_numpy(np.stack([targets[s + 1:s + T + 1] for s in starts]))
         m = audit.measure(model, data, cfg, windows=(starts, x, y))
         m["source"] = np.stack([source[s:s + T + 1] for s in starts])
-        unscored = torch.from_numpy(m["source"][:, 1:] < 0)
-        m["loss"] = m["loss"].masked_fill(unscored, 0.0)  # not scored: counts nowhere below
         n, W = min(caps["sequences"], len(starts)), min(caps["tokens"], T)  # as many as the in-domain view shows
         exits = audit.token_exits(model, x[:n, :W], y[:n, :W], cfg)
         taps = {"taps": list(model.taps) if model.shortcut else []}
-        view = report.condition(cond.name, cond.kind, m, taps, labels, data, exits, n, W,
-                                note=_view_note(cond, rec), headline=_view_headline(rec))
-        view.update(nll=float(m["loss"].double().sum() / max(int((~unscored).sum()), 1)),
-                    n_tokens=int((~unscored).sum()))
-        views.append(view)
+        views.append(report.condition(cond.name, cond.kind, m, taps, labels, data, exits, n, W,
+                                      note=_view_note(cond, rec), headline=_view_headline(rec)))
     return report.set_conditions(path, views, run)[0]
 
 
